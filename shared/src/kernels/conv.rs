@@ -1,0 +1,663 @@
+//! `conv2d_s8`: 2-D convolution, int8 in/out, per-channel requantization.
+
+use super::{check_offsets, window_out, Dims, Requant};
+use crate::error::{check_len, check_param, Error};
+use crate::quant::requantize;
+
+/// Number of im2col columns (output pixels) the conv kernel builds at once;
+/// [`conv2d_s8_scratch_len`] reserves room for this many.
+pub const IM2COL_COLUMNS: usize = 2;
+
+/// Geometry, offsets and fused activation of a convolution.
+///
+/// Padding is symmetric (`pad_h` rows above and below, `pad_w` columns left
+/// and right), as in PyTorch/candle, and padded taps are skipped, which is
+/// the same as padding with the input zero point (TFLM's behaviour). The
+/// output size is `(in + 2 * pad - kernel) / stride + 1` on each axis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Conv2dParams {
+    /// Kernel rows, ≥ 1.
+    pub kernel_h: usize,
+    /// Kernel columns, ≥ 1.
+    pub kernel_w: usize,
+    /// Vertical stride, ≥ 1.
+    pub stride_h: usize,
+    /// Horizontal stride, ≥ 1.
+    pub stride_w: usize,
+    /// Rows of padding on each side, `< kernel_h`.
+    pub pad_h: usize,
+    /// Columns of padding on each side, `< kernel_w`.
+    pub pad_w: usize,
+    /// `-input_zero_point`, in `-127..=128`.
+    pub input_offset: i32,
+    /// `output_zero_point`, in `-128..=127`.
+    pub output_offset: i32,
+    /// Lower clamp of the output (the zero point for a fused ReLU).
+    pub act_min: i8,
+    /// Upper clamp of the output.
+    pub act_max: i8,
+}
+
+impl Conv2dParams {
+    /// The output dimensions for `input` and `out_c` filters, or `None` if the
+    /// kernel does not fit the padded input or a stride/kernel is zero.
+    pub const fn output_dims(&self, input: Dims, out_c: usize) -> Option<Dims> {
+        match (
+            window_out(input.h, self.kernel_h, self.stride_h, self.pad_h),
+            window_out(input.w, self.kernel_w, self.stride_w, self.pad_w),
+        ) {
+            (Some(h), Some(w)) => Some(Dims::new(h, w, out_c)),
+            _ => None,
+        }
+    }
+
+    /// Multiply-accumulates per inference for this layer.
+    pub const fn macs(&self, input: Dims, output: Dims) -> usize {
+        output.len() * self.kernel_h * self.kernel_w * input.c
+    }
+}
+
+/// A convolution layer: parameters plus its constant tensors.
+#[derive(Debug, Clone, Copy)]
+pub struct Conv2d<'a> {
+    /// Geometry, offsets, activation.
+    pub params: Conv2dParams,
+    /// OHWI weights, `out_c * kernel_h * kernel_w * in_c` values, symmetric
+    /// (zero point 0), normally in `-127..=127`.
+    pub filter: &'a [i8],
+    /// int32 bias per output channel, scale `input_scale * weight_scale[c]`.
+    pub bias: &'a [i32],
+    /// Per-output-channel requantization.
+    pub requant: Requant<'a>,
+}
+
+/// Scratch `i16` elements [`conv2d_s8`] needs: [`IM2COL_COLUMNS`] im2col
+/// columns of `kernel_h * kernel_w * input_channels` offset-applied inputs.
+pub const fn conv2d_s8_scratch_len(params: &Conv2dParams, input_channels: usize) -> usize {
+    IM2COL_COLUMNS * params.kernel_h * params.kernel_w * input_channels
+}
+
+/// 2-D convolution of an NHWC int8 tensor with OHWI int8 weights.
+///
+/// For each output pixel and channel `oc`:
+/// `acc = bias[oc] + Σ (input + input_offset) * filter` over the taps inside
+/// the input, then
+/// `out = clamp(MBQM(acc, multiplier[oc], shift[oc]) + output_offset, act_min, act_max)`.
+///
+/// `input` holds `input_dims.len()` values; `output` holds
+/// `output_dims.len()` values where `output_dims` must equal
+/// [`Conv2dParams::output_dims`]; `scratch` holds at least
+/// [`conv2d_s8_scratch_len`] values (its contents on return are unspecified).
+/// The accumulator is int32 and wraps on overflow, which needs more than
+/// 33,000 taps per output.
+pub fn conv2d_s8(
+    layer: &Conv2d<'_>,
+    input: &[i8],
+    input_dims: Dims,
+    output: &mut [i8],
+    output_dims: Dims,
+    scratch: &mut [i16],
+) -> Result<(), Error> {
+    let p = &layer.params;
+    check_param("kernel", p.kernel_h > 0 && p.kernel_w > 0)?;
+    check_param("stride", p.stride_h > 0 && p.stride_w > 0)?;
+    check_param("padding", p.pad_h < p.kernel_h && p.pad_w < p.kernel_w)?;
+    check_offsets(p.input_offset, p.output_offset, p.act_min, p.act_max)?;
+    check_param("input_dims", !input_dims.is_empty())?;
+    check_param("output_dims", output_dims.c > 0)?;
+    let expected = p
+        .output_dims(input_dims, output_dims.c)
+        .ok_or(Error::Parameter { name: "kernel" })?;
+    if expected != output_dims {
+        return Err(Error::OutputDims {
+            expected: expected.to_array(),
+            actual: output_dims.to_array(),
+        });
+    }
+    check_len("input", input_dims.len(), input.len())?;
+    check_len("output", output_dims.len(), output.len())?;
+    let taps = p.kernel_h * p.kernel_w * input_dims.c;
+    check_len("filter", output_dims.c * taps, layer.filter.len())?;
+    check_len("bias", output_dims.c, layer.bias.len())?;
+    layer.requant.validate(output_dims.c)?;
+    let need = conv2d_s8_scratch_len(p, input_dims.c);
+    if scratch.len() < need {
+        return Err(Error::BufferLength {
+            buffer: "scratch",
+            expected: need,
+            actual: scratch.len(),
+        });
+    }
+    let (col0, rest) = scratch.split_at_mut(taps);
+    let col1 = &mut rest[..taps];
+
+    let pixels = output_dims.h * output_dims.w;
+    let out_c = output_dims.c;
+    let mut pix = 0;
+    while pix + 2 <= pixels {
+        im2col(
+            col0,
+            input,
+            input_dims,
+            p,
+            pix / output_dims.w,
+            pix % output_dims.w,
+        );
+        let next = pix + 1;
+        im2col(
+            col1,
+            input,
+            input_dims,
+            p,
+            next / output_dims.w,
+            next % output_dims.w,
+        );
+        let (out0, out1) = output[pix * out_c..(pix + 2) * out_c].split_at_mut(out_c);
+        for (oc, (o0, o1)) in out0.iter_mut().zip(out1.iter_mut()).enumerate() {
+            let f = &layer.filter[oc * taps..(oc + 1) * taps];
+            let mut a0 = layer.bias[oc];
+            let mut a1 = layer.bias[oc];
+            for ((&w, &x0), &x1) in f.iter().zip(col0.iter()).zip(col1.iter()) {
+                a0 = a0.wrapping_add(w as i32 * x0 as i32);
+                a1 = a1.wrapping_add(w as i32 * x1 as i32);
+            }
+            let (m, s) = (layer.requant.multiplier[oc], layer.requant.shift[oc]);
+            *o0 = requantize(a0, m, s, p.output_offset, p.act_min, p.act_max);
+            *o1 = requantize(a1, m, s, p.output_offset, p.act_min, p.act_max);
+        }
+        pix += 2;
+    }
+    if pix < pixels {
+        im2col(
+            col0,
+            input,
+            input_dims,
+            p,
+            pix / output_dims.w,
+            pix % output_dims.w,
+        );
+        let out = &mut output[pix * out_c..(pix + 1) * out_c];
+        for (oc, o) in out.iter_mut().enumerate() {
+            let f = &layer.filter[oc * taps..(oc + 1) * taps];
+            let mut a = layer.bias[oc];
+            for (&w, &x) in f.iter().zip(col0.iter()) {
+                a = a.wrapping_add(w as i32 * x as i32);
+            }
+            let (m, s) = (layer.requant.multiplier[oc], layer.requant.shift[oc]);
+            *o = requantize(a, m, s, p.output_offset, p.act_min, p.act_max);
+        }
+    }
+    Ok(())
+}
+
+/// Gathers the receptive field of output pixel `(oy, ox)` into `col` in HWI
+/// order, with the input offset applied and padded taps set to 0.
+#[inline]
+fn im2col(col: &mut [i16], input: &[i8], dims: Dims, p: &Conv2dParams, oy: usize, ox: usize) {
+    let c = dims.c;
+    let row_len = p.kernel_w * c;
+    for ky in 0..p.kernel_h {
+        let dst = &mut col[ky * row_len..(ky + 1) * row_len];
+        let iy = (oy * p.stride_h + ky).wrapping_sub(p.pad_h);
+        if iy >= dims.h {
+            dst.fill(0);
+            continue;
+        }
+        for kx in 0..p.kernel_w {
+            let d = &mut dst[kx * c..(kx + 1) * c];
+            let ix = (ox * p.stride_w + kx).wrapping_sub(p.pad_w);
+            if ix >= dims.w {
+                d.fill(0);
+            } else {
+                let src = &input[(iy * dims.w + ix) * c..(iy * dims.w + ix + 1) * c];
+                for (d, &s) in d.iter_mut().zip(src) {
+                    *d = s as i16 + p.input_offset as i16;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testutil::{ref_clamp, ref_requant, Rng};
+    use proptest::prelude::*;
+    use std::vec;
+    use std::vec::Vec;
+
+    /// Plain seven-loop convolution in i64, from the definition.
+    #[allow(clippy::too_many_arguments)]
+    fn ref_conv(
+        input: &[i8],
+        id: Dims,
+        filter: &[i8],
+        bias: &[i32],
+        mult: &[i32],
+        shift: &[i32],
+        p: &Conv2dParams,
+        od: Dims,
+    ) -> Vec<i8> {
+        let mut out = vec![0i8; od.len()];
+        for oy in 0..od.h {
+            for ox in 0..od.w {
+                for oc in 0..od.c {
+                    let mut acc = bias[oc] as i64;
+                    for ky in 0..p.kernel_h {
+                        for kx in 0..p.kernel_w {
+                            let iy = (oy * p.stride_h + ky) as i64 - p.pad_h as i64;
+                            let ix = (ox * p.stride_w + kx) as i64 - p.pad_w as i64;
+                            if iy < 0 || ix < 0 || iy >= id.h as i64 || ix >= id.w as i64 {
+                                continue;
+                            }
+                            for ic in 0..id.c {
+                                let x =
+                                    input[(iy as usize * id.w + ix as usize) * id.c + ic] as i64;
+                                let w = filter
+                                    [((oc * p.kernel_h + ky) * p.kernel_w + kx) * id.c + ic]
+                                    as i64;
+                                acc += (x + p.input_offset as i64) * w;
+                            }
+                        }
+                    }
+                    let r = ref_requant(acc, mult[oc], shift[oc]) + p.output_offset as i64;
+                    out[(oy * od.w + ox) * od.c + oc] = ref_clamp(r, p.act_min, p.act_max);
+                }
+            }
+        }
+        out
+    }
+
+    struct Case {
+        p: Conv2dParams,
+        id: Dims,
+        out_c: usize,
+        input: Vec<i8>,
+        filter: Vec<i8>,
+        bias: Vec<i32>,
+        mult: Vec<i32>,
+        shift: Vec<i32>,
+    }
+
+    impl Case {
+        fn run(&self) -> Vec<i8> {
+            let od = self.p.output_dims(self.id, self.out_c).unwrap();
+            let layer = Conv2d {
+                params: self.p,
+                filter: &self.filter,
+                bias: &self.bias,
+                requant: Requant {
+                    multiplier: &self.mult,
+                    shift: &self.shift,
+                },
+            };
+            let mut out = vec![0i8; od.len()];
+            let mut scratch = vec![0x5555i16; conv2d_s8_scratch_len(&self.p, self.id.c)];
+            conv2d_s8(&layer, &self.input, self.id, &mut out, od, &mut scratch).unwrap();
+            out
+        }
+
+        fn check(&self) {
+            let od = self.p.output_dims(self.id, self.out_c).unwrap();
+            let want = ref_conv(
+                &self.input,
+                self.id,
+                &self.filter,
+                &self.bias,
+                &self.mult,
+                &self.shift,
+                &self.p,
+                od,
+            );
+            assert_eq!(self.run(), want, "params {:?} input {:?}", self.p, self.id);
+        }
+
+        /// A random case: data from `rng`, geometry as given.
+        #[allow(clippy::too_many_arguments)]
+        fn random(
+            rng: &mut Rng,
+            id: Dims,
+            out_c: usize,
+            k: (usize, usize),
+            s: (usize, usize),
+            pad: (usize, usize),
+            zp_in: i32,
+            zp_out: i32,
+        ) -> Self {
+            let taps = k.0 * k.1 * id.c;
+            let relu = rng.coin();
+            let p = Conv2dParams {
+                kernel_h: k.0,
+                kernel_w: k.1,
+                stride_h: s.0,
+                stride_w: s.1,
+                pad_h: pad.0,
+                pad_w: pad.1,
+                input_offset: -zp_in,
+                output_offset: zp_out,
+                act_min: if relu { zp_out as i8 } else { -128 },
+                act_max: 127,
+            };
+            // Scale so outputs span the int8 range: acc magnitude ~ 128*127*sqrt(taps).
+            let typical = 128.0 * 64.0 * (taps as f64).sqrt();
+            let (mult, shift): (Vec<i32>, Vec<i32>) = (0..out_c)
+                .map(|_| {
+                    let f = (rng.next() % 1000) as f64 / 250.0 + 0.1;
+                    crate::quant::quantize_multiplier(f * 100.0 / typical)
+                })
+                .unzip();
+            Case {
+                p,
+                id,
+                out_c,
+                input: rng.i8s(id.len()),
+                filter: rng.i8s(out_c * taps),
+                bias: (0..out_c).map(|_| rng.range_i32(-20_000, 20_000)).collect(),
+                mult,
+                shift,
+            }
+        }
+    }
+
+    fn unit(mult_1: bool) -> (Vec<i32>, Vec<i32>) {
+        // 1.0 = 2^30 * 2^(1 - 31); 0.5 = 2^30 * 2^(0 - 31).
+        (vec![1 << 30], vec![if mult_1 { 1 } else { 0 }])
+    }
+
+    fn params(k: usize, s: usize, pad: usize) -> Conv2dParams {
+        Conv2dParams {
+            kernel_h: k,
+            kernel_w: k,
+            stride_h: s,
+            stride_w: s,
+            pad_h: pad,
+            pad_w: pad,
+            input_offset: 0,
+            output_offset: 0,
+            act_min: -128,
+            act_max: 127,
+        }
+    }
+
+    #[test]
+    fn hand_1x1_half_rounds_tie_up() {
+        // acc = 5 + 10 * 3 = 35; 35 * 0.5 = 17.5 → 18 (TFLM rounds this tie up).
+        let (mult, shift) = unit(false);
+        let c = Case {
+            p: params(1, 1, 0),
+            id: Dims::new(1, 1, 1),
+            out_c: 1,
+            input: vec![10],
+            filter: vec![3],
+            bias: vec![5],
+            mult,
+            shift,
+        };
+        assert_eq!(c.run(), vec![18]);
+        // -35 * 0.5 = -17.5 → -17 after the first rounding (ties up), no second.
+        let c = Case {
+            bias: vec![-65],
+            ..c
+        };
+        assert_eq!(c.run(), vec![-17]);
+    }
+
+    #[test]
+    fn hand_3x3_padding_counts_taps() {
+        // All-ones input and kernel, pad 1: every output counts its in-bounds taps.
+        let (mult, shift) = unit(true);
+        let c = Case {
+            p: params(3, 1, 1),
+            id: Dims::new(3, 3, 1),
+            out_c: 1,
+            input: vec![1; 9],
+            filter: vec![1; 9],
+            bias: vec![0],
+            mult,
+            shift,
+        };
+        assert_eq!(c.run(), vec![4, 6, 4, 6, 9, 6, 4, 6, 4]);
+        // Stride 2 on the same input picks the corners.
+        let c = Case {
+            p: params(3, 2, 1),
+            ..c
+        };
+        assert_eq!(c.run(), vec![4, 4, 4, 4]);
+    }
+
+    #[test]
+    fn hand_zero_point_equals_padding() {
+        // Input zero point -128 and every input at -128 (real zero): output is
+        // the bias alone everywhere, borders included.
+        let (mult, shift) = unit(true);
+        let mut p = params(3, 1, 1);
+        p.input_offset = 128;
+        let c = Case {
+            p,
+            id: Dims::new(4, 5, 2),
+            out_c: 1,
+            input: vec![-128; 40],
+            filter: vec![77; 18],
+            bias: vec![-7],
+            mult,
+            shift,
+        };
+        assert_eq!(c.run(), vec![-7; 20]);
+    }
+
+    #[test]
+    fn hand_saturation_and_relu() {
+        let (mult, shift) = unit(true);
+        let mut p = params(1, 1, 0);
+        p.output_offset = -5;
+        p.act_min = -5; // fused ReLU at the output zero point
+        let c = Case {
+            p,
+            id: Dims::new(1, 3, 1),
+            out_c: 1,
+            input: vec![127, -128, 1],
+            filter: vec![127],
+            bias: vec![0],
+            mult,
+            shift,
+        };
+        // 127*127-5 → 127; -128*127-5 → clamp -5; 127-5 = 122.
+        assert_eq!(c.run(), vec![127, -5, 122]);
+    }
+
+    #[test]
+    fn edge_cases_match_reference() {
+        let mut rng = Rng(7);
+        // Channels not a multiple of 4, odd sizes with stride 2, every border,
+        // extreme zero points, 1x1 stride-2 shortcuts and the stem shape.
+        for &(h, w, cin, cout, k, s, pad) in &[
+            (5, 7, 3, 5, 3, 2, 1),
+            (7, 5, 1, 1, 3, 2, 1),
+            (9, 9, 6, 7, 3, 2, 1),
+            (8, 8, 16, 32, 1, 2, 0),
+            (7, 7, 5, 3, 1, 2, 0),
+            (32, 32, 3, 16, 3, 1, 1),
+            (4, 4, 13, 2, 4, 1, 3),
+            (3, 1, 2, 2, 3, 1, 2),
+            (1, 1, 9, 4, 3, 1, 1),
+            (6, 6, 4, 4, 2, 2, 1),
+        ] {
+            for &(zi, zo) in &[
+                (0, 0),
+                (-128, 127),
+                (127, -128),
+                (-128, -128),
+                (127, 127),
+                (3, -9),
+            ] {
+                Case::random(
+                    &mut rng,
+                    Dims::new(h, w, cin),
+                    cout,
+                    (k, k),
+                    (s, s),
+                    (pad, pad),
+                    zi,
+                    zo,
+                )
+                .check();
+            }
+        }
+    }
+
+    #[test]
+    fn extreme_multipliers_and_shifts() {
+        let mut rng = Rng(11);
+        for shift in -31..=30 {
+            for &m in &[1 << 30, i32::MAX, (1 << 30) + 12345, 0] {
+                let mut c = Case::random(
+                    &mut rng,
+                    Dims::new(3, 3, 2),
+                    3,
+                    (3, 3),
+                    (1, 1),
+                    (1, 1),
+                    5,
+                    -3,
+                );
+                c.mult = vec![m; 3];
+                c.shift = vec![shift; 3];
+                // Keep x * 2^shift within int32 for positive shifts, as TFLM requires.
+                if shift > 0 {
+                    c.bias = vec![0; 3];
+                    c.filter.iter_mut().for_each(|w| *w = (*w).signum());
+                    c.input.iter_mut().for_each(|x| *x /= 64);
+                    if shift > 18 {
+                        c.filter.fill(0);
+                        c.bias = vec![1, -1, 0];
+                    }
+                }
+                c.check();
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_bad_arguments() {
+        let mut rng = Rng(3);
+        let c = Case::random(
+            &mut rng,
+            Dims::new(4, 4, 3),
+            2,
+            (3, 3),
+            (1, 1),
+            (1, 1),
+            0,
+            0,
+        );
+        let od = c.p.output_dims(c.id, 2).unwrap();
+        let mut out = vec![0i8; od.len()];
+        let mut scratch = vec![0i16; conv2d_s8_scratch_len(&c.p, 3)];
+        let layer = Conv2d {
+            params: c.p,
+            filter: &c.filter,
+            bias: &c.bias,
+            requant: Requant {
+                multiplier: &c.mult,
+                shift: &c.shift,
+            },
+        };
+        assert_eq!(
+            conv2d_s8(&layer, &c.input[1..], c.id, &mut out, od, &mut scratch),
+            Err(Error::BufferLength {
+                buffer: "input",
+                expected: 48,
+                actual: 47
+            })
+        );
+        assert!(matches!(
+            conv2d_s8(
+                &layer,
+                &c.input,
+                c.id,
+                &mut out,
+                Dims::new(3, 4, 2),
+                &mut scratch
+            ),
+            Err(Error::OutputDims { .. })
+        ));
+        assert!(matches!(
+            conv2d_s8(&layer, &c.input, c.id, &mut out, od, &mut scratch[1..]),
+            Err(Error::BufferLength {
+                buffer: "scratch",
+                ..
+            })
+        ));
+        let bad_shift = [31, 0];
+        let l2 = Conv2d {
+            requant: Requant {
+                multiplier: &c.mult,
+                shift: &bad_shift,
+            },
+            ..layer
+        };
+        assert_eq!(
+            conv2d_s8(&l2, &c.input, c.id, &mut out, od, &mut scratch),
+            Err(Error::Parameter { name: "shift" })
+        );
+        let l3 = Conv2d {
+            params: Conv2dParams { stride_h: 0, ..c.p },
+            ..layer
+        };
+        assert_eq!(
+            conv2d_s8(&l3, &c.input, c.id, &mut out, od, &mut scratch),
+            Err(Error::Parameter { name: "stride" })
+        );
+        let l4 = Conv2d {
+            params: Conv2dParams { pad_w: 3, ..c.p },
+            ..layer
+        };
+        assert_eq!(
+            conv2d_s8(&l4, &c.input, c.id, &mut out, od, &mut scratch),
+            Err(Error::Parameter { name: "padding" })
+        );
+        let l5 = Conv2d {
+            params: Conv2dParams {
+                input_offset: -128,
+                ..c.p
+            },
+            ..layer
+        };
+        assert_eq!(
+            conv2d_s8(&l5, &c.input, c.id, &mut out, od, &mut scratch),
+            Err(Error::Parameter {
+                name: "input_offset"
+            })
+        );
+        let l6 = Conv2d {
+            filter: &c.filter[1..],
+            ..layer
+        };
+        assert!(matches!(
+            conv2d_s8(&l6, &c.input, c.id, &mut out, od, &mut scratch),
+            Err(Error::BufferLength {
+                buffer: "filter",
+                ..
+            })
+        ));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+
+        #[test]
+        fn matches_reference(
+            seed in any::<u64>(),
+            h in 1usize..=9, w in 1usize..=9, cin in 1usize..=9, cout in 1usize..=9,
+            kh in 1usize..=4, kw in 1usize..=4, sh in 1usize..=3, sw in 1usize..=3,
+            ph in 0usize..4, pw in 0usize..4,
+            zi in -128i32..=127, zo in -128i32..=127,
+        ) {
+            let (ph, pw) = (ph % kh, pw % kw);
+            prop_assume!(h + 2 * ph >= kh && w + 2 * pw >= kw);
+            let mut rng = Rng(seed);
+            Case::random(&mut rng, Dims::new(h, w, cin), cout, (kh, kw), (sh, sw), (ph, pw), zi, zo).check();
+        }
+    }
+}

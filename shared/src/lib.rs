@@ -1,0 +1,23 @@
+//! # shared
+//!
+//! The code that runs both on the host and on the Cortex-M7: `no_std`, no
+//! heap, no floating point in any kernel.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`quant`] | TFLM fixed-point requantization; the only rounding code |
+//! | [`kernels`] | int8 conv / max pool / avg pool / residual add / fully connected |
+//! | [`preprocess`] | camera frame (RGB565/RGB888, any size) → 32x32x3 int8 input |
+//! | [`Error`] | what a kernel or frame can get wrong |
+//!
+//! Kernels check their arguments and return [`Error`] rather than panic;
+//! once the checks pass they cannot fail.
+#![cfg_attr(not(test), no_std)]
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod kernels;
+pub mod preprocess;
+pub mod quant;
+
+pub use error::Error;

@@ -1,0 +1,1 @@
+//! Cross-crate integration checks live in `tests/tests/*.rs`.

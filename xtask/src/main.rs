@@ -1,0 +1,84 @@
+//! `cargo xtask <command>`: project automation without shell scripts.
+//!
+//! * `ci` — the one test command (README, `.ci/run`): sets the machine up,
+//!   then runs formatting, clippy on host and Cortex-M7, the MCU build and
+//!   every test.
+
+use std::process::{Command, ExitCode};
+
+const MCU_TARGET: &str = "thumbv7em-none-eabihf";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("ci") => ci(),
+        _ => {
+            eprintln!("usage: cargo xtask ci\n\n  ci   set up the machine, lint, build for the MCU and run every test");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs `program args…` from the workspace root, failing on a non-zero exit.
+fn run(program: &str, args: &[&str]) -> Result<(), String> {
+    eprintln!("\n$ {program} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .map_err(|e| format!("cannot start `{program}`: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{program} {}` failed with {status}",
+            args.join(" ")
+        ))
+    }
+}
+
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+fn ci() -> Result<(), String> {
+    // Setup: the MCU target (rust-toolchain.toml lists it too; this is for
+    // rustup versions that do not install listed targets on their own).
+    run("rustup", &["target", "add", MCU_TARGET])?;
+
+    run("cargo", &["fmt", "--all", "--", "--check"])?;
+    run(
+        "cargo",
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    for features in [&[][..], &["--features", "defmt"][..]] {
+        let mut args = vec!["clippy", "-p", "shared", "--target", MCU_TARGET];
+        args.extend_from_slice(features);
+        args.extend_from_slice(&["--", "-D", "warnings"]);
+        run("cargo", &args)?;
+    }
+    run(
+        "cargo",
+        &["build", "-p", "shared", "--target", MCU_TARGET, "--release"],
+    )?;
+    run("cargo", &["test", "--workspace", "--release"])?;
+    eprintln!("\nxtask ci: all checks passed");
+    Ok(())
+}
