@@ -262,12 +262,7 @@ mod tests {
 
     type PoolFn = fn(&PoolParams, &[i8], Dims, &mut [i8], Dims) -> Result<(), Error>;
 
-    fn run(
-        f: PoolFn,
-        p: &PoolParams,
-        input: &[i8],
-        id: Dims,
-    ) -> Vec<i8> {
+    fn run(f: PoolFn, p: &PoolParams, input: &[i8], id: Dims) -> Vec<i8> {
         let od = p.output_dims(id).unwrap();
         let mut out = vec![0x55i8; od.len()];
         f(p, input, id, &mut out, od).unwrap();
