@@ -1,0 +1,13 @@
+//! Mini-ResNet training on CIFAR-10 with candle (CPU, or CUDA behind the
+//! `cuda` feature): data loading, model, optimizer, schedules, training
+//! loop with checkpoints, evaluation and benchmarks.
+//!
+//! The `host-trainer` binary is the command-line front end.
+
+pub mod augment;
+pub mod bench;
+pub mod data;
+pub mod model;
+pub mod optim;
+pub mod schedule;
+pub mod train;

@@ -1,0 +1,988 @@
+//! The training loop: recipes, checkpoints, resume, metrics, plots and
+//! evaluation.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::{VarBuilder, VarMap};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::augment::{batch, epoch_order};
+use crate::data::{Dataset, CLASSES};
+use crate::model::{ArchConfig, MiniResNet};
+use crate::optim::{Sgd, SgdConfig};
+use crate::schedule::{Decay, Schedule};
+
+/// The article's reported accuracy for its Momentum run at 5 epochs.
+pub const ARTICLE_MOMENTUM_5: f64 = 74.36;
+/// The article's reported accuracy for its Momentum run at 20 epochs.
+pub const ARTICLE_MOMENTUM_20: f64 = 70.44;
+
+/// Checkpoint format tag, stored in the safetensors metadata.
+const CKPT_FORMAT: &str = "mini-resnet-checkpoint-v1";
+
+/// Training recipes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Recipe {
+    /// Ours: Nesterov SGD, batch 128, lr 0.1 with 1-epoch warmup and linear
+    /// decay to 0, weight decay 5e-4, label smoothing 0.1, crop+flip, 30 epochs.
+    Default,
+    /// The article's Momentum run: lr 0.01, momentum 0.9, batch 64, 5 epochs.
+    SeedMomentum,
+    /// The article's SGD run: lr 0.1 ×0.1 every 4000 iterations, batch 64, 10 epochs.
+    SeedSgdStep,
+}
+
+/// Everything that defines a training run (stored in every checkpoint).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// The recipe this configuration came from.
+    pub recipe: Recipe,
+    /// Network architecture.
+    pub arch: ArchConfig,
+    /// Epochs to train.
+    pub epochs: usize,
+    /// Images per optimizer step.
+    pub batch_size: usize,
+    /// Optimizer.
+    pub sgd: SgdConfig,
+    /// Learning-rate schedule over iterations.
+    pub schedule: Schedule,
+    /// Label smoothing ε (0 = plain cross-entropy).
+    pub label_smoothing: f64,
+    /// Random crop + flip on the training set.
+    pub augment: bool,
+    /// Seed for initialization, shuffling and augmentation.
+    pub seed: u64,
+}
+
+impl TrainConfig {
+    /// The configuration of `recipe` for `train_len` training images, with
+    /// optional overrides of epochs, batch size and peak learning rate.
+    pub fn from_recipe(
+        recipe: Recipe,
+        train_len: usize,
+        epochs: Option<usize>,
+        batch_size: Option<usize>,
+        lr: Option<f64>,
+    ) -> Result<Self> {
+        let (def_epochs, def_batch) = match recipe {
+            Recipe::Default => (30, 128),
+            Recipe::SeedMomentum => (5, 64),
+            Recipe::SeedSgdStep => (10, 64),
+        };
+        let epochs = epochs.unwrap_or(def_epochs);
+        let batch_size = batch_size.unwrap_or(def_batch);
+        ensure!(epochs > 0, "--epochs must be at least 1");
+        ensure!(
+            batch_size >= 2,
+            "--batch-size must be at least 2 (batch norm needs two images)"
+        );
+        ensure!(
+            train_len >= batch_size,
+            "the training set has {train_len} images, fewer than one batch of {batch_size}"
+        );
+        let per_epoch = train_len / batch_size;
+        let total = per_epoch * epochs;
+        let (sgd, schedule, label_smoothing) = match recipe {
+            Recipe::Default => (
+                SgdConfig {
+                    momentum: 0.9,
+                    nesterov: true,
+                    weight_decay: 5e-4,
+                },
+                Schedule {
+                    base_lr: lr.unwrap_or(0.1),
+                    decay: Decay::Linear { total },
+                    warmup: per_epoch.min(total / 4),
+                },
+                0.1,
+            ),
+            Recipe::SeedMomentum => (
+                SgdConfig {
+                    momentum: 0.9,
+                    nesterov: false,
+                    weight_decay: 0.0,
+                },
+                Schedule {
+                    base_lr: lr.unwrap_or(0.01),
+                    decay: Decay::Constant,
+                    warmup: 0,
+                },
+                0.0,
+            ),
+            Recipe::SeedSgdStep => (
+                SgdConfig {
+                    momentum: 0.0,
+                    nesterov: false,
+                    weight_decay: 0.0,
+                },
+                Schedule {
+                    base_lr: lr.unwrap_or(0.1),
+                    decay: Decay::Step {
+                        every: 4000,
+                        gamma: 0.1,
+                    },
+                    warmup: 0,
+                },
+                0.0,
+            ),
+        };
+        Ok(Self {
+            recipe,
+            arch: ArchConfig::seed(),
+            epochs,
+            batch_size,
+            sgd,
+            schedule,
+            label_smoothing,
+            augment: true,
+            seed: 0,
+        })
+    }
+}
+
+/// Metrics of one epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    /// 1-based epoch number.
+    pub epoch: usize,
+    /// Mean training loss over the epoch.
+    pub train_loss: f64,
+    /// Training accuracy (%) over the epoch, on augmented images.
+    pub train_acc: f64,
+    /// Test loss (plain cross-entropy).
+    pub test_loss: f64,
+    /// Test accuracy (%), one pass, no test-time augmentation.
+    pub test_acc: f64,
+    /// Learning rate at the last step of the epoch.
+    pub lr: f64,
+    /// Wall time of the training part of the epoch, seconds.
+    pub seconds: f64,
+    /// Training throughput.
+    pub images_per_sec: f64,
+}
+
+/// Result of evaluating a model on a data set.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    /// Mean cross-entropy.
+    pub loss: f64,
+    /// Top-1 accuracy, %.
+    pub accuracy: f64,
+    /// `confusion[true][predicted]` counts.
+    pub confusion: Vec<Vec<usize>>,
+}
+
+impl Evaluation {
+    /// Accuracy of each class, %.
+    pub fn per_class(&self) -> Vec<f64> {
+        self.confusion
+            .iter()
+            .enumerate()
+            .map(|(c, row)| 100.0 * row[c] as f64 / row.iter().sum::<usize>().max(1) as f64)
+            .collect()
+    }
+}
+
+/// Resolves `--device`.
+pub fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => {
+            #[cfg(feature = "cuda")]
+            {
+                Device::new_cuda(0).context("opening CUDA device 0")
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                bail!("this host-trainer was built without CUDA; rebuild with `--features cuda`")
+            }
+        }
+        other => bail!("unknown device `{other}` (expected `cpu` or `cuda`)"),
+    }
+}
+
+/// Cross-entropy with label smoothing `eps`, averaged over the batch.
+pub fn smoothed_cross_entropy(
+    logits: &Tensor,
+    labels: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let nll = candle_nn::loss::nll(&logp, labels)?;
+    if eps == 0.0 {
+        return Ok(nll);
+    }
+    let uniform = logp.mean(D::Minus1)?.mean_all()?.neg()?;
+    (nll * (1.0 - eps))? + (uniform * eps)?
+}
+
+/// Evaluates `model` on `ds` (no augmentation), `batch_size` images at a time.
+pub fn evaluate(
+    model: &MiniResNet,
+    ds: &Dataset,
+    batch_size: usize,
+    device: &Device,
+) -> Result<Evaluation> {
+    let classes = model.arch.classes;
+    let mut confusion = vec![vec![0usize; classes]; classes];
+    let mut loss_sum = 0.0;
+    let idx: Vec<usize> = (0..ds.len()).collect();
+    for chunk in idx.chunks(batch_size.max(1)) {
+        let (x, y) = batch(ds, chunk, None, device)?;
+        let logits = model.forward_t(&x, false)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64;
+        loss_sum += loss * chunk.len() as f64;
+        let pred: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+        for (&i, p) in chunk.iter().zip(pred) {
+            confusion[ds.labels[i] as usize][p as usize] += 1;
+        }
+    }
+    let correct: usize = (0..classes).map(|c| confusion[c][c]).sum();
+    Ok(Evaluation {
+        loss: loss_sum / ds.len().max(1) as f64,
+        accuracy: 100.0 * correct as f64 / ds.len().max(1) as f64,
+        confusion,
+    })
+}
+
+/// A model with its variables.
+pub struct Trainee {
+    /// The variables (weights, BN statistics).
+    pub varmap: VarMap,
+    /// The network over those variables.
+    pub model: MiniResNet,
+}
+
+impl std::fmt::Debug for Trainee {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainee")
+            .field("arch", &self.model.arch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Trainee {
+    /// A freshly initialized model. Initialization is a pure function of
+    /// `seed` (candle cannot seed its CPU generator), see
+    /// [`crate::model::init_value`].
+    pub fn new(arch: &ArchConfig, seed: u64, device: &Device) -> Result<Self> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let model = MiniResNet::new(arch, vb)?;
+        let t = Self { varmap, model };
+        for (name, var) in t.named_vars() {
+            let values = crate::model::init_values(&name, var.dims(), seed);
+            var.set(&Tensor::from_vec(values, var.dims(), device)?)?;
+        }
+        Ok(t)
+    }
+
+    /// Named variables, sorted by name.
+    pub fn named_vars(&self) -> Vec<(String, candle_core::Var)> {
+        let data = self.varmap.data().lock().expect("varmap lock poisoned");
+        let mut v: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+}
+
+/// What a checkpoint holds besides tensors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    /// Run configuration.
+    pub config: TrainConfig,
+    /// Completed epochs.
+    pub epoch: usize,
+    /// Completed optimizer steps.
+    pub iteration: usize,
+    /// Metrics of every completed epoch.
+    pub history: Vec<EpochMetrics>,
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder,
+/// fsync, rename. A crash leaves either the old file or the new one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("out")
+    ));
+    let mut f = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.sync_all()
+        .with_context(|| format!("syncing {}", tmp.display()))?;
+    drop(f);
+    fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Saves model variables, momentum buffers and `meta` to `path` (atomic).
+pub fn save_checkpoint(path: &Path, t: &Trainee, opt: &Sgd, meta: &CheckpointMeta) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = t
+        .named_vars()
+        .into_iter()
+        .map(|(n, v)| (format!("model.{n}"), v.as_tensor().clone()))
+        .collect();
+    tensors.extend(
+        opt.state()
+            .map(|(n, m)| (format!("momentum.{n}"), m.clone())),
+    );
+    let mut info = HashMap::new();
+    info.insert("format".to_string(), CKPT_FORMAT.to_string());
+    info.insert("meta".to_string(), serde_json::to_string(meta)?);
+    let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(info))
+        .with_context(|| format!("serializing checkpoint {}", path.display()))?;
+    write_atomic(path, &bytes)
+}
+
+/// A checkpoint read back: metadata and tensors by name.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// Metadata.
+    pub meta: CheckpointMeta,
+    /// `model.*` and `momentum.*` tensors.
+    pub tensors: HashMap<String, Tensor>,
+}
+
+/// Reads a checkpoint written by [`save_checkpoint`].
+pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
+    let ctx = || format!("reading checkpoint {}", path.display());
+    let bytes = fs::read(path).with_context(ctx)?;
+    let (_, st_meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(ctx)?;
+    let info = st_meta.metadata().clone().unwrap_or_default();
+    match info.get("format").map(String::as_str) {
+        Some(CKPT_FORMAT) => {}
+        other => bail!(
+            "{}: not a Mini-ResNet checkpoint (format {:?}, expected {CKPT_FORMAT:?})",
+            path.display(),
+            other
+        ),
+    }
+    let meta: CheckpointMeta =
+        serde_json::from_str(info.get("meta").map(String::as_str).unwrap_or(""))
+            .with_context(|| format!("{}: damaged checkpoint metadata", path.display()))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device).with_context(ctx)?;
+    Ok(Checkpoint { meta, tensors })
+}
+
+/// Loads a checkpoint's `model.*` tensors into a fresh model of its arch.
+pub fn model_from_checkpoint(ck: &Checkpoint, device: &Device) -> Result<Trainee> {
+    let t = Trainee::new(&ck.meta.config.arch, ck.meta.config.seed, device)?;
+    for (name, var) in t.named_vars() {
+        let saved = ck
+            .tensors
+            .get(&format!("model.{name}"))
+            .with_context(|| format!("checkpoint lacks tensor `model.{name}`"))?;
+        ensure!(
+            saved.dims() == var.dims(),
+            "checkpoint tensor `model.{name}` has shape {:?}, the model needs {:?}",
+            saved.dims(),
+            var.dims()
+        );
+        var.set(saved)?;
+    }
+    Ok(t)
+}
+
+/// Options of a training run that are not part of its configuration.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Folder for checkpoints, metrics and plots.
+    pub run_dir: PathBuf,
+    /// Continue from `run_dir/checkpoint.safetensors`.
+    pub resume: bool,
+    /// Batch size for evaluation.
+    pub eval_batch: usize,
+    /// Stop after this many epochs in this invocation (for tests that
+    /// simulate an interruption); `None` runs to the end.
+    pub stop_after: Option<usize>,
+    /// Show progress bars.
+    pub progress: bool,
+}
+
+/// The outcome of [`train`].
+#[derive(Debug)]
+pub struct TrainOutcome {
+    /// The trained model.
+    pub trainee: Trainee,
+    /// Metrics of every epoch so far.
+    pub history: Vec<EpochMetrics>,
+    /// Final test evaluation.
+    pub test: Evaluation,
+}
+
+/// Trains (or resumes) a run. Writes into `opts.run_dir`:
+/// `checkpoint.safetensors` (every epoch, atomic), `metrics.csv`,
+/// `metrics.json`, `learning_curve.svg`, `config.json`, and at the end
+/// `confusion.csv` and `per_class.json`.
+pub fn train(
+    cfg: TrainConfig,
+    train_set: &Dataset,
+    test_set: &Dataset,
+    opts: &RunOptions,
+    device: &Device,
+) -> Result<TrainOutcome> {
+    fs::create_dir_all(&opts.run_dir)
+        .with_context(|| format!("creating run folder {}", opts.run_dir.display()))?;
+    let ckpt_path = opts.run_dir.join("checkpoint.safetensors");
+    let (trainee, mut opt, mut history, mut iteration, start_epoch) = if opts.resume {
+        let ck = load_checkpoint(&ckpt_path, device).with_context(|| {
+            format!(
+                "--resume: cannot continue the run in {}",
+                opts.run_dir.display()
+            )
+        })?;
+        let saved = &ck.meta.config;
+        ensure!(
+            TrainConfig { epochs: cfg.epochs, ..saved.clone() } == cfg,
+            "--resume: the options differ from the run's saved configuration (only --epochs may change)\n saved: {}\n given: {}",
+            serde_json::to_string(saved)?,
+            serde_json::to_string(&cfg)?
+        );
+        let t = model_from_checkpoint(&ck, device)?;
+        let mut opt = Sgd::new(t.named_vars(), cfg.sgd);
+        for (name, tensor) in &ck.tensors {
+            if let Some(p) = name.strip_prefix("momentum.") {
+                opt.set_state(p, tensor.clone())?;
+            }
+        }
+        eprintln!(
+            "resuming {} at epoch {} (iteration {})",
+            opts.run_dir.display(),
+            ck.meta.epoch + 1,
+            ck.meta.iteration
+        );
+        (t, opt, ck.meta.history, ck.meta.iteration, ck.meta.epoch)
+    } else {
+        ensure!(
+            !ckpt_path.exists(),
+            "{} already holds a checkpoint: pass --resume to continue it, or choose another --run-dir",
+            opts.run_dir.display()
+        );
+        let t = Trainee::new(&cfg.arch, cfg.seed, device)?;
+        let opt = Sgd::new(t.named_vars(), cfg.sgd);
+        (t, opt, Vec::new(), 0, 0)
+    };
+    cfg.arch.validate()?;
+    write_atomic(
+        &opts.run_dir.join("config.json"),
+        serde_json::to_string_pretty(&cfg)?.as_bytes(),
+    )?;
+
+    let steps = train_set.len() / cfg.batch_size;
+    ensure!(
+        steps > 0,
+        "the training set has {} images, fewer than one batch",
+        train_set.len()
+    );
+    let last_epoch = match opts.stop_after {
+        Some(n) => (start_epoch + n).min(cfg.epochs),
+        None => cfg.epochs,
+    };
+    for epoch in start_epoch..last_epoch {
+        let order = epoch_order(train_set.len(), cfg.seed, epoch);
+        let bar = progress_bar(
+            opts.progress,
+            steps as u64,
+            &format!("epoch {}/{}", epoch + 1, cfg.epochs),
+        );
+        let t0 = Instant::now();
+        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+        let mut lr = cfg.schedule.lr(iteration);
+        for step in 0..steps {
+            let idx = &order[step * cfg.batch_size..(step + 1) * cfg.batch_size];
+            lr = cfg.schedule.lr(iteration);
+            let aug = cfg.augment.then_some((cfg.seed, epoch));
+            let (x, y) = batch(train_set, idx, aug, device)?;
+            let logits = trainee.model.forward_t(&x, true)?;
+            let loss = smoothed_cross_entropy(&logits, &y, cfg.label_smoothing)?;
+            let loss_v = loss.to_scalar::<f32>()? as f64;
+            if !loss_v.is_finite() {
+                bail!(
+                    "training diverged: loss is {loss_v} at epoch {}, step {} (iteration {iteration}, lr {lr}). \
+                     The last good checkpoint is {} (epoch {epoch}); lower --lr or check the data.",
+                    epoch + 1,
+                    step + 1,
+                    ckpt_path.display()
+                );
+            }
+            let grads = loss.backward()?;
+            opt.step(&grads, lr)?;
+            iteration += 1;
+            let pred: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+            let labels: Vec<u32> = y.to_vec1()?;
+            correct += pred.iter().zip(&labels).filter(|(p, l)| p == l).count();
+            loss_sum += loss_v * idx.len() as f64;
+            seen += idx.len();
+            bar.set_message(format!(
+                "loss {:.3} acc {:.1}% lr {lr:.4} {:.0} img/s",
+                loss_sum / seen as f64,
+                100.0 * correct as f64 / seen as f64,
+                seen as f64 / t0.elapsed().as_secs_f64()
+            ));
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        let seconds = t0.elapsed().as_secs_f64();
+        let test = evaluate(&trainee.model, test_set, opts.eval_batch, device)?;
+        let m = EpochMetrics {
+            epoch: epoch + 1,
+            train_loss: loss_sum / seen as f64,
+            train_acc: 100.0 * correct as f64 / seen as f64,
+            test_loss: test.loss,
+            test_acc: test.accuracy,
+            lr,
+            seconds,
+            images_per_sec: seen as f64 / seconds,
+        };
+        eprintln!(
+            "epoch {:>3}/{}: train loss {:.4} acc {:.2}% | test loss {:.4} acc {:.2}% | lr {:.5} | {:.0} s, {:.0} img/s",
+            m.epoch, cfg.epochs, m.train_loss, m.train_acc, m.test_loss, m.test_acc, m.lr, m.seconds, m.images_per_sec
+        );
+        history.push(m);
+        let meta = CheckpointMeta {
+            config: cfg.clone(),
+            epoch: epoch + 1,
+            iteration,
+            history: history.clone(),
+        };
+        save_checkpoint(&ckpt_path, &trainee, &opt, &meta)?;
+        write_metrics(&opts.run_dir, &history)?;
+        plot_learning_curve(
+            &opts.run_dir.join("learning_curve.svg"),
+            &history,
+            cfg.recipe,
+        )?;
+    }
+    let test = evaluate(&trainee.model, test_set, opts.eval_batch, device)?;
+    write_confusion(&opts.run_dir, &test)?;
+    Ok(TrainOutcome {
+        trainee,
+        history,
+        test,
+    })
+}
+
+fn progress_bar(show: bool, len: u64, prefix: &str) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix.to_string());
+    bar
+}
+
+/// Writes `metrics.csv` and `metrics.json`.
+pub fn write_metrics(dir: &Path, history: &[EpochMetrics]) -> Result<()> {
+    let mut csv =
+        String::from("epoch,train_loss,train_acc,test_loss,test_acc,lr,seconds,images_per_sec\n");
+    for m in history {
+        csv.push_str(&format!(
+            "{},{:.6},{:.4},{:.6},{:.4},{:.8},{:.3},{:.2}\n",
+            m.epoch,
+            m.train_loss,
+            m.train_acc,
+            m.test_loss,
+            m.test_acc,
+            m.lr,
+            m.seconds,
+            m.images_per_sec
+        ));
+    }
+    write_atomic(&dir.join("metrics.csv"), csv.as_bytes())?;
+    write_atomic(
+        &dir.join("metrics.json"),
+        serde_json::to_string_pretty(history)?.as_bytes(),
+    )
+}
+
+/// Writes `confusion.csv` (rows: true class, columns: predicted) and
+/// `per_class.json`.
+pub fn write_confusion(dir: &Path, ev: &Evaluation) -> Result<()> {
+    let names: Vec<&str> = (0..ev.confusion.len())
+        .map(|c| CLASSES.get(c).copied().unwrap_or("?"))
+        .collect();
+    let mut csv = format!("true\\predicted,{}\n", names.join(","));
+    for (c, row) in ev.confusion.iter().enumerate() {
+        let cells: Vec<String> = row.iter().map(|v| v.to_string()).collect();
+        csv.push_str(&format!("{},{}\n", names[c], cells.join(",")));
+    }
+    write_atomic(&dir.join("confusion.csv"), csv.as_bytes())?;
+    let per: serde_json::Map<String, serde_json::Value> = names
+        .iter()
+        .zip(ev.per_class())
+        .map(|(n, a)| (n.to_string(), serde_json::json!(a)))
+        .collect();
+    write_atomic(
+        &dir.join("per_class.json"),
+        serde_json::to_string_pretty(&per)?.as_bytes(),
+    )
+}
+
+/// Formats the confusion matrix and per-class accuracy for the terminal.
+pub fn format_confusion(ev: &Evaluation) -> String {
+    let mut s = String::from("true \\ pred  ");
+    for c in 0..ev.confusion.len() {
+        s.push_str(&format!(
+            "{:>6}",
+            &CLASSES.get(c).unwrap_or(&"?")[..4.min(CLASSES.get(c).unwrap_or(&"?").len())]
+        ));
+    }
+    s.push_str("   acc\n");
+    for (c, (row, acc)) in ev.confusion.iter().zip(ev.per_class()).enumerate() {
+        s.push_str(&format!("{:<12} ", CLASSES.get(c).unwrap_or(&"?")));
+        for v in row {
+            s.push_str(&format!("{v:>6}"));
+        }
+        s.push_str(&format!("  {acc:5.1}%\n"));
+    }
+    s
+}
+
+/// Draws the learning curve (accuracy and loss per epoch) as SVG, with the
+/// article's Momentum figure as a reference line.
+pub fn plot_learning_curve(path: &Path, history: &[EpochMetrics], recipe: Recipe) -> Result<()> {
+    use plotters::prelude::*;
+    let draw = || -> Result<(), Box<dyn std::error::Error>> {
+        let root = SVGBackend::new(path, (960, 420)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let (left, right) = root.split_horizontally(480);
+        let n = history.len().max(2) as f64;
+        let mut acc = ChartBuilder::on(&left)
+            .caption(format!("accuracy ({recipe:?})"), ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(40)
+            .build_cartesian_2d(1f64..n, 0f64..100f64)?;
+        acc.configure_mesh().x_desc("epoch").y_desc("%").draw()?;
+        acc.draw_series(LineSeries::new(
+            history.iter().map(|m| (m.epoch as f64, m.train_acc)),
+            &BLUE,
+        ))?
+        .label("train (augmented)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], BLUE));
+        acc.draw_series(LineSeries::new(
+            history.iter().map(|m| (m.epoch as f64, m.test_acc)),
+            &RED,
+        ))?
+        .label("test")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], RED));
+        acc.draw_series(LineSeries::new(
+            [(1.0, ARTICLE_MOMENTUM_5), (n, ARTICLE_MOMENTUM_5)],
+            BLACK.mix(0.4),
+        ))?
+        .label("article, Momentum 5 ep (74.36%)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], BLACK.mix(0.4)));
+        acc.configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .border_style(BLACK)
+            .draw()?;
+        let max_loss = history
+            .iter()
+            .flat_map(|m| [m.train_loss, m.test_loss])
+            .fold(0.1f64, f64::max);
+        let mut loss = ChartBuilder::on(&right)
+            .caption("loss", ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(40)
+            .build_cartesian_2d(1f64..n, 0f64..max_loss * 1.05)?;
+        loss.configure_mesh().x_desc("epoch").draw()?;
+        loss.draw_series(LineSeries::new(
+            history.iter().map(|m| (m.epoch as f64, m.train_loss)),
+            &BLUE,
+        ))?;
+        loss.draw_series(LineSeries::new(
+            history.iter().map(|m| (m.epoch as f64, m.test_loss)),
+            &RED,
+        ))?;
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::IMAGE_BYTES;
+
+    /// A small learnable data set: class k images are bright in channel
+    /// k % 3 with a class-dependent stripe pattern, plus noise.
+    pub(crate) fn toy_dataset(n: usize, classes: usize, seed: u64) -> Dataset {
+        let mut images = vec![0u8; n * IMAGE_BYTES];
+        let mut labels = Vec::with_capacity(n);
+        for i in 0..n {
+            let k = i % classes;
+            labels.push(k as u8);
+            for p in 0..1024 {
+                let y = p / 32;
+                for c in 0..3 {
+                    let noise =
+                        (crate::augment::mix(seed ^ (i * 3072 + p * 3 + c) as u64) % 40) as u8;
+                    let base = if c == k % 3 { 150 } else { 60 };
+                    let stripe = if (y / (k + 2)).is_multiple_of(2) {
+                        40
+                    } else {
+                        0
+                    };
+                    images[i * IMAGE_BYTES + p * 3 + c] = base + stripe + noise;
+                }
+            }
+        }
+        Dataset { images, labels }
+    }
+
+    fn tiny_config(epochs: usize) -> TrainConfig {
+        let mut cfg =
+            TrainConfig::from_recipe(Recipe::Default, 64, Some(epochs), Some(16), Some(0.05))
+                .unwrap();
+        cfg.arch = ArchConfig {
+            widths: vec![4, 8],
+            blocks: vec![1, 1],
+            maxpool: true,
+            classes: 4,
+        };
+        cfg.seed = 3;
+        cfg
+    }
+
+    fn opts(dir: &Path, resume: bool, stop_after: Option<usize>) -> RunOptions {
+        RunOptions {
+            run_dir: dir.to_path_buf(),
+            resume,
+            eval_batch: 32,
+            stop_after,
+            progress: false,
+        }
+    }
+
+    fn weights(t: &Trainee) -> Vec<(String, Vec<f32>)> {
+        t.named_vars()
+            .into_iter()
+            .map(|(n, v)| {
+                (
+                    n,
+                    v.as_tensor()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn resume_equals_uninterrupted_run() {
+        let train_set = toy_dataset(64, 4, 1);
+        let test_set = toy_dataset(32, 4, 2);
+        let dev = Device::Cpu;
+        let a = tempfile::tempdir().unwrap();
+        let straight = train(
+            tiny_config(3),
+            &train_set,
+            &test_set,
+            &opts(a.path(), false, None),
+            &dev,
+        )
+        .unwrap();
+        let b = tempfile::tempdir().unwrap();
+        // "Killed" after epoch 1, then resumed twice.
+        train(
+            tiny_config(3),
+            &train_set,
+            &test_set,
+            &opts(b.path(), false, Some(1)),
+            &dev,
+        )
+        .unwrap();
+        train(
+            tiny_config(3),
+            &train_set,
+            &test_set,
+            &opts(b.path(), true, Some(1)),
+            &dev,
+        )
+        .unwrap();
+        let resumed = train(
+            tiny_config(3),
+            &train_set,
+            &test_set,
+            &opts(b.path(), true, None),
+            &dev,
+        )
+        .unwrap();
+        assert_eq!(weights(&straight.trainee), weights(&resumed.trainee));
+        assert_eq!(straight.history.len(), 3);
+        assert_eq!(resumed.history.len(), 3);
+        for (x, y) in straight.history.iter().zip(&resumed.history) {
+            assert_eq!((x.train_loss, x.test_acc), (y.train_loss, y.test_acc));
+        }
+        for f in [
+            "metrics.csv",
+            "metrics.json",
+            "learning_curve.svg",
+            "confusion.csv",
+            "per_class.json",
+            "config.json",
+        ] {
+            assert!(b.path().join(f).exists(), "{f}");
+        }
+        let csv = fs::read_to_string(b.path().join("metrics.csv")).unwrap();
+        assert_eq!(csv.lines().count(), 4);
+    }
+
+    #[test]
+    fn learns_the_toy_task() {
+        let train_set = toy_dataset(256, 4, 5);
+        let test_set = toy_dataset(64, 4, 6);
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = tiny_config(4);
+        cfg.schedule.decay = Decay::Linear {
+            total: 4 * 256 / 16,
+        };
+        let out = train(
+            cfg,
+            &train_set,
+            &test_set,
+            &opts(dir.path(), false, None),
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert!(
+            out.test.accuracy > 60.0,
+            "toy accuracy {}",
+            out.test.accuracy
+        );
+    }
+
+    #[test]
+    fn refuses_to_overwrite_and_rejects_changed_resume() {
+        let train_set = toy_dataset(32, 4, 1);
+        let dir = tempfile::tempdir().unwrap();
+        train(
+            tiny_config(1),
+            &train_set,
+            &train_set,
+            &opts(dir.path(), false, None),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let err = train(
+            tiny_config(1),
+            &train_set,
+            &train_set,
+            &opts(dir.path(), false, None),
+            &Device::Cpu,
+        )
+        .err()
+        .unwrap();
+        assert!(format!("{err:#}").contains("--resume"), "{err:#}");
+        let mut other = tiny_config(2);
+        other.seed = 99;
+        let err = train(
+            other,
+            &train_set,
+            &train_set,
+            &opts(dir.path(), true, None),
+            &Device::Cpu,
+        )
+        .err()
+        .unwrap();
+        assert!(
+            format!("{err:#}").contains("saved configuration"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn nan_loss_stops_with_a_clear_message() {
+        let train_set = toy_dataset(32, 4, 1);
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = tiny_config(1);
+        cfg.schedule.base_lr = f64::INFINITY; // the first update makes every weight non-finite
+        cfg.schedule.warmup = 0;
+        let err = train(
+            cfg,
+            &train_set,
+            &train_set,
+            &opts(dir.path(), false, None),
+            &Device::Cpu,
+        )
+        .err()
+        .unwrap();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("training diverged") && msg.contains("epoch 1, step"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn damaged_checkpoint_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("checkpoint.safetensors");
+        fs::write(&p, b"not a checkpoint").unwrap();
+        let err = load_checkpoint(&p, &Device::Cpu).err().unwrap();
+        assert!(
+            format!("{err:#}").contains("checkpoint.safetensors"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn smoothed_loss_by_hand() {
+        let logits = Tensor::new(&[[0f32, 0.0]], &Device::Cpu).unwrap();
+        let y = Tensor::new(&[1u32], &Device::Cpu).unwrap();
+        // Uniform logits: both terms are ln 2.
+        let l = smoothed_cross_entropy(&logits, &y, 0.1)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((l - std::f32::consts::LN_2).abs() < 1e-6);
+        let logits = Tensor::new(&[[2f32, 0.0]], &Device::Cpu).unwrap();
+        let l = smoothed_cross_entropy(&logits, &y, 0.2)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        let lse = (2f64.exp() + 1.0).ln();
+        let want = 0.8 * lse + 0.2 * (lse - 1.0);
+        assert!((l - want).abs() < 1e-5, "{l} {want}");
+    }
+
+    #[test]
+    fn recipes() {
+        let s = TrainConfig::from_recipe(Recipe::SeedSgdStep, 50_000, None, None, None).unwrap();
+        assert_eq!((s.epochs, s.batch_size, s.sgd.momentum), (10, 64, 0.0));
+        assert_eq!(s.schedule.lr(3999), 0.1);
+        assert!((s.schedule.lr(4000) - 0.01).abs() < 1e-12);
+        let m = TrainConfig::from_recipe(Recipe::SeedMomentum, 50_000, None, None, None).unwrap();
+        assert_eq!(
+            (m.epochs, m.batch_size, m.sgd.momentum, m.schedule.base_lr),
+            (5, 64, 0.9, 0.01)
+        );
+        assert!(TrainConfig::from_recipe(Recipe::Default, 10, None, None, None).is_err());
+    }
+}
