@@ -128,6 +128,38 @@ impl Dataset {
     }
 }
 
+/// A small, learnable synthetic data set for tests and demos: image `i` has
+/// class `i % classes`; class `k` is bright in channel `k % 3` with
+/// horizontal stripes `k + 2` rows wide, plus seeded noise.
+pub fn synthetic(n: usize, classes: usize, seed: u64) -> Dataset {
+    let mix = |mut z: u64| {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let mut images = vec![0u8; n * IMAGE_BYTES];
+    let mut labels = Vec::with_capacity(n);
+    for i in 0..n {
+        let k = i % classes.max(1);
+        labels.push(k as u8);
+        for p in 0..32 * 32 {
+            let y = p / 32;
+            for c in 0..3 {
+                let noise = (mix(seed ^ (i * IMAGE_BYTES + p * 3 + c) as u64) % 40) as u8;
+                let base = if c == k % 3 { 150 } else { 60 };
+                let stripe = if (y / (k + 2)).is_multiple_of(2) {
+                    40
+                } else {
+                    0
+                };
+                images[i * IMAGE_BYTES + p * 3 + c] = base + stripe + noise;
+            }
+        }
+    }
+    Dataset { images, labels }
+}
+
 impl fmt::Debug for Dataset {
     /// Summarises instead of dumping megabytes of pixels.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

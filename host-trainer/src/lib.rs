@@ -7,7 +7,9 @@
 pub mod augment;
 pub mod bench;
 pub mod data;
+pub mod export;
 pub mod model;
 pub mod optim;
+pub mod quantize;
 pub mod schedule;
 pub mod train;

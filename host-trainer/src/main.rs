@@ -28,6 +28,46 @@ enum Command {
     Eval(EvalArgs),
     /// Training and inference images/s at batch 64 (medians).
     Bench(BenchArgs),
+    /// Quantize a checkpoint to int8 and export it (into `shared` or a file).
+    Export(ExportArgs),
+    /// Classify JPEG/PNG images of any size with an int8 model, through the
+    /// firmware's path (RGB888 frame → shared::preprocess → shared::model).
+    Classify(ClassifyArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+struct QuantArgs {
+    /// Training images used to calibrate activation ranges.
+    #[arg(long, default_value_t = 500)]
+    calib_images: usize,
+    /// Range estimator: `minmax` or `percentile:P` (e.g. `percentile:99.99`).
+    #[arg(long, default_value = "minmax")]
+    calibration: host_trainer::quantize::Calibration,
+}
+
+#[derive(Debug, Args)]
+struct ExportArgs {
+    /// Checkpoint to export (`<run>/checkpoint.safetensors`).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// `shared` (the model committed in `shared/src/model/generated/`) or a
+    /// `.bin` file path.
+    #[arg(long, default_value = "shared")]
+    out: String,
+    #[command(flatten)]
+    quant: QuantArgs,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+#[derive(Debug, Args)]
+struct ClassifyArgs {
+    /// Int8 model: a `.bin` file, or `default` for the one in `shared`.
+    #[arg(long, default_value = "default")]
+    model: String,
+    /// Images (JPEG or PNG, any size).
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -113,6 +153,12 @@ struct TrainArgs {
     /// Hide progress bars.
     #[arg(long)]
     quiet: bool,
+    /// Where to export the int8 model at the end: `shared` (also writes
+    /// `<run>/model.bin`), `run` (only `<run>/model.bin`) or `none`.
+    #[arg(long, default_value = "shared")]
+    export: String,
+    #[command(flatten)]
+    quant: QuantArgs,
     #[command(flatten)]
     arch: ArchArgs,
     #[command(flatten)]
@@ -121,9 +167,13 @@ struct TrainArgs {
 
 #[derive(Debug, Args)]
 struct EvalArgs {
-    /// Checkpoint to evaluate (`<run>/checkpoint.safetensors`).
+    /// Float checkpoint (`<run>/checkpoint.safetensors`).
+    #[arg(long, required_unless_present = "model")]
+    checkpoint: Option<PathBuf>,
+    /// Int8 model: a `.bin` file, or `default` for the one in `shared`. With
+    /// --checkpoint too, float and int8 are compared image by image.
     #[arg(long)]
-    checkpoint: PathBuf,
+    model: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -162,6 +212,8 @@ fn main() -> Result<()> {
         Some(Command::Train(a)) => run_train(a),
         Some(Command::Eval(a)) => run_eval(a),
         Some(Command::Bench(a)) => run_bench(a),
+        Some(Command::Export(a)) => run_export(a),
+        Some(Command::Classify(a)) => run_classify(a),
     }
 }
 
@@ -190,6 +242,62 @@ fn data_source(arg: &Option<PathBuf>) -> Result<data::Source> {
         "cifar-10-binary.tar.gz",
     )?;
     Ok(data::Source::Tarball(tarball))
+}
+
+/// A short name of the data source for provenance.
+fn dataset_name(src: &data::Source) -> String {
+    match src {
+        data::Source::ImageFolders(p) => format!(
+            "CIFAR-10 (JPEG re-encode) {}",
+            p.file_name().and_then(|n| n.to_str()).unwrap_or("")
+        ),
+        data::Source::BinaryDir(_) | data::Source::Tarball(_) => {
+            "CIFAR-10 (official binary)".into()
+        }
+    }
+}
+
+fn load_model(spec: &str) -> Result<host_trainer::quantize::OwnedModel> {
+    if spec == "default" {
+        host_trainer::quantize::OwnedModel::new(&shared::model::BLOB.0)
+            .context("the model committed in shared")
+    } else {
+        host_trainer::quantize::OwnedModel::load(std::path::Path::new(spec))
+    }
+}
+
+fn export_checkpoint(
+    ck_path: &std::path::Path,
+    out: &str,
+    quant: &QuantArgs,
+    src: &data::Source,
+    train_set: &data::Dataset,
+    test_set: &data::Dataset,
+    device: &candle_core::Device,
+) -> Result<()> {
+    let ck = train::load_checkpoint(ck_path, device)?;
+    let t = train::model_from_checkpoint(&ck, device)?;
+    let opts = host_trainer::export::ExportOptions {
+        calib_images: quant.calib_images,
+        calibration: quant.calibration,
+        dataset: dataset_name(src),
+    };
+    let (blob, cmp) =
+        host_trainer::export::export(&t.model, &ck, train_set, test_set, &opts, device)?;
+    println!("{}", cmp.report());
+    if out == "shared" {
+        let dir = host_trainer::export::shared_generated_dir();
+        host_trainer::export::write_shared(&blob, &dir)?;
+        println!(
+            "int8 model ({} bytes) written to {}",
+            blob.len(),
+            dir.display()
+        );
+    } else {
+        train::write_atomic(std::path::Path::new(out), &blob)?;
+        println!("int8 model ({} bytes) written to {out}", blob.len());
+    }
+    Ok(())
 }
 
 fn load_split(
@@ -249,6 +357,27 @@ fn run_train(a: TrainArgs) -> Result<()> {
     let out = train::train(cfg.clone(), &train_set, &test_set, &opts, &device)?;
     let wall = t0.elapsed().as_secs_f64();
     println!("{}", train::format_confusion(&out.test));
+    let ck_path = run_dir.join("checkpoint.safetensors");
+    match a.export.as_str() {
+        "none" => {}
+        "run" | "shared" => {
+            export_checkpoint(
+                &ck_path,
+                &run_dir.join("model.bin").to_string_lossy(),
+                &a.quant,
+                &src,
+                &train_set,
+                &test_set,
+                &device,
+            )?;
+            if a.export == "shared" {
+                export_checkpoint(
+                    &ck_path, "shared", &a.quant, &src, &train_set, &test_set, &device,
+                )?;
+            }
+        }
+        other => anyhow::bail!("--export {other}: expected `shared`, `run` or `none`"),
+    }
     let epochs = out.history.len();
     let reference = match (cfg.recipe, epochs) {
         (_, 20) => format!(
@@ -272,33 +401,140 @@ fn run_train(a: TrainArgs) -> Result<()> {
 
 fn run_eval(a: EvalArgs) -> Result<()> {
     let device = train::device(&a.data.device)?;
-    let ck = train::load_checkpoint(&a.checkpoint, &device)?;
-    let t = train::model_from_checkpoint(&ck, &device)?;
     let src = data_source(&a.data.data)?;
     let test_set = load_split(&src, data::Split::Test, a.data.test_limit)?;
-    let ev = train::evaluate(&t.model, &test_set, 256, &device)?;
-    if a.json {
-        let per: Vec<f64> = ev.per_class();
+    let float = match &a.checkpoint {
+        Some(p) => {
+            let ck = train::load_checkpoint(p, &device)?;
+            Some((train::model_from_checkpoint(&ck, &device)?, ck.meta.epoch))
+        }
+        None => None,
+    };
+    match (&a.model, float) {
+        (None, Some((t, epoch))) => {
+            let ev = train::evaluate(&t.model, &test_set, 256, &device)?;
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "epoch": epoch, "float_accuracy": ev.accuracy, "loss": ev.loss,
+                        "images": test_set.len(), "per_class": ev.per_class(),
+                    })
+                );
+            } else {
+                println!("{}", train::format_confusion(&ev));
+                println!(
+                    "epoch {epoch}: float test accuracy {:.2}% on {} images (loss {:.4})",
+                    ev.accuracy,
+                    test_set.len(),
+                    ev.loss
+                );
+            }
+        }
+        (Some(spec), Some((t, _))) => {
+            let m = load_model(spec)?;
+            let cmp = host_trainer::export::compare(&t.model, &m, &test_set, &device)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&cmp)?);
+            } else {
+                println!("{}", cmp.report());
+            }
+        }
+        (Some(spec), None) => {
+            // No float checkpoint: measure int8, and show the float figures
+            // recorded at export.
+            let m = load_model(spec)?;
+            let logits = host_trainer::export::int8_logits(&m, &test_set)?;
+            let correct = logits
+                .iter()
+                .zip(&test_set.labels)
+                .filter(|(l, &y)| host_trainer::export::argmax(l) == y as usize)
+                .count();
+            let int8 = 100.0 * correct as f64 / test_set.len().max(1) as f64;
+            let model = m.model()?;
+            let recorded = |k: &str| model.meta_value(k).and_then(|v| v.parse::<f64>().ok());
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "int8_accuracy": int8, "images": test_set.len(),
+                        "float_accuracy": recorded("float_accuracy"),
+                        "top1_agreement": recorded("top1_agreement"),
+                        "float_source": "recorded at export (pass --checkpoint to measure)",
+                    })
+                );
+            } else {
+                println!("{}", model.meta());
+                println!(
+                    "int8 accuracy {int8:.2}% on {} images; float {:?}% and top-1 agreement {:?}% as recorded at export \
+                     (pass --checkpoint to measure them)",
+                    test_set.len(),
+                    recorded("float_accuracy"),
+                    recorded("top1_agreement")
+                );
+            }
+        }
+        (None, None) => anyhow::bail!("give --checkpoint, --model, or both"),
+    }
+    Ok(())
+}
+
+fn run_export(a: ExportArgs) -> Result<()> {
+    let device = train::device(&a.data.device)?;
+    let src = data_source(&a.data.data)?;
+    let train_set = load_split(&src, data::Split::Train, None)?;
+    let test_set = load_split(&src, data::Split::Test, a.data.test_limit)?;
+    export_checkpoint(
+        &a.checkpoint,
+        &a.out,
+        &a.quant,
+        &src,
+        &train_set,
+        &test_set,
+        &device,
+    )
+}
+
+fn run_classify(a: ClassifyArgs) -> Result<()> {
+    let owned = load_model(&a.model)?;
+    let model = owned.model()?;
+    let out = model.output();
+    let mut arena = vec![0i8; model.arena_len()];
+    let mut scratch = vec![0i16; model.scratch_len()];
+    for path in &a.images {
+        let img = image::open(path)
+            .with_context(|| format!("reading image {}", path.display()))?
+            .to_rgb8();
+        let (w, h) = img.dimensions();
+        let frame = shared::preprocess::Frame {
+            data: img.as_raw(),
+            width: w as usize,
+            height: h as usize,
+            format: shared::preprocess::PixelFormat::Rgb888,
+        };
+        let mut input = [0i8; shared::preprocess::INPUT_LEN];
+        shared::preprocess::preprocess(&frame, &mut input)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let mut logits = vec![0i8; out.dims.len()];
+        model
+            .run(&input, &mut arena, &mut scratch, &mut logits)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let real: Vec<f64> = logits
+            .iter()
+            .map(|&q| (q as i32 - out.zero_point) as f64 * out.scale as f64)
+            .collect();
+        let max = real.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = real.iter().map(|v| (v - max).exp()).sum();
+        let (best, _) =
+            real.iter().enumerate().fold(
+                (0, f64::NEG_INFINITY),
+                |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+            );
         println!(
-            "{}",
-            serde_json::json!({
-                "checkpoint": a.checkpoint,
-                "epoch": ck.meta.epoch,
-                "float_accuracy": ev.accuracy,
-                "loss": ev.loss,
-                "images": test_set.len(),
-                "per_class": per,
-            })
-        );
-    } else {
-        println!("{}", train::format_confusion(&ev));
-        println!(
-            "{}: epoch {}, float test accuracy {:.2}% on {} images (loss {:.4})",
-            a.checkpoint.display(),
-            ck.meta.epoch,
-            ev.accuracy,
-            test_set.len(),
-            ev.loss
+            "{}: {} ({:.1}%)",
+            path.display(),
+            data::CLASSES.get(best).unwrap_or(&"?"),
+            100.0 / sum
         );
     }
     Ok(())

@@ -181,8 +181,14 @@ impl ConvBn {
         Ok(Self { conv, bn })
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    /// Conv then BN (batch statistics when `train`, running ones otherwise).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         self.bn.forward_t(&self.conv.forward(x)?, train)
+    }
+
+    /// Inference: conv then BN with running statistics.
+    pub fn forward_eval(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_t(x, false)
     }
 }
 

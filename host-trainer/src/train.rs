@@ -726,33 +726,6 @@ pub fn plot_learning_curve(path: &Path, history: &[EpochMetrics], recipe: Recipe
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::IMAGE_BYTES;
-
-    /// A small learnable data set: class k images are bright in channel
-    /// k % 3 with a class-dependent stripe pattern, plus noise.
-    pub(crate) fn toy_dataset(n: usize, classes: usize, seed: u64) -> Dataset {
-        let mut images = vec![0u8; n * IMAGE_BYTES];
-        let mut labels = Vec::with_capacity(n);
-        for i in 0..n {
-            let k = i % classes;
-            labels.push(k as u8);
-            for p in 0..1024 {
-                let y = p / 32;
-                for c in 0..3 {
-                    let noise =
-                        (crate::augment::mix(seed ^ (i * 3072 + p * 3 + c) as u64) % 40) as u8;
-                    let base = if c == k % 3 { 150 } else { 60 };
-                    let stripe = if (y / (k + 2)).is_multiple_of(2) {
-                        40
-                    } else {
-                        0
-                    };
-                    images[i * IMAGE_BYTES + p * 3 + c] = base + stripe + noise;
-                }
-            }
-        }
-        Dataset { images, labels }
-    }
 
     fn tiny_config(epochs: usize) -> TrainConfig {
         let mut cfg =
@@ -796,8 +769,8 @@ mod tests {
 
     #[test]
     fn resume_equals_uninterrupted_run() {
-        let train_set = toy_dataset(64, 4, 1);
-        let test_set = toy_dataset(32, 4, 2);
+        let train_set = crate::data::synthetic(64, 4, 1);
+        let test_set = crate::data::synthetic(32, 4, 2);
         let dev = Device::Cpu;
         let a = tempfile::tempdir().unwrap();
         let straight = train(
@@ -856,8 +829,8 @@ mod tests {
 
     #[test]
     fn learns_the_toy_task() {
-        let train_set = toy_dataset(256, 4, 5);
-        let test_set = toy_dataset(64, 4, 6);
+        let train_set = crate::data::synthetic(256, 4, 5);
+        let test_set = crate::data::synthetic(64, 4, 6);
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = tiny_config(4);
         cfg.schedule.decay = Decay::Linear {
@@ -880,7 +853,7 @@ mod tests {
 
     #[test]
     fn refuses_to_overwrite_and_rejects_changed_resume() {
-        let train_set = toy_dataset(32, 4, 1);
+        let train_set = crate::data::synthetic(32, 4, 1);
         let dir = tempfile::tempdir().unwrap();
         train(
             tiny_config(1),
@@ -919,7 +892,7 @@ mod tests {
 
     #[test]
     fn nan_loss_stops_with_a_clear_message() {
-        let train_set = toy_dataset(32, 4, 1);
+        let train_set = crate::data::synthetic(32, 4, 1);
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = tiny_config(1);
         cfg.schedule.base_lr = f64::INFINITY; // the first update makes every weight non-finite

@@ -85,7 +85,8 @@ impl AddParams {
         }
     }
 
-    fn validate(&self) -> Result<(), Error> {
+    /// Checks every parameter is in its documented range.
+    pub fn validate(&self) -> Result<(), Error> {
         check_param("input1_offset", (-127..=128).contains(&self.input1_offset))?;
         check_param("input2_offset", (-127..=128).contains(&self.input2_offset))?;
         check_param("output_offset", (-128..=127).contains(&self.output_offset))?;

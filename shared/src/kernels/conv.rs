@@ -78,6 +78,36 @@ pub const fn conv2d_s8_scratch_len(params: &Conv2dParams, input_channels: usize)
     IM2COL_COLUMNS * params.kernel_h * params.kernel_w * input_channels
 }
 
+/// Everything [`conv2d_s8`] checks except the activation and scratch
+/// buffers: parameter ranges, that `output_dims` follows from `input_dims`,
+/// and the lengths of the filter, bias and requantization arrays.
+pub fn conv2d_s8_validate(
+    layer: &Conv2d<'_>,
+    input_dims: Dims,
+    output_dims: Dims,
+) -> Result<(), Error> {
+    let p = &layer.params;
+    check_param("kernel", p.kernel_h > 0 && p.kernel_w > 0)?;
+    check_param("stride", p.stride_h > 0 && p.stride_w > 0)?;
+    check_param("padding", p.pad_h < p.kernel_h && p.pad_w < p.kernel_w)?;
+    check_offsets(p.input_offset, p.output_offset, p.act_min, p.act_max)?;
+    check_param("input_dims", !input_dims.is_empty())?;
+    check_param("output_dims", output_dims.c > 0)?;
+    let expected = p
+        .output_dims(input_dims, output_dims.c)
+        .ok_or(Error::Parameter { name: "kernel" })?;
+    if expected != output_dims {
+        return Err(Error::OutputDims {
+            expected: expected.to_array(),
+            actual: output_dims.to_array(),
+        });
+    }
+    let taps = p.kernel_h * p.kernel_w * input_dims.c;
+    check_len("filter", output_dims.c * taps, layer.filter.len())?;
+    check_len("bias", output_dims.c, layer.bias.len())?;
+    layer.requant.validate(output_dims.c)
+}
+
 /// 2-D convolution of an NHWC int8 tensor with OHWI int8 weights.
 ///
 /// For each output pixel and channel `oc`:
@@ -99,28 +129,10 @@ pub fn conv2d_s8(
     output_dims: Dims,
     scratch: &mut [i16],
 ) -> Result<(), Error> {
-    let p = &layer.params;
-    check_param("kernel", p.kernel_h > 0 && p.kernel_w > 0)?;
-    check_param("stride", p.stride_h > 0 && p.stride_w > 0)?;
-    check_param("padding", p.pad_h < p.kernel_h && p.pad_w < p.kernel_w)?;
-    check_offsets(p.input_offset, p.output_offset, p.act_min, p.act_max)?;
-    check_param("input_dims", !input_dims.is_empty())?;
-    check_param("output_dims", output_dims.c > 0)?;
-    let expected = p
-        .output_dims(input_dims, output_dims.c)
-        .ok_or(Error::Parameter { name: "kernel" })?;
-    if expected != output_dims {
-        return Err(Error::OutputDims {
-            expected: expected.to_array(),
-            actual: output_dims.to_array(),
-        });
-    }
+    conv2d_s8_validate(layer, input_dims, output_dims)?;
     check_len("input", input_dims.len(), input.len())?;
     check_len("output", output_dims.len(), output.len())?;
-    let taps = p.kernel_h * p.kernel_w * input_dims.c;
-    check_len("filter", output_dims.c * taps, layer.filter.len())?;
-    check_len("bias", output_dims.c, layer.bias.len())?;
-    layer.requant.validate(output_dims.c)?;
+    let p = &layer.params;
     let need = conv2d_s8_scratch_len(p, input_dims.c);
     if scratch.len() < need {
         return Err(Error::BufferLength {
@@ -129,6 +141,7 @@ pub fn conv2d_s8(
             actual: scratch.len(),
         });
     }
+    let taps = p.kernel_h * p.kernel_w * input_dims.c;
     let (col0, rest) = scratch.split_at_mut(taps);
     let col1 = &mut rest[..taps];
 

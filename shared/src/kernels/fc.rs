@@ -23,22 +23,30 @@ pub struct FullyConnected<'a> {
     pub act_max: i8,
 }
 
+impl FullyConnected<'_> {
+    /// Everything [`fc_s8`] checks except the activation buffers, for an
+    /// input of `n_in` values.
+    pub fn validate(&self, n_in: usize) -> Result<(), Error> {
+        check_offsets(
+            self.input_offset,
+            self.output_offset,
+            self.act_min,
+            self.act_max,
+        )?;
+        let n_out = self.bias.len();
+        check_len("filter", n_out * n_in, self.filter.len())?;
+        self.requant.validate(n_out)
+    }
+}
+
 /// `output[o] = clamp(MBQM(bias[o] + Σ_i (input[i] + input_offset) * filter[o][i]) + output_offset)`.
 ///
 /// `input` has `in` values, `output` has `out = bias.len()` values and
 /// `filter` has `out * in`. No scratch.
 pub fn fc_s8(layer: &FullyConnected<'_>, input: &[i8], output: &mut [i8]) -> Result<(), Error> {
-    check_offsets(
-        layer.input_offset,
-        layer.output_offset,
-        layer.act_min,
-        layer.act_max,
-    )?;
-    let n_out = layer.bias.len();
+    layer.validate(input.len())?;
+    check_len("output", layer.bias.len(), output.len())?;
     let n_in = input.len();
-    check_len("output", n_out, output.len())?;
-    check_len("filter", n_out * n_in, layer.filter.len())?;
-    layer.requant.validate(n_out)?;
     if n_in == 0 {
         // Degenerate but well defined: the output is the requantized bias.
         for (o, out) in output.iter_mut().enumerate() {

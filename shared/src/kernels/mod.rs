@@ -29,7 +29,9 @@ mod fc;
 mod pool;
 
 pub use add::{add_s8, AddParams};
-pub use conv::{conv2d_s8, conv2d_s8_scratch_len, Conv2d, Conv2dParams, IM2COL_COLUMNS};
+pub use conv::{
+    conv2d_s8, conv2d_s8_scratch_len, conv2d_s8_validate, Conv2d, Conv2dParams, IM2COL_COLUMNS,
+};
 pub use fc::{fc_s8, FullyConnected};
 pub use pool::{avgpool_s8, maxpool_s8, PoolParams};
 

@@ -71,13 +71,9 @@ impl PoolParams {
         }
     }
 
-    fn validate(
-        &self,
-        input: &[i8],
-        input_dims: Dims,
-        output: &[i8],
-        output_dims: Dims,
-    ) -> Result<(), Error> {
+    /// Everything the pooling kernels check except the buffers: parameter
+    /// ranges and that `output_dims` follows from `input_dims`.
+    pub fn validate_dims(&self, input_dims: Dims, output_dims: Dims) -> Result<(), Error> {
         check_param("kernel", self.kernel_h > 0 && self.kernel_w > 0)?;
         check_param("stride", self.stride_h > 0 && self.stride_w > 0)?;
         check_param(
@@ -95,6 +91,17 @@ impl PoolParams {
                 actual: output_dims.to_array(),
             });
         }
+        Ok(())
+    }
+
+    fn validate(
+        &self,
+        input: &[i8],
+        input_dims: Dims,
+        output: &[i8],
+        output_dims: Dims,
+    ) -> Result<(), Error> {
+        self.validate_dims(input_dims, output_dims)?;
         check_len("input", input_dims.len(), input.len())?;
         check_len("output", output_dims.len(), output.len())
     }

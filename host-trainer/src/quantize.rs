@@ -1,0 +1,815 @@
+//! Post-training int8 quantization and export of a trained Mini-ResNet.
+//!
+//! 1. **Trace** the float network (eval mode) into a flat graph of int8
+//!    ops (conv, max pool, add, global average pool, FC) and the activation
+//!    tensors between them, with BatchNorm folded into each conv:
+//!    `w' = w * γ / sqrt(var + ε)`, `b' = β - mean * γ / sqrt(var + ε)`.
+//! 2. **Calibrate** every activation tensor on training images (min/max or a
+//!    percentile of the observed values) and choose its per-tensor scale and
+//!    zero point. ReLU outputs start at 0, so their zero point is -128. The
+//!    input is fixed by `shared::preprocess`: scale 1/128, zero point 0.
+//!    Max pool and global average pool keep their input's quantization.
+//! 3. **Quantize** weights per output channel, symmetric in `[-127, 127]`;
+//!    biases to int32 at `input_scale * weight_scale[c]`; requantization
+//!    multipliers with `shared::quant::quantize_multiplier`; residual adds
+//!    with TFLM's ADD parameters (`AddParams::from_scales`).
+//! 4. **Plan** the activation arena (greedy by size, lowest offset without
+//!    overlapping any tensor alive at the same time) and **write** the
+//!    blob described in `shared::model`.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{Module, Tensor, D};
+use shared::kernels::{AddParams, Dims};
+use shared::model::{
+    crc32, Model, Op, FORMAT_VERSION, HEADER_LEN, LAYER_RECORD_LEN, MAGIC, NAME_LEN, NO_TENSOR,
+    TENSOR_RECORD_LEN,
+};
+use shared::quant::quantize_multiplier;
+
+use crate::augment::{write_chw, Aug};
+use crate::data::Dataset;
+use crate::model::{ConvBn, MiniResNet};
+
+/// How activation ranges are chosen from calibration data.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Calibration {
+    /// The observed minimum and maximum.
+    MinMax,
+    /// The given percentile (e.g. 99.99) of the values above and below 0.
+    Percentile(f64),
+}
+
+impl std::str::FromStr for Calibration {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        if s == "minmax" {
+            return Ok(Calibration::MinMax);
+        }
+        if let Some(p) = s.strip_prefix("percentile:") {
+            let p: f64 = p
+                .parse()
+                .with_context(|| format!("calibration `{s}`: bad percentile"))?;
+            ensure!(
+                (50.0..=100.0).contains(&p),
+                "calibration `{s}`: percentile must be in 50..=100"
+            );
+            return Ok(Calibration::Percentile(p));
+        }
+        bail!("unknown calibration `{s}` (expected `minmax` or `percentile:P`, e.g. `percentile:99.99`)")
+    }
+}
+
+impl std::fmt::Display for Calibration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Calibration::MinMax => write!(f, "minmax"),
+            Calibration::Percentile(p) => write!(f, "percentile:{p}"),
+        }
+    }
+}
+
+/// A float activation tensor of the traced graph.
+#[derive(Debug, Clone)]
+pub struct FTensor {
+    /// Shape (h, w, c).
+    pub dims: Dims,
+    /// The tensor whose quantization this one shares (pools), if any.
+    pub same_quant_as: Option<usize>,
+}
+
+/// A float op of the traced graph, weights already BN-folded.
+#[derive(Debug, Clone)]
+pub enum FLayer {
+    /// Convolution, weights OHWI.
+    Conv {
+        /// Name, e.g. `layer2.0.conv1`.
+        name: String,
+        /// Input / output tensor indices.
+        io: (usize, usize),
+        /// Folded weights, OHWI.
+        w: Vec<f32>,
+        /// Folded bias.
+        b: Vec<f32>,
+        /// Kernel size.
+        k: usize,
+        /// Stride.
+        stride: usize,
+        /// Fused ReLU.
+        relu: bool,
+    },
+    /// 3x3 stride-2 pad-1 max pool.
+    MaxPool {
+        /// Input / output.
+        io: (usize, usize),
+    },
+    /// Residual add with fused ReLU.
+    Add {
+        /// Name.
+        name: String,
+        /// Inputs and output.
+        io: (usize, usize, usize),
+    },
+    /// Global average pool.
+    Gap {
+        /// Input / output.
+        io: (usize, usize),
+    },
+    /// Fully connected, weights `[out][in]`.
+    Fc {
+        /// Input / output.
+        io: (usize, usize),
+        /// Weights.
+        w: Vec<f32>,
+        /// Bias.
+        b: Vec<f32>,
+    },
+}
+
+/// The traced float graph. Tensor 0 is the input.
+#[derive(Debug, Clone, Default)]
+pub struct Graph {
+    /// Activation tensors.
+    pub tensors: Vec<FTensor>,
+    /// Ops in execution order.
+    pub layers: Vec<FLayer>,
+}
+
+/// BN-folded OHWI weights and bias of a conv+BN pair.
+fn fold(cb: &ConvBn) -> Result<(Vec<f32>, Vec<f32>, usize)> {
+    let w = cb.conv.weight(); // (out, in, k, k)
+    let (o, _i, k, _) = w.dims4()?;
+    let (gamma, beta) = cb
+        .bn
+        .weight_and_bias()
+        .context("batch norm without affine parameters")?;
+    let mean: Vec<f32> = cb.bn.running_mean().to_vec1()?;
+    let var: Vec<f32> = cb.bn.running_var().to_vec1()?;
+    let gamma: Vec<f32> = gamma.to_vec1()?;
+    let beta: Vec<f32> = beta.to_vec1()?;
+    let eps = cb.bn.eps();
+    let scale: Vec<f64> = (0..o)
+        .map(|c| gamma[c] as f64 / (var[c] as f64 + eps).sqrt())
+        .collect();
+    let ohwi: Vec<f32> = w.permute((0, 2, 3, 1))?.flatten_all()?.to_vec1()?;
+    let per = ohwi.len() / o;
+    let wf = ohwi
+        .iter()
+        .enumerate()
+        .map(|(j, &v)| (v as f64 * scale[j / per]) as f32)
+        .collect();
+    let bf = (0..o)
+        .map(|c| (beta[c] as f64 - mean[c] as f64 * scale[c]) as f32)
+        .collect();
+    Ok((wf, bf, k))
+}
+
+/// Traces `model` on `x` `(N, 3, 32, 32)` in eval mode. Returns the graph
+/// and every tensor's activations as `(N, C, H, W)` (or `(N, C)`) tensors in
+/// graph order.
+pub fn trace(model: &MiniResNet, x: &Tensor) -> Result<(Graph, Vec<Tensor>)> {
+    let mut g = Graph::default();
+    let mut acts = Vec::new();
+    let push =
+        |g: &mut Graph, acts: &mut Vec<Tensor>, t: Tensor, same: Option<usize>| -> Result<usize> {
+            let dims = match t.dims() {
+                [_, c, h, w] => Dims::new(*h, *w, *c),
+                [_, c] => Dims::new(1, 1, *c),
+                d => bail!("unexpected activation shape {d:?}"),
+            };
+            g.tensors.push(FTensor {
+                dims,
+                same_quant_as: same,
+            });
+            acts.push(t);
+            Ok(g.tensors.len() - 1)
+        };
+    let conv = |g: &mut Graph,
+                acts: &mut Vec<Tensor>,
+                name: &str,
+                cb: &ConvBn,
+                input: usize,
+                relu: bool|
+     -> Result<usize> {
+        let mut y = cb.forward_eval(&acts[input])?;
+        if relu {
+            y = y.relu()?;
+        }
+        let out = push(g, acts, y, None)?;
+        let (w, b, k) = fold(cb)?;
+        let stride = cb.conv.config().stride;
+        g.layers.push(FLayer::Conv {
+            name: name.to_string(),
+            io: (input, out),
+            w,
+            b,
+            k,
+            stride,
+            relu,
+        });
+        Ok(out)
+    };
+    let mut cur = push(&mut g, &mut acts, x.clone(), None)?;
+    cur = conv(&mut g, &mut acts, "stem.conv", &model.stem, cur, true)?;
+    if model.arch.maxpool {
+        let y = crate::model::maxpool_3x3_s2_p1(&acts[cur])?;
+        let out = push(&mut g, &mut acts, y, Some(cur))?;
+        g.layers.push(FLayer::MaxPool { io: (cur, out) });
+        cur = out;
+    }
+    for (s, stage) in model.stages.iter().enumerate() {
+        for (bi, block) in stage.iter().enumerate() {
+            let name = format!("layer{}.{bi}", s + 1);
+            let c1 = conv(
+                &mut g,
+                &mut acts,
+                &format!("{name}.conv1"),
+                &block.c1,
+                cur,
+                true,
+            )?;
+            let c2 = conv(
+                &mut g,
+                &mut acts,
+                &format!("{name}.conv2"),
+                &block.c2,
+                c1,
+                false,
+            )?;
+            let sc = match &block.shortcut {
+                Some(sc) => conv(&mut g, &mut acts, &format!("{name}.short"), sc, cur, false)?,
+                None => cur,
+            };
+            let y = (&acts[c2] + &acts[sc])?.relu()?;
+            let out = push(&mut g, &mut acts, y, None)?;
+            g.layers.push(FLayer::Add {
+                name: format!("{name}.add"),
+                io: (c2, sc, out),
+            });
+            cur = out;
+        }
+    }
+    let pooled = acts[cur].mean(D::Minus1)?.mean(D::Minus1)?;
+    let gap = push(&mut g, &mut acts, pooled, Some(cur))?;
+    g.layers.push(FLayer::Gap { io: (cur, gap) });
+    let logits = model.fc.forward(&acts[gap])?;
+    let out = push(&mut g, &mut acts, logits, None)?;
+    let w: Vec<f32> = model.fc.weight().flatten_all()?.to_vec1()?;
+    let b: Vec<f32> = model.fc.bias().context("fc without bias")?.to_vec1()?;
+    g.layers.push(FLayer::Fc {
+        io: (gap, out),
+        w,
+        b,
+    });
+    Ok((g, acts))
+}
+
+/// `(scale, zero_point)` of each tensor.
+pub type TensorQuant = Vec<(f64, i32)>;
+
+/// Asymmetric int8 quantization covering `[min, max]` (which is widened to
+/// include 0 so that 0 is exact).
+pub fn choose_quant(min: f64, max: f64) -> (f64, i32) {
+    let (min, max) = (min.min(0.0), max.max(0.0));
+    let range = (max - min).max(1e-8);
+    let scale = range / 255.0;
+    let zp = (-128.0 - min / scale).round().clamp(-128.0, 127.0) as i32;
+    (scale, zp)
+}
+
+/// Runs `calib` images through the traced graph and picks every tensor's
+/// quantization.
+pub fn calibrate(
+    model: &MiniResNet,
+    calib: &Dataset,
+    method: Calibration,
+    batch: usize,
+) -> Result<(Graph, TensorQuant)> {
+    ensure!(!calib.is_empty(), "no calibration images");
+    let device = model.fc.weight().device().clone();
+    let mut graph = None;
+    let mut lo: Vec<f64> = Vec::new();
+    let mut hi: Vec<f64> = Vec::new();
+    let mut samples: Vec<Vec<f32>> = Vec::new();
+    let idx: Vec<usize> = (0..calib.len()).collect();
+    for chunk in idx.chunks(batch) {
+        let (x, _) = crate::augment::batch(calib, chunk, None, &device)?;
+        let (g, acts) = trace(model, &x)?;
+        if graph.is_none() {
+            lo = vec![f64::INFINITY; acts.len()];
+            hi = vec![f64::NEG_INFINITY; acts.len()];
+            samples = vec![Vec::new(); acts.len()];
+            graph = Some(g);
+        }
+        for (t, a) in acts.iter().enumerate() {
+            let v: Vec<f32> = a.flatten_all()?.to_vec1()?;
+            for &x in &v {
+                lo[t] = lo[t].min(x as f64);
+                hi[t] = hi[t].max(x as f64);
+            }
+            if let Calibration::Percentile(_) = method {
+                let stride = (v.len() / (512 * chunk.len())).max(1);
+                samples[t].extend(v.iter().step_by(stride));
+            }
+        }
+    }
+    let graph = graph.context("no calibration batch")?;
+    let mut q: TensorQuant = Vec::with_capacity(graph.tensors.len());
+    for (t, info) in graph.tensors.iter().enumerate() {
+        let chosen = if t == 0 {
+            (1.0 / 128.0, 0) // fixed by shared::preprocess
+        } else if let Some(src) = info.same_quant_as {
+            q[src]
+        } else {
+            match method {
+                Calibration::MinMax => choose_quant(lo[t], hi[t]),
+                Calibration::Percentile(p) => {
+                    let s = &mut samples[t];
+                    s.sort_by(|a, b| a.total_cmp(b));
+                    let at =
+                        |f: f64| s[((f / 100.0) * (s.len() - 1) as f64).round() as usize] as f64;
+                    choose_quant(at(100.0 - p).max(lo[t]), at(p).min(hi[t]))
+                }
+            }
+        };
+        q.push(chosen);
+    }
+    Ok((graph, q))
+}
+
+/// Symmetric per-output-channel int8 weights: `(q, scales)`.
+fn quantize_weights(w: &[f32], out_c: usize) -> (Vec<i8>, Vec<f64>) {
+    let per = w.len() / out_c;
+    let mut q = Vec::with_capacity(w.len());
+    let mut scales = Vec::with_capacity(out_c);
+    for row in w.chunks(per) {
+        let max = row.iter().fold(0f64, |m, &v| m.max((v as f64).abs()));
+        let s = if max > 0.0 { max / 127.0 } else { 1.0 };
+        scales.push(s);
+        q.extend(
+            row.iter()
+                .map(|&v| (v as f64 / s).round().clamp(-127.0, 127.0) as i8),
+        );
+    }
+    (q, scales)
+}
+
+/// Data section under construction, 4-byte aligned arrays.
+#[derive(Default)]
+struct DataSection(Vec<u8>);
+
+impl DataSection {
+    fn align(&mut self) {
+        while !self.0.len().is_multiple_of(4) {
+            self.0.push(0);
+        }
+    }
+    fn i8s(&mut self, v: &[i8]) -> u32 {
+        self.align();
+        let at = self.0.len() as u32;
+        self.0.extend(v.iter().map(|&x| x as u8));
+        at
+    }
+    fn i32s(&mut self, v: &[i32]) -> u32 {
+        self.align();
+        let at = self.0.len() as u32;
+        for x in v {
+            self.0.extend_from_slice(&x.to_le_bytes());
+        }
+        at
+    }
+}
+
+/// One encoded layer record.
+struct Record {
+    op: Op,
+    geom: [u8; 6],
+    act: (i8, i8),
+    io: (u16, u16, u16),
+    offsets: (i32, i32),
+    data: [u32; 5], // filter, filter_len, bias, mult, shift
+    name: String,
+}
+
+impl Record {
+    fn encode(&self) -> Result<[u8; LAYER_RECORD_LEN]> {
+        let mut r = [0u8; LAYER_RECORD_LEN];
+        r[0] = self.op as u8;
+        r[1..7].copy_from_slice(&self.geom);
+        r[7] = self.act.0 as u8;
+        r[8] = self.act.1 as u8;
+        r[12..14].copy_from_slice(&self.io.0.to_le_bytes());
+        r[14..16].copy_from_slice(&self.io.1.to_le_bytes());
+        r[16..18].copy_from_slice(&self.io.2.to_le_bytes());
+        r[20..24].copy_from_slice(&self.offsets.0.to_le_bytes());
+        r[24..28].copy_from_slice(&self.offsets.1.to_le_bytes());
+        for (k, v) in self.data.iter().enumerate() {
+            r[28 + 4 * k..32 + 4 * k].copy_from_slice(&v.to_le_bytes());
+        }
+        ensure!(
+            self.name.len() <= NAME_LEN && self.name.is_ascii(),
+            "layer name `{}` is too long",
+            self.name
+        );
+        r[48..48 + self.name.len()].copy_from_slice(self.name.as_bytes());
+        Ok(r)
+    }
+}
+
+fn small(v: usize, what: &str) -> Result<u8> {
+    u8::try_from(v).with_context(|| format!("{what} {v} does not fit the blob format"))
+}
+
+/// Arena offsets for `sizes` given each tensor's `[first, last]` layer
+/// lifetime: largest first, each at the lowest 4-aligned offset that does
+/// not overlap a placed tensor whose lifetime intersects its own.
+pub fn plan_arena(sizes: &[usize], life: &[(usize, usize)]) -> (Vec<usize>, usize) {
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    order.sort_by(|&a, &b| sizes[b].cmp(&sizes[a]).then(a.cmp(&b)));
+    let mut offset = vec![0usize; sizes.len()];
+    let mut placed: Vec<usize> = Vec::new();
+    for &t in &order {
+        let mut busy: Vec<(usize, usize)> = placed
+            .iter()
+            .filter(|&&p| life[p].0 <= life[t].1 && life[t].0 <= life[p].1)
+            .map(|&p| (offset[p], offset[p] + sizes[p]))
+            .collect();
+        busy.sort();
+        let mut at = 0;
+        for (s, e) in busy {
+            if at + sizes[t] <= s {
+                break;
+            }
+            at = at.max(e.div_ceil(4) * 4);
+        }
+        offset[t] = at;
+        placed.push(t);
+    }
+    let total = (0..sizes.len())
+        .map(|t| offset[t] + sizes[t])
+        .max()
+        .unwrap_or(0);
+    (offset, total.div_ceil(4) * 4)
+}
+
+/// Encodes the quantized graph as a model blob with provenance `meta`
+/// (`key=value` lines).
+pub fn build_blob(graph: &Graph, q: &TensorQuant, meta: &str) -> Result<Vec<u8>> {
+    let n_t = graph.tensors.len();
+    ensure!(
+        n_t < NO_TENSOR as usize && graph.layers.len() < u16::MAX as usize,
+        "graph too large"
+    );
+    // Lifetimes in layer steps; the input is alive from step 0.
+    let mut life: Vec<(usize, usize)> = vec![(usize::MAX, 0); n_t];
+    life[0] = (0, 0);
+    let io_of = |l: &FLayer| -> (Vec<usize>, usize) {
+        match l {
+            FLayer::Conv { io, .. }
+            | FLayer::MaxPool { io }
+            | FLayer::Gap { io }
+            | FLayer::Fc { io, .. } => (vec![io.0], io.1),
+            FLayer::Add { io, .. } => (vec![io.0, io.1], io.2),
+        }
+    };
+    for (i, l) in graph.layers.iter().enumerate() {
+        let (ins, out) = io_of(l);
+        for t in ins {
+            life[t].1 = life[t].1.max(i);
+        }
+        life[out] = (i, i);
+    }
+    let last = graph.layers.len();
+    life[n_t - 1].1 = last; // the logits are read after the last layer
+    ensure!(
+        life.iter().all(|l| l.0 != usize::MAX),
+        "graph has a tensor nobody writes"
+    );
+    let sizes: Vec<usize> = graph.tensors.iter().map(|t| t.dims.len()).collect();
+    let (offsets, arena) = plan_arena(&sizes, &life);
+
+    let mut data = DataSection::default();
+    let mut records = Vec::new();
+    let mut scratch = 0usize;
+    for l in &graph.layers {
+        let rec = match l {
+            FLayer::Conv {
+                name,
+                io,
+                w,
+                b,
+                k,
+                stride,
+                relu,
+            } => {
+                let (sin, zin) = q[io.0];
+                let (sout, zout) = q[io.1];
+                let out_c = graph.tensors[io.1].dims.c;
+                let (wq, ws) = quantize_weights(w, out_c);
+                let bias: Vec<i32> = (0..out_c)
+                    .map(|c| {
+                        (b[c] as f64 / (sin * ws[c]))
+                            .round()
+                            .clamp(i32::MIN as f64, i32::MAX as f64) as i32
+                    })
+                    .collect();
+                let (mult, shift): (Vec<i32>, Vec<i32>) = (0..out_c)
+                    .map(|c| quantize_multiplier(sin * ws[c] / sout))
+                    .unzip();
+                scratch = scratch
+                    .max(shared::kernels::IM2COL_COLUMNS * k * k * graph.tensors[io.0].dims.c);
+                let (k8, s8, p8) = (
+                    small(*k, "kernel")?,
+                    small(*stride, "stride")?,
+                    small(k / 2, "padding")?,
+                );
+                Record {
+                    op: Op::Conv,
+                    geom: [k8, k8, s8, s8, p8, p8],
+                    act: (if *relu { zout as i8 } else { -128 }, 127),
+                    io: (io.0 as u16, NO_TENSOR, io.1 as u16),
+                    offsets: (-zin, zout),
+                    data: [
+                        data.i8s(&wq),
+                        wq.len() as u32,
+                        data.i32s(&bias),
+                        data.i32s(&mult),
+                        data.i32s(&shift),
+                    ],
+                    name: name.clone(),
+                }
+            }
+            FLayer::MaxPool { io } => Record {
+                op: Op::MaxPool,
+                geom: [3, 3, 2, 2, 1, 1],
+                act: (-128, 127),
+                io: (io.0 as u16, NO_TENSOR, io.1 as u16),
+                offsets: (0, 0),
+                data: [0; 5],
+                name: "maxpool".into(),
+            },
+            FLayer::Gap { io } => {
+                let d = graph.tensors[io.0].dims;
+                Record {
+                    op: Op::AvgPool,
+                    geom: [small(d.h, "pool")?, small(d.w, "pool")?, 1, 1, 0, 0],
+                    act: (-128, 127),
+                    io: (io.0 as u16, NO_TENSOR, io.1 as u16),
+                    offsets: (0, 0),
+                    data: [0; 5],
+                    name: "avgpool".into(),
+                }
+            }
+            FLayer::Add { name, io } => {
+                let p = AddParams::from_scales(
+                    (q[io.0].0, q[io.0].1),
+                    (q[io.1].0, q[io.1].1),
+                    (q[io.2].0, q[io.2].1),
+                    true,
+                );
+                let params = [
+                    p.input1_offset,
+                    p.input1_multiplier,
+                    p.input1_shift,
+                    p.input2_offset,
+                    p.input2_multiplier,
+                    p.input2_shift,
+                    p.left_shift,
+                    p.output_multiplier,
+                    p.output_shift,
+                    p.output_offset,
+                ];
+                Record {
+                    op: Op::Add,
+                    geom: [0; 6],
+                    act: (p.act_min, p.act_max),
+                    io: (io.0 as u16, io.1 as u16, io.2 as u16),
+                    offsets: (0, 0),
+                    data: [0, 0, data.i32s(&params), 0, 0],
+                    name: name.clone(),
+                }
+            }
+            FLayer::Fc { io, w, b } => {
+                let (sin, zin) = q[io.0];
+                let (sout, zout) = q[io.1];
+                let out_c = b.len();
+                let (wq, ws) = quantize_weights(w, out_c);
+                let bias: Vec<i32> = (0..out_c)
+                    .map(|c| (b[c] as f64 / (sin * ws[c])).round() as i32)
+                    .collect();
+                let (mult, shift): (Vec<i32>, Vec<i32>) = (0..out_c)
+                    .map(|c| quantize_multiplier(sin * ws[c] / sout))
+                    .unzip();
+                Record {
+                    op: Op::FullyConnected,
+                    geom: [0; 6],
+                    act: (-128, 127),
+                    io: (io.0 as u16, NO_TENSOR, io.1 as u16),
+                    offsets: (-zin, zout),
+                    data: [
+                        data.i8s(&wq),
+                        wq.len() as u32,
+                        data.i32s(&bias),
+                        data.i32s(&mult),
+                        data.i32s(&shift),
+                    ],
+                    name: "fc".into(),
+                }
+            }
+        };
+        records.push(rec);
+    }
+    data.align();
+
+    // Layout: header, meta (padded), tensor table, layer table, data.
+    let mut meta_bytes = meta.as_bytes().to_vec();
+    let meta_len = meta_bytes.len();
+    while !meta_bytes.len().is_multiple_of(4) {
+        meta_bytes.push(0);
+    }
+    let meta_at = HEADER_LEN;
+    let tensors_at = meta_at + meta_bytes.len();
+    let layers_at = tensors_at + n_t * TENSOR_RECORD_LEN;
+    let data_at = layers_at + records.len() * LAYER_RECORD_LEN;
+    let total = data_at + data.0.len();
+    let mut blob = Vec::with_capacity(total);
+    blob.extend_from_slice(&MAGIC);
+    blob.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    blob.extend_from_slice(&(HEADER_LEN as u16).to_le_bytes());
+    blob.extend_from_slice(&(total as u32).to_le_bytes());
+    blob.extend_from_slice(&0u32.to_le_bytes()); // CRC, patched below
+    blob.extend_from_slice(&(arena as u32).to_le_bytes());
+    blob.extend_from_slice(&(scratch as u32).to_le_bytes());
+    blob.extend_from_slice(&(n_t as u16).to_le_bytes());
+    blob.extend_from_slice(&(records.len() as u16).to_le_bytes());
+    blob.extend_from_slice(&0u16.to_le_bytes()); // input tensor
+    blob.extend_from_slice(&((n_t - 1) as u16).to_le_bytes()); // output tensor
+    for v in [
+        meta_at,
+        meta_len,
+        tensors_at,
+        layers_at,
+        data_at,
+        data.0.len(),
+        0,
+        0,
+    ] {
+        blob.extend_from_slice(&(v as u32).to_le_bytes());
+    }
+    debug_assert_eq!(blob.len(), HEADER_LEN);
+    blob.extend_from_slice(&meta_bytes);
+    for (t, info) in graph.tensors.iter().enumerate() {
+        let d = info.dims;
+        for v in [d.h, d.w, d.c, 0] {
+            blob.extend_from_slice(
+                &u16::try_from(v)
+                    .context("tensor dimension too large")?
+                    .to_le_bytes(),
+            );
+        }
+        blob.extend_from_slice(&(offsets[t] as u32).to_le_bytes());
+        blob.extend_from_slice(&0u32.to_le_bytes());
+        blob.extend_from_slice(&(q[t].0 as f32).to_bits().to_le_bytes());
+        blob.extend_from_slice(&q[t].1.to_le_bytes());
+    }
+    for r in &records {
+        blob.extend_from_slice(&r.encode()?);
+    }
+    blob.extend_from_slice(&data.0);
+    ensure!(blob.len() == total, "internal error: blob layout");
+    let crc = crc32(&blob[16..]);
+    blob[12..16].copy_from_slice(&crc.to_le_bytes());
+    Ok(blob)
+}
+
+/// Copies a blob into 4-byte aligned storage (a `Vec<u8>` promises no
+/// alignment) and parses it.
+#[derive(Debug, Clone)]
+pub struct OwnedModel {
+    words: Vec<u32>,
+    len: usize,
+}
+
+impl OwnedModel {
+    /// Takes `bytes`, which must be a valid blob.
+    pub fn new(bytes: &[u8]) -> Result<Self> {
+        let mut words = vec![0u32; bytes.len().div_ceil(4)];
+        bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+        let m = Self {
+            words,
+            len: bytes.len(),
+        };
+        m.model()?;
+        Ok(m)
+    }
+
+    /// Reads and validates a `.bin` model file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("reading model {}", path.display()))?;
+        Self::new(&bytes).with_context(|| format!("model {}", path.display()))
+    }
+
+    /// The blob bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice::<u32, u8>(&self.words)[..self.len]
+    }
+
+    /// The parsed model.
+    pub fn model(&self) -> Result<Model<'_>> {
+        Model::parse(self.bytes()).map_err(|e| anyhow::anyhow!("{e}"))
+    }
+}
+
+/// Renders provenance as `key=value` lines in the given order.
+pub fn meta_text(pairs: &[(&str, String)]) -> String {
+    let mut s = String::new();
+    for (k, v) in pairs {
+        let v = v.replace('\n', " ");
+        let _ = writeln!(s, "{k}={v}");
+    }
+    s
+}
+
+/// The int8 network input of a 32x32 HWC image, through exactly the
+/// firmware's path: an RGB888 frame into `shared::preprocess`.
+pub fn int8_input(img: &[u8]) -> Result<[i8; shared::preprocess::INPUT_LEN]> {
+    let mut out = [0i8; shared::preprocess::INPUT_LEN];
+    shared::preprocess::preprocess(
+        &shared::preprocess::Frame {
+            data: img,
+            width: 32,
+            height: 32,
+            format: shared::preprocess::PixelFormat::Rgb888,
+        },
+        &mut out,
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(out)
+}
+
+/// The float input `(p - 128) / 128` of an image, CHW (for tests).
+pub fn float_input(img: &[u8]) -> Vec<f32> {
+    let mut v = vec![0f32; 3 * 32 * 32];
+    write_chw(img, Aug::NONE, &mut v);
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choose_quant_covers_range_and_zero() {
+        let (s, z) = choose_quant(0.0, 6.0);
+        assert_eq!(z, -128);
+        assert!((s - 6.0 / 255.0).abs() < 1e-12);
+        let (s, z) = choose_quant(-1.0, 1.0);
+        assert!((s - 2.0 / 255.0).abs() < 1e-12);
+        assert_eq!(z, 0); // -128 + 127.5 rounds to 0 (half away from zero)
+        let (_, z) = choose_quant(0.5, 2.0); // widened to include 0
+        assert_eq!(z, -128);
+    }
+
+    #[test]
+    fn weights_are_symmetric_per_channel() {
+        let (q, s) = quantize_weights(&[0.5, -1.0, 0.25, 0.0, 2.0, -2.0, 1.0, 0.0], 2);
+        assert_eq!(q, vec![64, -127, 32, 0, 127, -127, 64, 0]);
+        assert!((s[0] - 1.0 / 127.0).abs() < 1e-12 && (s[1] - 2.0 / 127.0).abs() < 1e-12);
+        let (q, s) = quantize_weights(&[0.0, 0.0], 1);
+        assert_eq!((q, s), (vec![0, 0], vec![1.0]));
+    }
+
+    #[test]
+    fn arena_plan_never_overlaps_live_tensors() {
+        // A chain with a skip: 0 → 1 → 2, and 0 is read again at step 2.
+        let sizes = [100, 50, 70, 10];
+        let life = [(0, 2), (0, 1), (1, 2), (2, 3)];
+        let (off, total) = plan_arena(&sizes, &life);
+        for a in 0..4 {
+            for b in 0..a {
+                let live = life[a].0 <= life[b].1 && life[b].0 <= life[a].1;
+                let overlap = off[a] < off[b] + sizes[b] && off[b] < off[a] + sizes[a];
+                assert!(!(live && overlap), "{a} and {b} overlap");
+            }
+        }
+        assert!(total <= 100 + 52 + 72 + 12);
+        assert!(off.iter().all(|o| o % 4 == 0));
+    }
+
+    #[test]
+    fn calibration_parses() {
+        assert_eq!(
+            "minmax".parse::<Calibration>().unwrap(),
+            Calibration::MinMax
+        );
+        assert_eq!(
+            "percentile:99.9".parse::<Calibration>().unwrap(),
+            Calibration::Percentile(99.9)
+        );
+        assert!("percentile:5".parse::<Calibration>().is_err());
+        assert!("kl".parse::<Calibration>().is_err());
+    }
+}

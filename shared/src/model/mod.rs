@@ -1,0 +1,800 @@
+//! The int8 model: a versioned, checksummed blob, parsed and validated
+//! without allocating, then run layer by layer through [`crate::kernels`].
+//!
+//! # Blob format (version 1, little-endian, 4-byte aligned sections)
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 4 | magic `b"MRN8"` |
+//! | 4 | 2 | format version ([`FORMAT_VERSION`]) |
+//! | 6 | 2 | header length ([`HEADER_LEN`]) |
+//! | 8 | 4 | total length of the blob |
+//! | 12 | 4 | CRC-32 (IEEE) of bytes `16..total` |
+//! | 16 | 4 | arena bytes (activation memory) |
+//! | 20 | 4 | conv scratch, in `i16` elements |
+//! | 24 | 2 | tensor count |
+//! | 26 | 2 | layer count |
+//! | 28 | 2 | input tensor index |
+//! | 30 | 2 | output tensor index |
+//! | 32 | 4+4 | provenance text: offset, length (UTF-8 `key=value` lines) |
+//! | 40 | 4 | tensor table offset ([`TENSOR_RECORD_LEN`]-byte records) |
+//! | 44 | 4 | layer table offset ([`LAYER_RECORD_LEN`]-byte records) |
+//! | 48 | 4+4 | data section: offset, length (weights, biases, requantization) |
+//! | 56 | 8 | reserved, zero |
+//!
+//! **Tensor record** (24 bytes): `h, w, c` (u16 each), reserved u16, arena
+//! offset u32, reserved u32, scale (f32 bits, metadata for hosts and for
+//! display; kernels never read it), zero point i32.
+//!
+//! **Layer record** (64 bytes): op u8 ([`Op`]), `kernel_h, kernel_w,
+//! stride_h, stride_w, pad_h, pad_w` (u8 each), `act_min, act_max` (i8),
+//! 3 reserved bytes, tensor indices `in0, in1, out` (u16, `in1` = 0xFFFF
+//! when unused), reserved u16, `input_offset, output_offset` (i32), then
+//! data-section offsets (u32) of the filter, its byte length, the bias, the
+//! multipliers and the shifts, then a 16-byte zero-padded ASCII name.
+//! An `Add` keeps its ten `AddParams` integers at the bias offset
+//! (`input1_offset, input1_multiplier, input1_shift, input2_offset,
+//! input2_multiplier, input2_shift, left_shift, output_multiplier,
+//! output_shift, output_offset`).
+//!
+//! Every tensor has a fixed place in one activation arena, planned by the
+//! exporter; [`Model::parse`] checks that no layer's output overlaps its
+//! inputs, that every layer reads tensors already written, and that every
+//! kernel's parameters are valid. After that, [`Model::run`] cannot fail.
+
+mod generated;
+
+pub use generated::{ARENA_LEN, BLOB, SCRATCH_LEN};
+
+use core::ops::Range;
+
+use crate::error::Error;
+use crate::kernels::{
+    add_s8, avgpool_s8, conv2d_s8, conv2d_s8_validate, fc_s8, maxpool_s8, AddParams, Conv2d,
+    Conv2dParams, Dims, FullyConnected, PoolParams, Requant,
+};
+use crate::preprocess::{INPUT_CHANNELS, INPUT_LEN, INPUT_SIZE};
+
+#[cfg(target_endian = "big")]
+compile_error!("the model blob is little-endian and is viewed in place");
+
+/// The model committed in `shared/src/model/generated/`, parsed and
+/// validated.
+pub fn default_model() -> Result<Model<'static>, ModelError> {
+    Model::parse(&BLOB.0)
+}
+
+/// Blob magic.
+pub const MAGIC: [u8; 4] = *b"MRN8";
+/// The one blob format this code reads.
+pub const FORMAT_VERSION: u16 = 1;
+/// Length of the fixed header.
+pub const HEADER_LEN: usize = 64;
+/// Length of one tensor record.
+pub const TENSOR_RECORD_LEN: usize = 24;
+/// Length of one layer record.
+pub const LAYER_RECORD_LEN: usize = 64;
+/// Length of a layer name field.
+pub const NAME_LEN: usize = 16;
+/// "No tensor" in a layer record.
+pub const NO_TENSOR: u16 = 0xFFFF;
+
+/// CRC-32 (IEEE 802.3, as zlib) of `bytes`.
+pub fn crc32(bytes: &[u8]) -> u32 {
+    const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+    CRC.checksum(bytes)
+}
+
+/// A blob with 16-byte alignment, so its `i32` arrays can be viewed in place.
+#[derive(Debug)]
+#[repr(C, align(16))]
+pub struct Aligned<T: ?Sized>(pub T);
+
+/// What is wrong with a model blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum ModelError {
+    /// The blob is shorter than its header or than the length it declares.
+    Truncated {
+        /// Bytes needed.
+        needed: usize,
+        /// Bytes present.
+        actual: usize,
+    },
+    /// The blob does not start with [`MAGIC`].
+    Magic,
+    /// The blob's format version is not [`FORMAT_VERSION`].
+    Version {
+        /// Version in the blob.
+        found: u16,
+        /// Version this code reads.
+        supported: u16,
+    },
+    /// The blob is longer than its header says.
+    Length {
+        /// Length in the header.
+        declared: usize,
+        /// Actual length.
+        actual: usize,
+    },
+    /// The checksum does not match: the blob is damaged.
+    Checksum {
+        /// CRC in the header.
+        stored: u32,
+        /// CRC of the bytes.
+        computed: u32,
+    },
+    /// The blob is not 4-byte aligned in memory.
+    Alignment,
+    /// A header field is out of range.
+    Header {
+        /// The field.
+        field: &'static str,
+    },
+    /// A tensor record is invalid.
+    Tensor {
+        /// Tensor index.
+        index: u16,
+        /// The field.
+        field: &'static str,
+    },
+    /// A layer record is invalid.
+    Layer {
+        /// Layer index.
+        index: u16,
+        /// The field.
+        field: &'static str,
+    },
+    /// A layer's parameters fail the kernel's own validation.
+    Kernel {
+        /// Layer index.
+        index: u16,
+        /// The kernel's error.
+        error: Error,
+    },
+    /// A buffer passed to [`Model::run`] is too small.
+    Buffer {
+        /// Which buffer (`"arena"`, `"scratch"`, `"input"`, `"logits"`).
+        buffer: &'static str,
+        /// Length needed.
+        needed: usize,
+        /// Length passed.
+        actual: usize,
+    },
+}
+
+impl core::fmt::Display for ModelError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            ModelError::Truncated { needed, actual } => {
+                write!(f, "model blob is truncated: {actual} bytes, needs {needed}")
+            }
+            ModelError::Magic => write!(f, "not a model blob (bad magic)"),
+            ModelError::Version { found, supported } => write!(
+                f,
+                "model blob format version {found} is not supported (this build reads version {supported}); re-export the model"
+            ),
+            ModelError::Length { declared, actual } => {
+                write!(f, "model blob is {actual} bytes but its header says {declared}")
+            }
+            ModelError::Checksum { stored, computed } => write!(
+                f,
+                "model blob is damaged: CRC-32 {computed:#010x} does not match the stored {stored:#010x}"
+            ),
+            ModelError::Alignment => write!(f, "model blob is not 4-byte aligned in memory"),
+            ModelError::Header { field } => write!(f, "model header field `{field}` is invalid"),
+            ModelError::Tensor { index, field } => write!(f, "tensor {index}: field `{field}` is invalid"),
+            ModelError::Layer { index, field } => write!(f, "layer {index}: field `{field}` is invalid"),
+            ModelError::Kernel { index, error } => write!(f, "layer {index}: {error}"),
+            ModelError::Buffer { buffer, needed, actual } => {
+                write!(f, "`{buffer}` has {actual} elements, the model needs {needed}")
+            }
+        }
+    }
+}
+
+impl core::error::Error for ModelError {}
+
+/// Layer operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[repr(u8)]
+pub enum Op {
+    /// [`conv2d_s8`].
+    Conv = 1,
+    /// [`maxpool_s8`].
+    MaxPool = 2,
+    /// [`avgpool_s8`].
+    AvgPool = 3,
+    /// [`add_s8`].
+    Add = 4,
+    /// [`fc_s8`].
+    FullyConnected = 5,
+}
+
+impl Op {
+    fn from_u8(v: u8) -> Option<Op> {
+        Some(match v {
+            1 => Op::Conv,
+            2 => Op::MaxPool,
+            3 => Op::AvgPool,
+            4 => Op::Add,
+            5 => Op::FullyConnected,
+            _ => return None,
+        })
+    }
+}
+
+/// One activation tensor of the model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TensorInfo {
+    /// Shape (NHWC, batch 1).
+    pub dims: Dims,
+    /// Byte offset in the arena.
+    pub offset: usize,
+    /// Real value of one step (metadata; kernels never use it).
+    pub scale: f32,
+    /// Zero point.
+    pub zero_point: i32,
+}
+
+impl TensorInfo {
+    /// The tensor's bytes in the arena.
+    pub fn range(&self) -> Range<usize> {
+        self.offset..self.offset + self.dims.len()
+    }
+}
+
+/// One layer, decoded, with views into the blob.
+#[derive(Debug, Clone, Copy)]
+pub struct Layer<'a> {
+    /// Layer name (e.g. `layer2.0.conv1`).
+    pub name: &'a str,
+    /// Input tensor.
+    pub input: u16,
+    /// Second input (the residual add), else [`NO_TENSOR`].
+    pub input2: u16,
+    /// Output tensor.
+    pub output: u16,
+    /// What it computes.
+    pub kind: LayerKind<'a>,
+}
+
+/// The operation of a [`Layer`] with its parameters.
+#[derive(Debug, Clone, Copy)]
+pub enum LayerKind<'a> {
+    /// Convolution.
+    Conv(Conv2d<'a>),
+    /// Max pool.
+    MaxPool(PoolParams),
+    /// Average pool.
+    AvgPool(PoolParams),
+    /// Residual add.
+    Add(AddParams),
+    /// Fully connected.
+    FullyConnected(FullyConnected<'a>),
+}
+
+impl LayerKind<'_> {
+    /// The op code.
+    pub fn op(&self) -> Op {
+        match self {
+            LayerKind::Conv(_) => Op::Conv,
+            LayerKind::MaxPool(_) => Op::MaxPool,
+            LayerKind::AvgPool(_) => Op::AvgPool,
+            LayerKind::Add(_) => Op::Add,
+            LayerKind::FullyConnected(_) => Op::FullyConnected,
+        }
+    }
+}
+
+/// A validated model, borrowing its blob.
+#[derive(Debug, Clone)]
+pub struct Model<'a> {
+    blob: &'a [u8],
+    arena_len: usize,
+    scratch_len: usize,
+    n_tensors: u16,
+    n_layers: u16,
+    input: u16,
+    output: u16,
+    meta: Range<usize>,
+    tensors_at: usize,
+    layers_at: usize,
+    data: Range<usize>,
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn i32_at(b: &[u8], at: usize) -> i32 {
+    u32_at(b, at) as i32
+}
+
+/// `start..start + len` if it lies within `0..limit`.
+fn span(start: usize, len: usize, limit: usize) -> Option<Range<usize>> {
+    let end = start.checked_add(len)?;
+    (end <= limit).then_some(start..end)
+}
+
+fn overlaps(a: &Range<usize>, b: &Range<usize>) -> bool {
+    a.start < b.end && b.start < a.end
+}
+
+impl<'a> Model<'a> {
+    /// Parses and fully validates `blob`. Nothing is allocated; the model
+    /// keeps borrowing `blob`.
+    pub fn parse(blob: &'a [u8]) -> Result<Model<'a>, ModelError> {
+        if blob.len() < HEADER_LEN {
+            return Err(ModelError::Truncated {
+                needed: HEADER_LEN,
+                actual: blob.len(),
+            });
+        }
+        if blob[0..4] != MAGIC {
+            return Err(ModelError::Magic);
+        }
+        let version = u16_at(blob, 4);
+        if version != FORMAT_VERSION {
+            return Err(ModelError::Version {
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        if u16_at(blob, 6) as usize != HEADER_LEN {
+            return Err(ModelError::Header {
+                field: "header_len",
+            });
+        }
+        let total = u32_at(blob, 8) as usize;
+        if blob.len() < total {
+            return Err(ModelError::Truncated {
+                needed: total,
+                actual: blob.len(),
+            });
+        }
+        if blob.len() > total {
+            return Err(ModelError::Length {
+                declared: total,
+                actual: blob.len(),
+            });
+        }
+        let stored = u32_at(blob, 12);
+        let computed = crc32(&blob[16..]);
+        if stored != computed {
+            return Err(ModelError::Checksum { stored, computed });
+        }
+        if !(blob.as_ptr() as usize).is_multiple_of(4) {
+            return Err(ModelError::Alignment);
+        }
+        let header = |field: &'static str| ModelError::Header { field };
+        let n_tensors = u16_at(blob, 24);
+        let n_layers = u16_at(blob, 26);
+        let tensors_at = u32_at(blob, 40) as usize;
+        let layers_at = u32_at(blob, 44) as usize;
+        let m = Model {
+            blob,
+            arena_len: u32_at(blob, 16) as usize,
+            scratch_len: u32_at(blob, 20) as usize,
+            n_tensors,
+            n_layers,
+            input: u16_at(blob, 28),
+            output: u16_at(blob, 30),
+            meta: span(u32_at(blob, 32) as usize, u32_at(blob, 36) as usize, total)
+                .ok_or(header("meta"))?,
+            tensors_at,
+            layers_at,
+            data: span(u32_at(blob, 48) as usize, u32_at(blob, 52) as usize, total)
+                .ok_or(header("data"))?,
+        };
+        span(tensors_at, n_tensors as usize * TENSOR_RECORD_LEN, total)
+            .ok_or(header("tensor_table"))?;
+        span(layers_at, n_layers as usize * LAYER_RECORD_LEN, total)
+            .ok_or(header("layer_table"))?;
+        if !(m.data.start.is_multiple_of(4)
+            && tensors_at.is_multiple_of(4)
+            && layers_at.is_multiple_of(4))
+        {
+            return Err(header("alignment"));
+        }
+        if core::str::from_utf8(&blob[m.meta.clone()]).is_err() {
+            return Err(header("meta"));
+        }
+        if n_layers == 0 {
+            return Err(header("layer_count"));
+        }
+        if m.input >= n_tensors || m.output >= n_tensors || m.input == m.output {
+            return Err(header("input_output"));
+        }
+        m.validate()?;
+        Ok(m)
+    }
+
+    fn validate(&self) -> Result<(), ModelError> {
+        for t in 0..self.n_tensors {
+            let info = self.tensor(t);
+            let bad = |field| ModelError::Tensor { index: t, field };
+            if info.dims.is_empty() {
+                return Err(bad("dims"));
+            }
+            span(info.offset, info.dims.len(), self.arena_len).ok_or(bad("offset"))?;
+            if !(-128..=127).contains(&info.zero_point) {
+                return Err(bad("zero_point"));
+            }
+        }
+        let input = self.tensor(self.input).dims;
+        if input != Dims::new(INPUT_SIZE, INPUT_SIZE, INPUT_CHANNELS) {
+            return Err(ModelError::Header {
+                field: "input_dims",
+            });
+        }
+        let out = self.tensor(self.output).dims;
+        if out.h != 1 || out.w != 1 {
+            return Err(ModelError::Header {
+                field: "output_dims",
+            });
+        }
+        // Dataflow: a tensor may be read only after it is written. Track
+        // which tensors are written (at most 64 Ki of them, as u16 indices).
+        let mut written_upto = [false; 256];
+        if self.n_tensors as usize > written_upto.len() {
+            return Err(ModelError::Header {
+                field: "tensor_count",
+            });
+        }
+        written_upto[self.input as usize] = true;
+        for i in 0..self.n_layers {
+            let layer = self.decode_layer(i)?;
+            let bad = |field| ModelError::Layer { index: i, field };
+            let kernel = |error| ModelError::Kernel { index: i, error };
+            let in0 = self.tensor_checked(layer.input).ok_or(bad("input"))?;
+            let out = self.tensor_checked(layer.output).ok_or(bad("output"))?;
+            if !written_upto[layer.input as usize] {
+                return Err(bad("input"));
+            }
+            if overlaps(&in0.range(), &out.range()) || layer.output == self.input {
+                return Err(bad("output"));
+            }
+            match &layer.kind {
+                LayerKind::Conv(conv) => {
+                    conv2d_s8_validate(conv, in0.dims, out.dims).map_err(kernel)?;
+                    let need = crate::kernels::conv2d_s8_scratch_len(&conv.params, in0.dims.c);
+                    if need > self.scratch_len {
+                        return Err(bad("scratch"));
+                    }
+                }
+                LayerKind::MaxPool(p) | LayerKind::AvgPool(p) => {
+                    p.validate_dims(in0.dims, out.dims).map_err(kernel)?;
+                }
+                LayerKind::Add(p) => {
+                    p.validate().map_err(kernel)?;
+                    let in1 = self.tensor_checked(layer.input2).ok_or(bad("input2"))?;
+                    if !written_upto[layer.input2 as usize] {
+                        return Err(bad("input2"));
+                    }
+                    if in1.dims != in0.dims || out.dims != in0.dims {
+                        return Err(bad("dims"));
+                    }
+                    if overlaps(&in1.range(), &out.range()) {
+                        return Err(bad("output"));
+                    }
+                }
+                LayerKind::FullyConnected(fc) => {
+                    fc.validate(in0.dims.len()).map_err(kernel)?;
+                    if out.dims.len() != fc.bias.len() {
+                        return Err(bad("dims"));
+                    }
+                }
+            }
+            written_upto[layer.output as usize] = true;
+        }
+        if !written_upto[self.output as usize] {
+            return Err(ModelError::Header { field: "output" });
+        }
+        Ok(())
+    }
+
+    /// Provenance text (`key=value` lines): recipe, data set, accuracy, …
+    pub fn meta(&self) -> &'a str {
+        core::str::from_utf8(&self.blob[self.meta.clone()]).unwrap_or("")
+    }
+
+    /// The value of provenance key `key`.
+    pub fn meta_value(&self, key: &str) -> Option<&'a str> {
+        self.meta().lines().find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            (k == key).then_some(v)
+        })
+    }
+
+    /// Arena bytes [`run`](Self::run) needs.
+    pub fn arena_len(&self) -> usize {
+        self.arena_len
+    }
+
+    /// Scratch `i16` elements [`run`](Self::run) needs.
+    pub fn scratch_len(&self) -> usize {
+        self.scratch_len
+    }
+
+    /// Number of layers.
+    pub fn layer_count(&self) -> u16 {
+        self.n_layers
+    }
+
+    /// Number of tensors.
+    pub fn tensor_count(&self) -> u16 {
+        self.n_tensors
+    }
+
+    /// The input tensor.
+    pub fn input(&self) -> TensorInfo {
+        self.tensor(self.input)
+    }
+
+    /// The output (logits) tensor.
+    pub fn output(&self) -> TensorInfo {
+        self.tensor(self.output)
+    }
+
+    /// Tensor `i` (`i < tensor_count()`).
+    pub fn tensor(&self, i: u16) -> TensorInfo {
+        let at = self.tensors_at + i as usize * TENSOR_RECORD_LEN;
+        let b = self.blob;
+        TensorInfo {
+            dims: Dims::new(
+                u16_at(b, at) as usize,
+                u16_at(b, at + 2) as usize,
+                u16_at(b, at + 4) as usize,
+            ),
+            offset: u32_at(b, at + 8) as usize,
+            scale: f32::from_bits(u32_at(b, at + 16)),
+            zero_point: i32_at(b, at + 20),
+        }
+    }
+
+    fn tensor_checked(&self, i: u16) -> Option<TensorInfo> {
+        (i < self.n_tensors).then(|| self.tensor(i))
+    }
+
+    /// Layer `i` (`i < layer_count()`), decoded.
+    pub fn layer(&self, i: u16) -> Layer<'a> {
+        // Validated in `parse`, so decoding cannot fail here.
+        self.decode_layer(i).unwrap_or(Layer {
+            name: "",
+            input: 0,
+            input2: NO_TENSOR,
+            output: 0,
+            kind: LayerKind::MaxPool(PoolParams::global(1, 1)),
+        })
+    }
+
+    /// The layers in execution order.
+    pub fn layers(&self) -> impl Iterator<Item = Layer<'a>> + '_ {
+        (0..self.n_layers).map(|i| self.layer(i))
+    }
+
+    /// An `i8` array of `len` at data offset `off`.
+    fn i8s(&self, off: usize, len: usize) -> Option<&'a [i8]> {
+        let r = span(self.data.start.checked_add(off)?, len, self.data.end)?;
+        let bytes: &'a [u8] = &self.blob[r];
+        Some(bytemuck::cast_slice(bytes))
+    }
+
+    /// An `i32` array of `len` at data offset `off` (4-byte aligned).
+    fn i32s(&self, off: usize, len: usize) -> Option<&'a [i32]> {
+        let r = span(
+            self.data.start.checked_add(off)?,
+            len.checked_mul(4)?,
+            self.data.end,
+        )?;
+        bytemuck::try_cast_slice(&self.blob[r]).ok()
+    }
+
+    fn decode_layer(&self, i: u16) -> Result<Layer<'a>, ModelError> {
+        let bad = |field| ModelError::Layer { index: i, field };
+        if i >= self.n_layers {
+            return Err(bad("index"));
+        }
+        let at = self.layers_at + i as usize * LAYER_RECORD_LEN;
+        let b = self.blob;
+        let rec = &b[at..at + LAYER_RECORD_LEN];
+        let op = Op::from_u8(rec[0]).ok_or(bad("op"))?;
+        let name_bytes = &rec[48..48 + NAME_LEN];
+        let name_len = name_bytes.iter().position(|&c| c == 0).unwrap_or(NAME_LEN);
+        let name = core::str::from_utf8(&name_bytes[..name_len]).map_err(|_| bad("name"))?;
+        let (input, input2, output) = (u16_at(rec, 12), u16_at(rec, 14), u16_at(rec, 16));
+        let (act_min, act_max) = (rec[7] as i8, rec[8] as i8);
+        let pool = PoolParams {
+            kernel_h: rec[1] as usize,
+            kernel_w: rec[2] as usize,
+            stride_h: rec[3] as usize,
+            stride_w: rec[4] as usize,
+            pad_h: rec[5] as usize,
+            pad_w: rec[6] as usize,
+            act_min,
+            act_max,
+        };
+        let (input_offset, output_offset) = (i32_at(rec, 20), i32_at(rec, 24));
+        let (filter_off, filter_len) = (u32_at(rec, 28) as usize, u32_at(rec, 32) as usize);
+        let (bias_off, mult_off, shift_off) = (
+            u32_at(rec, 36) as usize,
+            u32_at(rec, 40) as usize,
+            u32_at(rec, 44) as usize,
+        );
+        let out_c = self.tensor_checked(output).ok_or(bad("output"))?.dims.c;
+        let kind = match op {
+            Op::Conv => LayerKind::Conv(Conv2d {
+                params: Conv2dParams {
+                    kernel_h: pool.kernel_h,
+                    kernel_w: pool.kernel_w,
+                    stride_h: pool.stride_h,
+                    stride_w: pool.stride_w,
+                    pad_h: pool.pad_h,
+                    pad_w: pool.pad_w,
+                    input_offset,
+                    output_offset,
+                    act_min,
+                    act_max,
+                },
+                filter: self.i8s(filter_off, filter_len).ok_or(bad("filter"))?,
+                bias: self.i32s(bias_off, out_c).ok_or(bad("bias"))?,
+                requant: Requant {
+                    multiplier: self.i32s(mult_off, out_c).ok_or(bad("multiplier"))?,
+                    shift: self.i32s(shift_off, out_c).ok_or(bad("shift"))?,
+                },
+            }),
+            Op::MaxPool => LayerKind::MaxPool(pool),
+            Op::AvgPool => LayerKind::AvgPool(pool),
+            Op::Add => {
+                let p = self.i32s(bias_off, 10).ok_or(bad("add_params"))?;
+                LayerKind::Add(AddParams {
+                    input1_offset: p[0],
+                    input1_multiplier: p[1],
+                    input1_shift: p[2],
+                    input2_offset: p[3],
+                    input2_multiplier: p[4],
+                    input2_shift: p[5],
+                    left_shift: p[6],
+                    output_multiplier: p[7],
+                    output_shift: p[8],
+                    output_offset: p[9],
+                    act_min,
+                    act_max,
+                })
+            }
+            Op::FullyConnected => LayerKind::FullyConnected(FullyConnected {
+                filter: self.i8s(filter_off, filter_len).ok_or(bad("filter"))?,
+                bias: self.i32s(bias_off, out_c).ok_or(bad("bias"))?,
+                requant: Requant {
+                    multiplier: self.i32s(mult_off, out_c).ok_or(bad("multiplier"))?,
+                    shift: self.i32s(shift_off, out_c).ok_or(bad("shift"))?,
+                },
+                input_offset,
+                output_offset,
+                act_min,
+                act_max,
+            }),
+        };
+        if op != Op::Add && input2 != NO_TENSOR {
+            return Err(bad("input2"));
+        }
+        Ok(Layer {
+            name,
+            input,
+            input2,
+            output,
+            kind,
+        })
+    }
+
+    fn check_buffers(&self, arena: &[i8], scratch: &[i16]) -> Result<(), ModelError> {
+        if arena.len() < self.arena_len {
+            return Err(ModelError::Buffer {
+                buffer: "arena",
+                needed: self.arena_len,
+                actual: arena.len(),
+            });
+        }
+        if scratch.len() < self.scratch_len {
+            return Err(ModelError::Buffer {
+                buffer: "scratch",
+                needed: self.scratch_len,
+                actual: scratch.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes the network input into the arena.
+    pub fn load_input(&self, input: &[i8], arena: &mut [i8]) -> Result<(), ModelError> {
+        let t = self.input();
+        if input.len() != INPUT_LEN {
+            return Err(ModelError::Buffer {
+                buffer: "input",
+                needed: INPUT_LEN,
+                actual: input.len(),
+            });
+        }
+        let dst = arena.get_mut(t.range()).ok_or(ModelError::Buffer {
+            buffer: "arena",
+            needed: self.arena_len,
+            actual: 0,
+        })?;
+        dst.copy_from_slice(input);
+        Ok(())
+    }
+
+    /// Runs layer `i` on the arena (for per-layer measurements and tests;
+    /// [`run`](Self::run) calls it for every layer in order).
+    pub fn run_layer(
+        &self,
+        i: u16,
+        arena: &mut [i8],
+        scratch: &mut [i16],
+    ) -> Result<(), ModelError> {
+        self.check_buffers(arena, scratch)?;
+        let layer = self.decode_layer(i)?;
+        let kernel = |error| ModelError::Kernel { index: i, error };
+        let (in0, out) = (self.tensor(layer.input), self.tensor(layer.output));
+        let (lo, rest) = arena.split_at_mut(out.offset);
+        let (dst, hi) = rest.split_at_mut(out.dims.len());
+        let (lo, hi): (&[i8], &[i8]) = (lo, hi);
+        // Parse checked that inputs and output do not overlap.
+        let view = |t: TensorInfo| -> &[i8] {
+            if t.offset + t.dims.len() <= out.offset {
+                &lo[t.range()]
+            } else {
+                let start = t.offset - (out.offset + out.dims.len());
+                &hi[start..start + t.dims.len()]
+            }
+        };
+        let src = view(in0);
+        match &layer.kind {
+            LayerKind::Conv(conv) => {
+                conv2d_s8(conv, src, in0.dims, dst, out.dims, scratch).map_err(kernel)
+            }
+            LayerKind::MaxPool(p) => maxpool_s8(p, src, in0.dims, dst, out.dims).map_err(kernel),
+            LayerKind::AvgPool(p) => avgpool_s8(p, src, in0.dims, dst, out.dims).map_err(kernel),
+            LayerKind::Add(p) => {
+                add_s8(p, src, view(self.tensor(layer.input2)), dst).map_err(kernel)
+            }
+            LayerKind::FullyConnected(fc) => fc_s8(fc, src, dst).map_err(kernel),
+        }
+    }
+
+    /// Runs the whole network on a preprocessed input (see
+    /// [`crate::preprocess`]) and copies the int8 logits into `logits`.
+    ///
+    /// `arena` needs [`arena_len`](Self::arena_len) bytes and `scratch`
+    /// [`scratch_len`](Self::scratch_len) elements.
+    pub fn run(
+        &self,
+        input: &[i8],
+        arena: &mut [i8],
+        scratch: &mut [i16],
+        logits: &mut [i8],
+    ) -> Result<(), ModelError> {
+        self.check_buffers(arena, scratch)?;
+        let out = self.output();
+        if logits.len() != out.dims.len() {
+            return Err(ModelError::Buffer {
+                buffer: "logits",
+                needed: out.dims.len(),
+                actual: logits.len(),
+            });
+        }
+        self.load_input(input, arena)?;
+        for i in 0..self.n_layers {
+            self.run_layer(i, arena, scratch)?;
+        }
+        logits.copy_from_slice(&arena[out.range()]);
+        Ok(())
+    }
+}
