@@ -1,0 +1,169 @@
+//! The application path shared by the board and QEMU images:
+//! camera frame → `shared::preprocess` → `shared::model` → class.
+//!
+//! No heap: the caller owns the arena and scratch (statics on the MCU).
+
+use shared::model::{Model, ModelError};
+use shared::preprocess::{preprocess, Frame, INPUT_LEN};
+
+/// Classes of the CIFAR-10 model, in label order.
+pub const CLASSES: [&str; 10] = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+];
+
+/// What went wrong while classifying a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "board", derive(defmt::Format))]
+pub enum AppError {
+    /// The frame has a wrong size or buffer length.
+    Frame(shared::Error),
+    /// The model rejected a buffer (cannot happen once [`Engine::new`] passed).
+    Model(ModelError),
+}
+
+/// The result of one inference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Classification {
+    /// Index into [`CLASSES`].
+    pub class: usize,
+    /// Softmax probability of `class`, in per-mille.
+    pub confidence_permille: u16,
+    /// The raw int8 logits.
+    pub logits: [i8; 10],
+}
+
+/// A validated model with its working memory.
+#[derive(Debug)]
+pub struct Engine<'a> {
+    model: Model<'a>,
+    arena: &'a mut [i8],
+    scratch: &'a mut [i16],
+    input: [i8; INPUT_LEN],
+}
+
+impl<'a> Engine<'a> {
+    /// Checks that the model has 10 outputs and that `arena`/`scratch` are
+    /// large enough, once.
+    pub fn new(model: Model<'a>, arena: &'a mut [i8], scratch: &'a mut [i16]) -> Result<Self, ModelError> {
+        let out = model.output().dims.len();
+        if out != CLASSES.len() {
+            return Err(ModelError::Buffer { buffer: "logits", needed: out, actual: CLASSES.len() });
+        }
+        if arena.len() < model.arena_len() {
+            return Err(ModelError::Buffer { buffer: "arena", needed: model.arena_len(), actual: arena.len() });
+        }
+        if scratch.len() < model.scratch_len() {
+            return Err(ModelError::Buffer { buffer: "scratch", needed: model.scratch_len(), actual: scratch.len() });
+        }
+        Ok(Self { model, arena, scratch, input: [0; INPUT_LEN] })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Model<'a> {
+        &self.model
+    }
+
+    /// Preprocesses `frame` into the network input (kept for [`infer`](Self::infer)).
+    pub fn preprocess(&mut self, frame: &Frame<'_>) -> Result<(), AppError> {
+        preprocess(frame, &mut self.input).map_err(AppError::Frame)
+    }
+
+    /// Runs the network on the last preprocessed input.
+    pub fn infer(&mut self) -> Result<Classification, AppError> {
+        let mut logits = [0i8; 10];
+        self.model
+            .run(&self.input, self.arena, self.scratch, &mut logits)
+            .map_err(AppError::Model)?;
+        let out = self.model.output();
+        let (class, confidence_permille) = top1(&logits, out.scale, out.zero_point);
+        Ok(Classification { class, confidence_permille, logits })
+    }
+
+    /// Runs layer `i` alone (after [`load_input`](Self::load_input)), for
+    /// per-layer measurements.
+    pub fn run_layer(&mut self, i: u16) -> Result<(), AppError> {
+        self.model.run_layer(i, self.arena, self.scratch).map_err(AppError::Model)
+    }
+
+    /// Copies the last preprocessed input into the arena.
+    pub fn load_input(&mut self) -> Result<(), AppError> {
+        self.model.load_input(&self.input, self.arena).map_err(AppError::Model)
+    }
+
+    /// Frame → class: [`preprocess`](Self::preprocess) then [`infer`](Self::infer).
+    pub fn classify(&mut self, frame: &Frame<'_>) -> Result<Classification, AppError> {
+        self.preprocess(frame)?;
+        self.infer()
+    }
+}
+
+/// The first maximum of `logits` and its softmax probability in per-mille
+/// (display only: floats here never feed back into the network).
+pub fn top1(logits: &[i8], scale: f32, zero_point: i32) -> (usize, u16) {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    let top = logits[best] as i32;
+    let sum: f32 = logits
+        .iter()
+        .map(|&v| micromath::F32Ext::exp((v as i32 - top) as f32 * scale))
+        .sum();
+    let _ = zero_point; // cancels out of the softmax
+    let p = if sum > 0.0 { 1000.0 / sum } else { 0.0 };
+    (best, p as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top1_and_confidence() {
+        // Equal logits: first index wins, 1/10 each.
+        let (c, p) = top1(&[5; 10], 0.1, 0);
+        assert_eq!(c, 0);
+        assert!((99..=101).contains(&p), "{p}");
+        // One logit far ahead: confidence near 1000.
+        let mut l = [-100i8; 10];
+        l[7] = 100;
+        let (c, p) = top1(&l, 0.1, 3);
+        assert_eq!(c, 7);
+        assert!(p >= 999, "{p}");
+    }
+
+    #[test]
+    fn engine_classifies_a_frame_like_the_host() {
+        let Ok(model) = shared::model::default_model() else {
+            return; // no model committed yet: nothing to run
+        };
+        let mut arena = vec![0i8; model.arena_len()];
+        let mut scratch = vec![0i16; model.scratch_len()];
+        let mut engine = Engine::new(model.clone(), &mut arena, &mut scratch).unwrap();
+        let frame: Vec<u8> = (0..160 * 120).flat_map(|i: u32| ((i * 2654435761) >> 16).to_le_bytes()[..2].to_vec()).collect();
+        let f = Frame { data: &frame, width: 160, height: 120, format: shared::preprocess::PixelFormat::Rgb565Le };
+        let got = engine.classify(&f).unwrap();
+        // Same path by hand.
+        let mut input = [0i8; INPUT_LEN];
+        preprocess(&f, &mut input).unwrap();
+        let mut a2 = vec![0i8; model.arena_len()];
+        let mut s2 = vec![0i16; model.scratch_len()];
+        let mut logits = [0i8; 10];
+        model.run(&input, &mut a2, &mut s2, &mut logits).unwrap();
+        assert_eq!(got.logits, logits);
+        // A bad frame is an error, not a panic.
+        let bad = Frame { data: &frame[..100], ..f };
+        assert!(matches!(engine.classify(&bad), Err(AppError::Frame(_))));
+    }
+}

@@ -1,0 +1,1 @@
+//! Camera drivers (register setup over SCCB/I2C, host-testable).

@@ -1,0 +1,231 @@
+//! The QEMU `mps2-an500` image: the board's path (frame → preprocess →
+//! network) with frames read from the host by semihosting and results
+//! written back as text on semihosting stdout.
+//!
+//! Input `frames.bin` (in QEMU's working directory):
+//! a 20-byte header: `b"FRM1"`, then u32 LE count, width, height, format
+//! (0 = RGB565 LE, 1 = RGB565 BE, 2 = RGB888), then `count` frames.
+//!
+//! Output lines:
+//! * `MODEL arena=<bytes> scratch=<i16> layers=<n>`
+//! * `LOGITS <frame> <l0> … <l9>` (int8)
+//! * `INSN <frame> preprocess=<n> network=<n>` (instructions)
+//! * `LAYER <index> <name> <instructions>` for frame 0, one per layer
+//! * `DONE <frames>`, then semihosting exit 0; any error prints
+//!   `ERROR <what>` and exits 1.
+//!
+//! Instructions are counted exactly with `-icount shift=0,align=off,sleep=off`:
+//! QEMU then clocks SysTick from a virtual time in which every instruction
+//! takes one step, and the `mps2` SysTick reference ticks once per 40
+//! instructions (the count is exact to ±40 per measurement).
+
+use core::fmt::Write;
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use cortex_m::peripheral::syst::SystClkSource;
+use cortex_m_rt::{entry, exception};
+use cortex_m_semihosting::{debug, hio, nr, syscall};
+use shared::model::{ARENA_LEN, SCRATCH_LEN};
+use shared::preprocess::{Frame, PixelFormat};
+
+use crate::app::Engine;
+
+/// Largest frame accepted (VGA RGB888).
+const MAX_FRAME: usize = 640 * 480 * 3;
+/// Instructions per SysTick reference tick under `-icount shift=0`.
+const INSN_PER_TICK: u64 = 40;
+const RELOAD: u32 = 0x00FF_FFFF;
+
+static mut ARENA: [i8; ARENA_LEN] = [0; ARENA_LEN];
+static mut SCRATCH: [i16; SCRATCH_LEN] = [0; SCRATCH_LEN];
+static mut FRAME: [u8; MAX_FRAME] = [0; MAX_FRAME];
+static WRAPS: AtomicU32 = AtomicU32::new(0);
+
+#[exception]
+fn SysTick() {
+    WRAPS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A monotonically increasing instruction clock built on SysTick.
+struct Clock;
+
+impl Clock {
+    fn start(mut syst: cortex_m::peripheral::SYST) -> Self {
+        // The external reference is the 40-instruction tick.
+        syst.set_clock_source(SystClkSource::External);
+        syst.set_reload(RELOAD);
+        syst.clear_current();
+        syst.enable_interrupt();
+        syst.enable_counter();
+        Clock
+    }
+
+    /// Instructions since `start` (to within one tick).
+    fn now(&self) -> u64 {
+        loop {
+            let w1 = WRAPS.load(Ordering::Relaxed);
+            let cur = cortex_m::peripheral::SYST::get_current();
+            let w2 = WRAPS.load(Ordering::Relaxed);
+            if w1 == w2 {
+                let ticks = w1 as u64 * (RELOAD as u64 + 1) + (RELOAD - cur) as u64;
+                return ticks * INSN_PER_TICK;
+            }
+        }
+    }
+}
+
+struct HostFile(isize);
+
+impl HostFile {
+    fn open(path: &str) -> Result<Self, ()> {
+        // `path` must carry its NUL terminator; the length excludes it.
+        let fd = unsafe { syscall!(OPEN, path.as_ptr(), nr::open::R_BINARY, path.len() - 1) } as isize;
+        if fd < 0 {
+            Err(())
+        } else {
+            Ok(HostFile(fd))
+        }
+    }
+
+    fn read_exact(&self, buf: &mut [u8]) -> Result<(), ()> {
+        // SYS_READ returns the number of bytes *not* read.
+        let left = unsafe { syscall!(READ, self.0, buf.as_mut_ptr(), buf.len()) };
+        if left == 0 {
+            Ok(())
+        } else {
+            Err(())
+        }
+    }
+}
+
+impl Drop for HostFile {
+    fn drop(&mut self) {
+        unsafe { syscall!(CLOSE, self.0) };
+    }
+}
+
+fn fail(out: &mut hio::HostStream, what: &str) -> ! {
+    let _ = writeln!(out, "ERROR {what}");
+    debug::exit(debug::EXIT_FAILURE);
+    loop {
+        cortex_m::asm::nop();
+    }
+}
+
+#[entry]
+fn main() -> ! {
+    let Ok(mut out) = hio::hstdout() else {
+        debug::exit(debug::EXIT_FAILURE);
+        loop {
+            cortex_m::asm::nop();
+        }
+    };
+    let Some(cp) = cortex_m::Peripherals::take() else { fail(&mut out, "peripherals taken") };
+    let clock = Clock::start(cp.SYST);
+
+    let model = match shared::model::default_model() {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = writeln!(out, "ERROR model: {e}");
+            fail(&mut out, "invalid model")
+        }
+    };
+    // SAFETY: `main` runs once and these statics are only borrowed here.
+    let (arena, scratch, frame_buf) = unsafe {
+        (
+            &mut *core::ptr::addr_of_mut!(ARENA),
+            &mut *core::ptr::addr_of_mut!(SCRATCH),
+            &mut *core::ptr::addr_of_mut!(FRAME),
+        )
+    };
+    let mut engine = match Engine::new(model, arena, scratch) {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = writeln!(out, "ERROR engine: {e}");
+            fail(&mut out, "engine")
+        }
+    };
+    let _ = writeln!(
+        out,
+        "MODEL arena={} scratch={} layers={}",
+        engine.model().arena_len(),
+        engine.model().scratch_len(),
+        engine.model().layer_count()
+    );
+
+    let Ok(file) = HostFile::open("frames.bin\0") else { fail(&mut out, "cannot open frames.bin") };
+    let mut header = [0u8; 20];
+    if file.read_exact(&mut header).is_err() || &header[..4] != b"FRM1" {
+        fail(&mut out, "frames.bin: bad header");
+    }
+    let word = |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]) as usize;
+    let (count, width, height) = (word(4), word(8), word(12));
+    let format = match word(16) {
+        0 => PixelFormat::Rgb565Le,
+        1 => PixelFormat::Rgb565Be,
+        2 => PixelFormat::Rgb888,
+        _ => fail(&mut out, "frames.bin: unknown pixel format"),
+    };
+    let len = width * height * format.bytes_per_pixel();
+    if len > MAX_FRAME {
+        fail(&mut out, "frames.bin: frame too large");
+    }
+    for n in 0..count {
+        let buf = &mut frame_buf[..len];
+        if file.read_exact(buf).is_err() {
+            fail(&mut out, "frames.bin: truncated");
+        }
+        let frame = Frame { data: buf, width, height, format };
+        let t0 = clock.now();
+        if let Err(e) = engine.preprocess(&frame) {
+            let _ = writeln!(out, "ERROR frame {n}: {e:?}");
+            fail(&mut out, "bad frame");
+        }
+        let t1 = clock.now();
+        let result = match engine.infer() {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = writeln!(out, "ERROR inference {n}: {e:?}");
+                fail(&mut out, "inference")
+            }
+        };
+        let t2 = clock.now();
+        let _ = write!(out, "LOGITS {n}");
+        for l in result.logits {
+            let _ = write!(out, " {l}");
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(out, "INSN {n} preprocess={} network={}", t1 - t0, t2 - t1);
+        if n == 0 {
+            // Per-layer counts, on the same input.
+            if engine.load_input().is_err() {
+                fail(&mut out, "load_input");
+            }
+            for i in 0..engine.model().layer_count() {
+                let a = clock.now();
+                if engine.run_layer(i).is_err() {
+                    fail(&mut out, "run_layer");
+                }
+                let b = clock.now();
+                let layer = engine.model().layer(i);
+                let _ = writeln!(out, "LAYER {i} {} {}", layer.name, b - a);
+            }
+        }
+    }
+    let _ = writeln!(out, "DONE {count}");
+    debug::exit(debug::EXIT_SUCCESS);
+    loop {
+        cortex_m::asm::nop();
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    if let Ok(mut out) = hio::hstdout() {
+        let _ = writeln!(out, "ERROR panic: {info}");
+    }
+    debug::exit(debug::EXIT_FAILURE);
+    loop {
+        cortex_m::asm::nop();
+    }
+}
