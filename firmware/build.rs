@@ -20,5 +20,11 @@ fn main() {
     println!("cargo::rustc-link-arg-bins=-Tlink.x");
     if !qemu {
         println!("cargo::rustc-link-arg-bins=-Tdefmt.x");
+        // defmt compiles out everything below `error` unless DEFMT_LOG says
+        // otherwise; the board reports its results with `info!`.
+        println!("cargo::rerun-if-env-changed=DEFMT_LOG");
+        if env::var_os("DEFMT_LOG").is_none() {
+            println!("cargo::rustc-env=DEFMT_LOG=info");
+        }
     }
 }

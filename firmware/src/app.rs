@@ -100,6 +100,7 @@ impl<'a> Engine<'a> {
     }
 
     /// Frame → class: [`preprocess`](Self::preprocess) then [`infer`](Self::infer).
+    #[cfg_attr(not(feature = "board"), allow(dead_code))]
     pub fn classify(&mut self, frame: &Frame<'_>) -> Result<Classification, AppError> {
         self.preprocess(frame)?;
         self.infer()
