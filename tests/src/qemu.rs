@@ -6,7 +6,10 @@ use std::process::Command;
 
 /// Workspace root.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is in the workspace")
+        .to_path_buf()
 }
 
 /// Builds the QEMU firmware image (release) into its own target folder, so
@@ -51,7 +54,13 @@ pub enum FrameFormat {
 }
 
 /// Writes `frames` (each `width * height * bpp` bytes) as `frames.bin`.
-pub fn write_frames(path: &Path, frames: &[Vec<u8>], width: usize, height: usize, format: FrameFormat) -> std::io::Result<()> {
+pub fn write_frames(
+    path: &Path,
+    frames: &[Vec<u8>],
+    width: usize,
+    height: usize,
+    format: FrameFormat,
+) -> std::io::Result<()> {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
     f.write_all(b"FRM1")?;
     for v in [frames.len(), width, height, format as usize] {
@@ -103,7 +112,9 @@ pub fn run_qemu(elf: &Path, dir: &Path, timeout_s: u64) -> Result<QemuRun, Strin
         ])
         .arg(elf)
         .output()
-        .map_err(|e| format!("cannot run qemu-system-arm (apt-get install qemu-system-arm): {e}"))?;
+        .map_err(|e| {
+            format!("cannot run qemu-system-arm (apt-get install qemu-system-arm): {e}")
+        })?;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     if !out.status.success() {
         return Err(format!(
@@ -124,11 +135,17 @@ fn parse(text: &str) -> Result<QemuRun, String> {
         match it.next() {
             Some("MODEL") => r.model_line = line.to_string(),
             Some("LOGITS") => {
-                let n: usize = it.next().and_then(|v| v.parse().ok()).ok_or(format!("bad line `{line}`"))?;
+                let n: usize = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or(format!("bad line `{line}`"))?;
                 if n != r.logits.len() {
                     return Err(format!("frame {n} out of order"));
                 }
-                r.logits.push(it.map(|v| v.parse::<i8>().map_err(|e| format!("`{line}`: {e}"))).collect::<Result<_, _>>()?);
+                r.logits.push(
+                    it.map(|v| v.parse::<i8>().map_err(|e| format!("`{line}`: {e}")))
+                        .collect::<Result<_, _>>()?,
+                );
             }
             Some("INSN") => {
                 let _n = it.next();
@@ -145,7 +162,10 @@ fn parse(text: &str) -> Result<QemuRun, String> {
             Some("LAYER") => {
                 let _i = it.next();
                 let name = it.next().ok_or(format!("bad line `{line}`"))?.to_string();
-                let v: u64 = it.next().and_then(|v| v.parse().ok()).ok_or(format!("bad line `{line}`"))?;
+                let v: u64 = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or(format!("bad line `{line}`"))?;
                 r.layers.push((name, v));
             }
             Some("ERROR") => return Err(format!("firmware: {line}")),

@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use host_trainer::data::{self, Split};
 use host_trainer::export::{argmax, image_hash, read_float_reference, REFERENCE_IMAGES};
 use shared::preprocess::{preprocess, Frame, PixelFormat, INPUT_LEN};
-use tests::qemu::{build_qemu_image, camera_frame, run_qemu, workspace_root, write_frames, FrameFormat};
+use tests::qemu::{
+    build_qemu_image, camera_frame, run_qemu, workspace_root, write_frames, FrameFormat,
+};
 
 fn data_dir() -> PathBuf {
     std::env::var_os("MINI_RESNET_DATA")
@@ -23,11 +25,14 @@ fn data_dir() -> PathBuf {
 fn qemu_firmware_is_bit_exact_with_host() {
     let model = shared::model::default_model().expect("the model committed in shared is invalid");
     let dir = data_dir();
-    let src = data::detect(&dir).unwrap_or_else(|e| panic!("CIFAR-10 test images needed at {}: {e:#}", dir.display()));
+    let src = data::detect(&dir)
+        .unwrap_or_else(|e| panic!("CIFAR-10 test images needed at {}: {e:#}", dir.display()));
     let test = data::load(&src, Split::Test).expect("loading the test set");
     let images = test.subsample(REFERENCE_IMAGES);
     let (w, h) = (160, 120);
-    let frames: Vec<Vec<u8>> = (0..images.len()).map(|i| camera_frame(images.image(i), w, h, FrameFormat::Rgb565Be)).collect();
+    let frames: Vec<Vec<u8>> = (0..images.len())
+        .map(|i| camera_frame(images.image(i), w, h, FrameFormat::Rgb565Be))
+        .collect();
 
     // Host: the same path the firmware takes.
     let mut arena = vec![0i8; model.arena_len()];
@@ -36,18 +41,42 @@ fn qemu_firmware_is_bit_exact_with_host() {
         .iter()
         .map(|f| {
             let mut input = [0i8; INPUT_LEN];
-            preprocess(&Frame { data: f, width: w, height: h, format: PixelFormat::Rgb565Be }, &mut input).unwrap();
+            preprocess(
+                &Frame {
+                    data: f,
+                    width: w,
+                    height: h,
+                    format: PixelFormat::Rgb565Be,
+                },
+                &mut input,
+            )
+            .unwrap();
             let mut logits = vec![0i8; model.output().dims.len()];
-            model.run(&input, &mut arena, &mut scratch, &mut logits).unwrap();
+            model
+                .run(&input, &mut arena, &mut scratch, &mut logits)
+                .unwrap();
             logits
         })
         .collect();
 
     let elf = build_qemu_image().expect("building the QEMU image");
     let tmp = tempfile::tempdir().unwrap();
-    write_frames(&tmp.path().join("frames.bin"), &frames, w, h, FrameFormat::Rgb565Be).unwrap();
+    write_frames(
+        &tmp.path().join("frames.bin"),
+        &frames,
+        w,
+        h,
+        FrameFormat::Rgb565Be,
+    )
+    .unwrap();
     let run = run_qemu(&elf, tmp.path(), 900).expect("running the firmware in QEMU");
-    assert_eq!(run.logits.len(), frames.len(), "QEMU classified {} of {} frames", run.logits.len(), frames.len());
+    assert_eq!(
+        run.logits.len(),
+        frames.len(),
+        "QEMU classified {} of {} frames",
+        run.logits.len(),
+        frames.len()
+    );
     for (i, (q, hst)) in run.logits.iter().zip(&host).enumerate() {
         assert_eq!(q, hst, "frame {i}: QEMU and host logits differ");
     }
@@ -56,17 +85,24 @@ fn qemu_firmware_is_bit_exact_with_host() {
         v.sort();
         v[v.len() / 2]
     };
-    eprintln!("{} frames bit-exact; median network instructions {insn}", frames.len());
+    eprintln!(
+        "{} frames bit-exact; median network instructions {insn}",
+        frames.len()
+    );
 
     // Class agreement with the float model on the original 32x32 images.
-    let reference = read_float_reference(&workspace_root().join("shared/src/model/generated/float_reference.txt"))
-        .expect("float reference written by `host-trainer export`");
+    let reference = read_float_reference(
+        &workspace_root().join("shared/src/model/generated/float_reference.txt"),
+    )
+    .expect("float reference written by `host-trainer export`");
     let mut agree = 0;
     let mut correct_int8 = 0;
     for (i, q) in run.logits.iter().enumerate() {
         let (label, fl) = reference
             .get(&image_hash(images.image(i)))
-            .unwrap_or_else(|| panic!("test image {i} is not in the float reference: re-export the model"));
+            .unwrap_or_else(|| {
+                panic!("test image {i} is not in the float reference: re-export the model")
+            });
         assert_eq!(*label, images.labels[i]);
         agree += (argmax(q) == argmax(fl)) as usize;
         correct_int8 += (argmax(q) == *label as usize) as usize;
@@ -76,5 +112,8 @@ fn qemu_firmware_is_bit_exact_with_host() {
         "camera path int8 (QEMU) vs float: {pct:.1}% class agreement; int8 accuracy on these frames {:.1}%",
         100.0 * correct_int8 as f64 / frames.len() as f64
     );
-    assert!(pct >= 90.0, "class agreement with the float model is only {pct:.1}%");
+    assert!(
+        pct >= 90.0,
+        "class agreement with the float model is only {pct:.1}%"
+    );
 }

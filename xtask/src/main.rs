@@ -1,8 +1,12 @@
 //! `cargo xtask <command>`: project automation without shell scripts.
 //!
 //! * `ci` — the one test command (README, `.ci/run`): sets the machine up,
-//!   then runs formatting, clippy on host and Cortex-M7, the MCU build and
-//!   every test.
+//!   then runs formatting, clippy on host and Cortex-M7, the MCU builds and
+//!   every test (the QEMU firmware test included).
+//! * `bench-mcu [--json]` — instructions per inference and per layer on the
+//!   Cortex-M7 (QEMU, exact), flash/RAM of the board image, beside CMSIS-NN.
+
+mod bench_mcu;
 
 use std::process::{Command, ExitCode};
 
@@ -12,8 +16,13 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
+        Some("bench-mcu") => bench_mcu::bench_mcu(args.iter().any(|a| a == "--json")),
         _ => {
-            eprintln!("usage: cargo xtask ci\n\n  ci   set up the machine, lint, build for the MCU and run every test");
+            eprintln!(
+                "usage: cargo xtask <ci | bench-mcu [--json]>\n\n  \
+                 ci         set up the machine, lint, build for the MCU and run every test\n  \
+                 bench-mcu  instructions per inference (QEMU), flash/RAM, vs CMSIS-NN"
+            );
             return ExitCode::from(2);
         }
     };
@@ -55,6 +64,14 @@ fn ci() -> Result<(), String> {
     // Setup: the MCU target (rust-toolchain.toml lists it too; this is for
     // rustup versions that do not install listed targets on their own).
     run("rustup", &["target", "add", MCU_TARGET])?;
+    if Command::new("qemu-system-arm")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        run("apt-get", &["update"])?;
+        run("apt-get", &["install", "-y", "qemu-system-arm"])?;
+    }
 
     run("cargo", &["fmt", "--all", "--", "--check"])?;
     run(

@@ -1,0 +1,238 @@
+//! `cargo xtask bench-mcu`: exact instruction counts of the shipped model on
+//! the Cortex-M7 (QEMU `mps2-an500`, `-icount`), flash and RAM of the board
+//! image, and peak activation memory, beside CMSIS-NN's figures for the
+//! same network measured the same way.
+
+use std::path::Path;
+use std::process::Command;
+
+use object::{Object, ObjectSection, SectionFlags};
+use shared::model::{LayerKind, Model};
+use tests::qemu::{build_qemu_image, run_qemu, workspace_root, write_frames, FrameFormat};
+
+/// CMSIS-NN (arm-none-eabi-gcc -Ofast, DSP path) on this Mini-ResNet under
+/// the same QEMU with `-icount shift=0` and SysTick reads.
+mod cmsis {
+    pub const TOTAL: f64 = 39.5e6;
+    pub const PER_MAC: f64 = 2.13;
+    pub const CONV_PER_MAC: &str = "1.7-2.3";
+    pub const STEM_PER_MAC: f64 = 4.86;
+    pub const SHORTCUT_PER_MAC: &str = "3.7-4.6";
+    pub const ADD_PER_ELEMENT: f64 = 80.0;
+    pub const MAXPOOL_PER_OUTPUT: f64 = 83.0;
+}
+
+/// Assumed core clock for the latency estimate.
+const CLOCK_HZ: f64 = 480e6;
+
+struct LayerRow {
+    name: String,
+    op: &'static str,
+    work: u64,
+    unit: &'static str,
+    insn: u64,
+    cmsis: String,
+}
+
+fn work_of(m: &Model<'_>, i: u16) -> (&'static str, u64, &'static str) {
+    let l = m.layer(i);
+    let (inp, out) = (m.tensor(l.input).dims, m.tensor(l.output).dims);
+    match l.kind {
+        LayerKind::Conv(c) => ("conv", c.params.macs(inp, out) as u64, "MAC"),
+        LayerKind::FullyConnected(_) => ("fc", (inp.len() * out.len()) as u64, "MAC"),
+        LayerKind::Add(_) => ("add", out.len() as u64, "element"),
+        LayerKind::MaxPool(_) => ("maxpool", out.len() as u64, "output"),
+        LayerKind::AvgPool(_) => ("avgpool", inp.len() as u64, "input"),
+    }
+}
+
+fn cmsis_figure(name: &str, op: &str, k: Option<usize>) -> String {
+    match op {
+        "conv" if name.starts_with("stem") => format!("{:.2}", cmsis::STEM_PER_MAC),
+        "conv" if k == Some(1) => cmsis::SHORTCUT_PER_MAC.into(),
+        "conv" => cmsis::CONV_PER_MAC.into(),
+        "add" => format!("{:.0}", cmsis::ADD_PER_ELEMENT),
+        "maxpool" => format!("{:.0}", cmsis::MAXPOOL_PER_OUTPUT),
+        _ => "-".into(),
+    }
+}
+
+/// Flash and static RAM of an ELF: allocated sections in the flash region
+/// (0x0800_0000..) count as flash, those in RAM as RAM; `.data` counts in
+/// both (stored in flash, copied to RAM).
+fn elf_sizes(path: &Path) -> Result<(u64, u64, Vec<(String, u64, u64)>), String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let file = object::File::parse(&*bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (mut flash, mut ram) = (0u64, 0u64);
+    let mut rows = Vec::new();
+    for s in file.sections() {
+        let SectionFlags::Elf { sh_flags } = s.flags() else {
+            continue;
+        };
+        if sh_flags & u64::from(object::elf::SHF_ALLOC) == 0 || s.size() == 0 {
+            continue;
+        }
+        let name = s.name().unwrap_or("?").to_string();
+        let addr = s.address();
+        let in_flash = (0x0800_0000..0x0820_0000).contains(&addr);
+        let is_nobits = s.kind() == object::SectionKind::UninitializedData;
+        if in_flash {
+            flash += s.size();
+        } else {
+            ram += s.size();
+            if !is_nobits {
+                flash += s.size(); // load image of .data
+            }
+        }
+        rows.push((name, addr, s.size()));
+    }
+    Ok((flash, ram, rows))
+}
+
+fn build_board_image() -> Result<std::path::PathBuf, String> {
+    let root = workspace_root();
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(&root)
+        .args([
+            "build",
+            "-p",
+            "firmware",
+            "--release",
+            "--target",
+            "thumbv7em-none-eabihf",
+        ])
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !status.success() {
+        return Err(format!("building the board image failed: {status}"));
+    }
+    Ok(root.join("target/thumbv7em-none-eabihf/release/firmware"))
+}
+
+fn median(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+/// Runs the benchmark; `json` prints machine-readable output.
+pub fn bench_mcu(json: bool) -> Result<(), String> {
+    let model = shared::model::default_model().map_err(|e| format!("the model in shared: {e}"))?;
+    let elf = build_qemu_image()?;
+    // Three deterministic pseudo-random 160x120 RGB565 frames.
+    let (w, h) = (160usize, 120usize);
+    let frames: Vec<Vec<u8>> = (0..3u64)
+        .map(|f| {
+            (0..w * h * 2)
+                .map(|i| ((i as u64 ^ (f << 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
+                .collect()
+        })
+        .collect();
+    let dir = std::env::temp_dir().join(format!("bench-mcu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    write_frames(
+        &dir.join("frames.bin"),
+        &frames,
+        w,
+        h,
+        FrameFormat::Rgb565Be,
+    )
+    .map_err(|e| e.to_string())?;
+    let run = run_qemu(&elf, &dir, 600)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let total = median(run.network_insn.clone());
+    let pre = median(run.preprocess_insn.clone());
+
+    let mut rows = Vec::new();
+    let mut total_macs = 0u64;
+    for (i, (name, insn)) in run.layers.iter().enumerate() {
+        let (op, work, unit) = work_of(&model, i as u16);
+        if unit == "MAC" {
+            total_macs += work;
+        }
+        let k = match model.layer(i as u16).kind {
+            LayerKind::Conv(c) => Some(c.params.kernel_h),
+            _ => None,
+        };
+        rows.push(LayerRow {
+            name: name.clone(),
+            op,
+            work,
+            unit,
+            insn: *insn,
+            cmsis: cmsis_figure(name, op, k),
+        });
+    }
+    let board = build_board_image()?;
+    let (flash, ram, sections) = elf_sizes(&board)?;
+    let arena = model.arena_len();
+    let scratch_bytes = model.scratch_len() * 2;
+    let per_mac = total as f64 / total_macs as f64;
+
+    if json {
+        let layers: Vec<_> = rows
+            .iter()
+            .map(|r| serde_json::json!({"name": r.name, "op": r.op, "work": r.work, "unit": r.unit, "instructions": r.insn}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "instructions_total": total,
+                "instructions_preprocess": pre,
+                "macs": total_macs,
+                "instructions_per_mac": per_mac,
+                "cmsis_nn_instructions_total": cmsis::TOTAL,
+                "flash_bytes": flash,
+                "ram_bytes": ram,
+                "arena_bytes": arena,
+                "scratch_bytes": scratch_bytes,
+                "layers": layers,
+            }))
+            .map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    println!("Mini-ResNet int8 on Cortex-M7 (QEMU mps2-an500, -icount shift=0, SysTick: exact to ±40 instructions)\n");
+    println!(
+        "{:<16} {:<8} {:>10} {:>8} {:>12} {:>9} {:>10}",
+        "layer", "op", "work", "unit", "instructions", "per unit", "CMSIS-NN"
+    );
+    for r in &rows {
+        println!(
+            "{:<16} {:<8} {:>10} {:>8} {:>12} {:>9.2} {:>10}",
+            r.name,
+            r.op,
+            r.work,
+            r.unit,
+            r.insn,
+            r.insn as f64 / r.work.max(1) as f64,
+            r.cmsis
+        );
+    }
+    println!();
+    println!(
+        "network: {total} instructions per inference ({:.2} M), {per_mac:.2} per MAC over {:.2} M MACs",
+        total as f64 / 1e6,
+        total_macs as f64 / 1e6
+    );
+    println!(
+        "CMSIS-NN: {:.1} M instructions, {:.2} per MAC  →  ours / CMSIS-NN = {:.2}x",
+        cmsis::TOTAL / 1e6,
+        cmsis::PER_MAC,
+        total as f64 / cmsis::TOTAL
+    );
+    println!("preprocess (160x120 RGB565 → 32x32x3): {pre} instructions");
+    println!(
+        "estimated latency at {:.0} MHz, assuming 1 instruction per cycle: {:.1} ms",
+        CLOCK_HZ / 1e6,
+        (total + pre) as f64 / CLOCK_HZ * 1e3
+    );
+    println!(
+        "peak activation memory: arena {arena} B + conv scratch {scratch_bytes} B = {} B (frame buffer apart)",
+        arena + scratch_bytes
+    );
+    println!("board image (NUCLEO-H743ZI2): flash {flash} B of 2 MiB, static RAM {ram} B");
+    for (name, addr, size) in sections {
+        println!("  {name:<20} {addr:#010x} {size:>9}");
+    }
+    Ok(())
+}
