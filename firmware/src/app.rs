@@ -7,18 +7,7 @@ use shared::model::{Model, ModelError};
 use shared::preprocess::{preprocess, Frame, INPUT_LEN};
 
 /// Classes of the CIFAR-10 model, in label order.
-pub const CLASSES: [&str; 10] = [
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-];
+pub use shared::CIFAR10_CLASSES as CLASSES;
 
 /// What went wrong while classifying a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,18 +42,39 @@ pub struct Engine<'a> {
 impl<'a> Engine<'a> {
     /// Checks that the model has 10 outputs and that `arena`/`scratch` are
     /// large enough, once.
-    pub fn new(model: Model<'a>, arena: &'a mut [i8], scratch: &'a mut [i16]) -> Result<Self, ModelError> {
+    pub fn new(
+        model: Model<'a>,
+        arena: &'a mut [i8],
+        scratch: &'a mut [i16],
+    ) -> Result<Self, ModelError> {
         let out = model.output().dims.len();
         if out != CLASSES.len() {
-            return Err(ModelError::Buffer { buffer: "logits", needed: out, actual: CLASSES.len() });
+            return Err(ModelError::Buffer {
+                buffer: "logits",
+                needed: out,
+                actual: CLASSES.len(),
+            });
         }
         if arena.len() < model.arena_len() {
-            return Err(ModelError::Buffer { buffer: "arena", needed: model.arena_len(), actual: arena.len() });
+            return Err(ModelError::Buffer {
+                buffer: "arena",
+                needed: model.arena_len(),
+                actual: arena.len(),
+            });
         }
         if scratch.len() < model.scratch_len() {
-            return Err(ModelError::Buffer { buffer: "scratch", needed: model.scratch_len(), actual: scratch.len() });
+            return Err(ModelError::Buffer {
+                buffer: "scratch",
+                needed: model.scratch_len(),
+                actual: scratch.len(),
+            });
         }
-        Ok(Self { model, arena, scratch, input: [0; INPUT_LEN] })
+        Ok(Self {
+            model,
+            arena,
+            scratch,
+            input: [0; INPUT_LEN],
+        })
     }
 
     /// The model.
@@ -85,18 +95,26 @@ impl<'a> Engine<'a> {
             .map_err(AppError::Model)?;
         let out = self.model.output();
         let (class, confidence_permille) = top1(&logits, out.scale, out.zero_point);
-        Ok(Classification { class, confidence_permille, logits })
+        Ok(Classification {
+            class,
+            confidence_permille,
+            logits,
+        })
     }
 
     /// Runs layer `i` alone (after [`load_input`](Self::load_input)), for
     /// per-layer measurements.
     pub fn run_layer(&mut self, i: u16) -> Result<(), AppError> {
-        self.model.run_layer(i, self.arena, self.scratch).map_err(AppError::Model)
+        self.model
+            .run_layer(i, self.arena, self.scratch)
+            .map_err(AppError::Model)
     }
 
     /// Copies the last preprocessed input into the arena.
     pub fn load_input(&mut self) -> Result<(), AppError> {
-        self.model.load_input(&self.input, self.arena).map_err(AppError::Model)
+        self.model
+            .load_input(&self.input, self.arena)
+            .map_err(AppError::Model)
     }
 
     /// Frame → class: [`preprocess`](Self::preprocess) then [`infer`](Self::infer).
@@ -152,8 +170,15 @@ mod tests {
         let mut arena = vec![0i8; model.arena_len()];
         let mut scratch = vec![0i16; model.scratch_len()];
         let mut engine = Engine::new(model.clone(), &mut arena, &mut scratch).unwrap();
-        let frame: Vec<u8> = (0..160 * 120).flat_map(|i: u32| ((i * 2654435761) >> 16).to_le_bytes()[..2].to_vec()).collect();
-        let f = Frame { data: &frame, width: 160, height: 120, format: shared::preprocess::PixelFormat::Rgb565Le };
+        let frame: Vec<u8> = (0..160 * 120)
+            .flat_map(|i: u32| ((i * 2654435761) >> 16).to_le_bytes()[..2].to_vec())
+            .collect();
+        let f = Frame {
+            data: &frame,
+            width: 160,
+            height: 120,
+            format: shared::preprocess::PixelFormat::Rgb565Le,
+        };
         let got = engine.classify(&f).unwrap();
         // Same path by hand.
         let mut input = [0i8; INPUT_LEN];
@@ -164,7 +189,10 @@ mod tests {
         model.run(&input, &mut a2, &mut s2, &mut logits).unwrap();
         assert_eq!(got.logits, logits);
         // A bad frame is an error, not a panic.
-        let bad = Frame { data: &frame[..100], ..f };
+        let bad = Frame {
+            data: &frame[..100],
+            ..f
+        };
         assert!(matches!(engine.classify(&bad), Err(AppError::Frame(_))));
     }
 }

@@ -30,18 +30,7 @@ use md5::{Digest, Md5};
 use rayon::prelude::*;
 
 /// Class names in the official CIFAR-10 label order: label `i` is `CLASSES[i]`.
-pub const CLASSES: [&str; 10] = [
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-];
+pub const CLASSES: [&str; 10] = shared::CIFAR10_CLASSES;
 
 /// Image side length in pixels.
 const SIDE: usize = 32;

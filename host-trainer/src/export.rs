@@ -240,18 +240,30 @@ pub const REFERENCE_IMAGES: usize = 200;
 
 /// FNV-1a 64 of an image's bytes: identifies reference images.
 pub fn image_hash(img: &[u8]) -> u64 {
-    img.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+    img.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// Writes the float model's logits for [`REFERENCE_IMAGES`] test images as
 /// text lines `hash label l0 … l9`, so tests without the float checkpoint
 /// (the QEMU test) can measure int8-vs-float class agreement.
-pub fn write_float_reference(model: &MiniResNet, test_set: &Dataset, path: &Path, device: &Device) -> Result<()> {
+pub fn write_float_reference(
+    model: &MiniResNet,
+    test_set: &Dataset,
+    path: &Path,
+    device: &Device,
+) -> Result<()> {
     let sub = test_set.subsample(REFERENCE_IMAGES);
     let logits = float_logits(model, &sub, device)?;
-    let mut s = String::from("# float logits of the exported checkpoint: fnv1a64(image) label logits...\n");
+    let mut s =
+        String::from("# float logits of the exported checkpoint: fnv1a64(image) label logits...\n");
     for (i, l) in logits.iter().enumerate() {
-        s.push_str(&format!("{:016x} {}", image_hash(sub.image(i)), sub.labels[i]));
+        s.push_str(&format!(
+            "{:016x} {}",
+            image_hash(sub.image(i)),
+            sub.labels[i]
+        ));
         for v in l {
             s.push_str(&format!(" {v:.6}"));
         }
@@ -264,12 +276,18 @@ pub fn write_float_reference(model: &MiniResNet, test_set: &Dataset, path: &Path
 pub fn read_float_reference(path: &Path) -> Result<std::collections::HashMap<u64, (u8, Vec<f32>)>> {
     let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut map = std::collections::HashMap::new();
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.starts_with('#')) {
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.starts_with('#'))
+    {
         let bad = || anyhow::anyhow!("{}:{}: malformed line", path.display(), n + 1);
         let mut it = line.split_whitespace();
         let hash = u64::from_str_radix(it.next().ok_or_else(bad)?, 16).map_err(|_| bad())?;
         let label: u8 = it.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
-        let logits: Vec<f32> = it.map(|v| v.parse::<f32>().map_err(|_| bad())).collect::<Result<_>>()?;
+        let logits: Vec<f32> = it
+            .map(|v| v.parse::<f32>().map_err(|_| bad()))
+            .collect::<Result<_>>()?;
         map.insert(hash, (label, logits));
     }
     Ok(map)

@@ -288,7 +288,12 @@ fn export_checkpoint(
     if out == "shared" {
         let dir = host_trainer::export::shared_generated_dir();
         host_trainer::export::write_shared(&blob, &dir)?;
-        host_trainer::export::write_float_reference(&t.model, test_set, &dir.join("float_reference.txt"), device)?;
+        host_trainer::export::write_float_reference(
+            &t.model,
+            test_set,
+            &dir.join("float_reference.txt"),
+            device,
+        )?;
         println!(
             "int8 model ({} bytes) written to {}",
             blob.len(),

@@ -366,6 +366,34 @@ impl DataSection {
             self.0.push(0);
         }
     }
+    /// Quantizes a conv/FC layer with `b.len()` output channels (weights
+    /// per channel, bias at `s_in * s_w[c]`, multipliers `s_in * s_w[c] /
+    /// s_out`), appends its tables and returns the record's data fields
+    /// `[filter, filter_len, bias, multiplier, shift]`.
+    fn channelwise(&mut self, w: &[f32], b: &[f32], s_in: f64, s_out: f64) -> [u32; 5] {
+        let (wq, ws) = quantize_weights(w, b.len());
+        let bias: Vec<i32> = b
+            .iter()
+            .zip(&ws)
+            .map(|(&bc, &sw)| {
+                (bc as f64 / (s_in * sw))
+                    .round()
+                    .clamp(i32::MIN as f64, i32::MAX as f64) as i32
+            })
+            .collect();
+        let (mult, shift): (Vec<i32>, Vec<i32>) = ws
+            .iter()
+            .map(|&sw| quantize_multiplier(s_in * sw / s_out))
+            .unzip();
+        [
+            self.i8s(&wq),
+            wq.len() as u32,
+            self.i32s(&bias),
+            self.i32s(&mult),
+            self.i32s(&shift),
+        ]
+    }
+
     fn i8s(&mut self, v: &[i8]) -> u32 {
         self.align();
         let at = self.0.len() as u32;
@@ -506,18 +534,7 @@ pub fn build_blob(graph: &Graph, q: &TensorQuant, meta: &str) -> Result<Vec<u8>>
             } => {
                 let (sin, zin) = q[io.0];
                 let (sout, zout) = q[io.1];
-                let out_c = graph.tensors[io.1].dims.c;
-                let (wq, ws) = quantize_weights(w, out_c);
-                let bias: Vec<i32> = (0..out_c)
-                    .map(|c| {
-                        (b[c] as f64 / (sin * ws[c]))
-                            .round()
-                            .clamp(i32::MIN as f64, i32::MAX as f64) as i32
-                    })
-                    .collect();
-                let (mult, shift): (Vec<i32>, Vec<i32>) = (0..out_c)
-                    .map(|c| quantize_multiplier(sin * ws[c] / sout))
-                    .unzip();
+                let tables = data.channelwise(w, b, sin, sout);
                 scratch = scratch
                     .max(shared::kernels::IM2COL_COLUMNS * k * k * graph.tensors[io.0].dims.c);
                 let (k8, s8, p8) = (
@@ -531,13 +548,7 @@ pub fn build_blob(graph: &Graph, q: &TensorQuant, meta: &str) -> Result<Vec<u8>>
                     act: (if *relu { zout as i8 } else { -128 }, 127),
                     io: (io.0 as u16, NO_TENSOR, io.1 as u16),
                     offsets: (-zin, zout),
-                    data: [
-                        data.i8s(&wq),
-                        wq.len() as u32,
-                        data.i32s(&bias),
-                        data.i32s(&mult),
-                        data.i32s(&shift),
-                    ],
+                    data: tables,
                     name: name.clone(),
                 }
             }
@@ -569,18 +580,7 @@ pub fn build_blob(graph: &Graph, q: &TensorQuant, meta: &str) -> Result<Vec<u8>>
                     (q[io.2].0, q[io.2].1),
                     true,
                 );
-                let params = [
-                    p.input1_offset,
-                    p.input1_multiplier,
-                    p.input1_shift,
-                    p.input2_offset,
-                    p.input2_multiplier,
-                    p.input2_shift,
-                    p.left_shift,
-                    p.output_multiplier,
-                    p.output_shift,
-                    p.output_offset,
-                ];
+                let params = p.to_array();
                 Record {
                     op: Op::Add,
                     geom: [0; 6],
@@ -594,27 +594,14 @@ pub fn build_blob(graph: &Graph, q: &TensorQuant, meta: &str) -> Result<Vec<u8>>
             FLayer::Fc { io, w, b } => {
                 let (sin, zin) = q[io.0];
                 let (sout, zout) = q[io.1];
-                let out_c = b.len();
-                let (wq, ws) = quantize_weights(w, out_c);
-                let bias: Vec<i32> = (0..out_c)
-                    .map(|c| (b[c] as f64 / (sin * ws[c])).round() as i32)
-                    .collect();
-                let (mult, shift): (Vec<i32>, Vec<i32>) = (0..out_c)
-                    .map(|c| quantize_multiplier(sin * ws[c] / sout))
-                    .unzip();
+                let tables = data.channelwise(w, b, sin, sout);
                 Record {
                     op: Op::FullyConnected,
                     geom: [0; 6],
                     act: (-128, 127),
                     io: (io.0 as u16, NO_TENSOR, io.1 as u16),
                     offsets: (-zin, zout),
-                    data: [
-                        data.i8s(&wq),
-                        wq.len() as u32,
-                        data.i32s(&bias),
-                        data.i32s(&mult),
-                        data.i32s(&shift),
-                    ],
+                    data: tables,
                     name: "fc".into(),
                 }
             }

@@ -23,3 +23,17 @@ pub mod preprocess;
 pub mod quant;
 
 pub use error::Error;
+
+/// CIFAR-10 class names in the official label order (the model's output order).
+pub const CIFAR10_CLASSES: [&str; 10] = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+];

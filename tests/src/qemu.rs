@@ -12,34 +12,53 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds the QEMU firmware image (release) into its own target folder, so
-/// it can run while an outer `cargo` holds the workspace's, and returns the
-/// ELF path.
-pub fn build_qemu_image() -> Result<PathBuf, String> {
+/// Which firmware image to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Image {
+    /// The NUCLEO-H743ZI2 image (default features), in the workspace target folder.
+    Board,
+    /// The QEMU `mps2-an500` image, in `target/qemu-firmware` so it can be
+    /// built while an outer `cargo` holds the workspace's target folder.
+    Qemu,
+}
+
+/// Builds a firmware image (release, thumbv7em-none-eabihf) and returns its ELF path.
+pub fn build_firmware(image: Image) -> Result<PathBuf, String> {
     let root = workspace_root();
-    let target_dir = root.join("target/qemu-firmware");
+    let mut args = vec![
+        "build",
+        "-p",
+        "firmware",
+        "--release",
+        "--target",
+        "thumbv7em-none-eabihf",
+    ];
+    let target_dir = match image {
+        Image::Board => root.join("target"),
+        Image::Qemu => {
+            args.extend(["--no-default-features", "--features", "qemu"]);
+            root.join("target/qemu-firmware")
+        }
+    };
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(&root)
-        .args([
-            "build",
-            "-p",
-            "firmware",
-            "--release",
-            "--target",
-            "thumbv7em-none-eabihf",
-            "--no-default-features",
-            "--features",
-            "qemu",
-            "--target-dir",
-        ])
+        .args(&args)
+        .arg("--target-dir")
         .arg(&target_dir)
         .status()
         .map_err(|e| format!("cannot run cargo: {e}"))?;
     if !status.success() {
-        return Err(format!("building the QEMU firmware failed: {status}"));
+        return Err(format!(
+            "building the {image:?} firmware image failed: {status}"
+        ));
     }
     Ok(target_dir.join("thumbv7em-none-eabihf/release/firmware"))
+}
+
+/// Builds the QEMU image; see [`build_firmware`].
+pub fn build_qemu_image() -> Result<PathBuf, String> {
+    build_firmware(Image::Qemu)
 }
 
 /// Pixel formats of `frames.bin` (the firmware's numbering).

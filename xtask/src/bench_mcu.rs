@@ -4,11 +4,10 @@
 //! same network measured the same way.
 
 use std::path::Path;
-use std::process::Command;
 
 use object::{Object, ObjectSection, SectionFlags};
 use shared::model::{LayerKind, Model};
-use tests::qemu::{build_qemu_image, run_qemu, workspace_root, write_frames, FrameFormat};
+use tests::qemu::{build_firmware, build_qemu_image, run_qemu, write_frames, FrameFormat, Image};
 
 /// CMSIS-NN (arm-none-eabi-gcc -Ofast, DSP path) on this Mini-ResNet under
 /// the same QEMU with `-icount shift=0` and SysTick reads.
@@ -89,26 +88,6 @@ fn elf_sizes(path: &Path) -> Result<(u64, u64, Vec<(String, u64, u64)>), String>
     Ok((flash, ram, rows))
 }
 
-fn build_board_image() -> Result<std::path::PathBuf, String> {
-    let root = workspace_root();
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(&root)
-        .args([
-            "build",
-            "-p",
-            "firmware",
-            "--release",
-            "--target",
-            "thumbv7em-none-eabihf",
-        ])
-        .status()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
-    if !status.success() {
-        return Err(format!("building the board image failed: {status}"));
-    }
-    Ok(root.join("target/thumbv7em-none-eabihf/release/firmware"))
-}
-
 fn median(mut v: Vec<u64>) -> u64 {
     v.sort_unstable();
     v[v.len() / 2]
@@ -162,7 +141,7 @@ pub fn bench_mcu(json: bool) -> Result<(), String> {
             cmsis: cmsis_figure(name, op, k),
         });
     }
-    let board = build_board_image()?;
+    let board = build_firmware(Image::Board)?;
     let (flash, ram, sections) = elf_sizes(&board)?;
     let arena = model.arena_len();
     let scratch_bytes = model.scratch_len() * 2;

@@ -85,6 +85,43 @@ impl AddParams {
         }
     }
 
+    /// The ten integers of the parameters in a fixed order (the model blob
+    /// stores them so): `input1_offset, input1_multiplier, input1_shift,
+    /// input2_offset, input2_multiplier, input2_shift, left_shift,
+    /// output_multiplier, output_shift, output_offset`.
+    pub const fn to_array(&self) -> [i32; 10] {
+        [
+            self.input1_offset,
+            self.input1_multiplier,
+            self.input1_shift,
+            self.input2_offset,
+            self.input2_multiplier,
+            self.input2_shift,
+            self.left_shift,
+            self.output_multiplier,
+            self.output_shift,
+            self.output_offset,
+        ]
+    }
+
+    /// The inverse of [`to_array`](Self::to_array), with the clamp.
+    pub const fn from_array(p: [i32; 10], act_min: i8, act_max: i8) -> Self {
+        Self {
+            input1_offset: p[0],
+            input1_multiplier: p[1],
+            input1_shift: p[2],
+            input2_offset: p[3],
+            input2_multiplier: p[4],
+            input2_shift: p[5],
+            left_shift: p[6],
+            output_multiplier: p[7],
+            output_shift: p[8],
+            output_offset: p[9],
+            act_min,
+            act_max,
+        }
+    }
+
     /// Checks every parameter is in its documented range.
     pub fn validate(&self) -> Result<(), Error> {
         check_param("input1_offset", (-127..=128).contains(&self.input1_offset))?;

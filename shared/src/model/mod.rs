@@ -654,20 +654,9 @@ impl<'a> Model<'a> {
             Op::AvgPool => LayerKind::AvgPool(pool),
             Op::Add => {
                 let p = self.i32s(bias_off, 10).ok_or(bad("add_params"))?;
-                LayerKind::Add(AddParams {
-                    input1_offset: p[0],
-                    input1_multiplier: p[1],
-                    input1_shift: p[2],
-                    input2_offset: p[3],
-                    input2_multiplier: p[4],
-                    input2_shift: p[5],
-                    left_shift: p[6],
-                    output_multiplier: p[7],
-                    output_shift: p[8],
-                    output_offset: p[9],
-                    act_min,
-                    act_max,
-                })
+                let mut a = [0i32; 10];
+                a.copy_from_slice(p);
+                LayerKind::Add(AddParams::from_array(a, act_min, act_max))
             }
             Op::FullyConnected => LayerKind::FullyConnected(FullyConnected {
                 filter: self.i8s(filter_off, filter_len).ok_or(bad("filter"))?,
