@@ -12,7 +12,11 @@ fn main() {
         return;
     }
     let qemu = env::var_os("CARGO_FEATURE_QEMU").is_some();
-    let src = if qemu { "memory-mps2-an500.x" } else { "memory-h743.x" };
+    let src = if qemu {
+        "memory-mps2-an500.x"
+    } else {
+        "memory-h743.x"
+    };
     let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
     fs::copy(src, out.join("memory.x")).expect("copying the memory layout");
     println!("cargo::rustc-link-search={}", out.display());

@@ -80,7 +80,8 @@ struct HostFile(isize);
 impl HostFile {
     fn open(path: &str) -> Result<Self, ()> {
         // `path` must carry its NUL terminator; the length excludes it.
-        let fd = unsafe { syscall!(OPEN, path.as_ptr(), nr::open::R_BINARY, path.len() - 1) } as isize;
+        let fd =
+            unsafe { syscall!(OPEN, path.as_ptr(), nr::open::R_BINARY, path.len() - 1) } as isize;
         if fd < 0 {
             Err(())
         } else {
@@ -121,7 +122,9 @@ fn main() -> ! {
             cortex_m::asm::nop();
         }
     };
-    let Some(cp) = cortex_m::Peripherals::take() else { fail(&mut out, "peripherals taken") };
+    let Some(cp) = cortex_m::Peripherals::take() else {
+        fail(&mut out, "peripherals taken")
+    };
     let clock = Clock::start(cp.SYST);
 
     let model = match shared::model::default_model() {
@@ -154,12 +157,16 @@ fn main() -> ! {
         engine.model().layer_count()
     );
 
-    let Ok(file) = HostFile::open("frames.bin\0") else { fail(&mut out, "cannot open frames.bin") };
+    let Ok(file) = HostFile::open("frames.bin\0") else {
+        fail(&mut out, "cannot open frames.bin")
+    };
     let mut header = [0u8; 20];
     if file.read_exact(&mut header).is_err() || &header[..4] != b"FRM1" {
         fail(&mut out, "frames.bin: bad header");
     }
-    let word = |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]) as usize;
+    let word = |i: usize| {
+        u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]) as usize
+    };
     let (count, width, height) = (word(4), word(8), word(12));
     let format = match word(16) {
         0 => PixelFormat::Rgb565Le,
@@ -176,7 +183,12 @@ fn main() -> ! {
         if file.read_exact(buf).is_err() {
             fail(&mut out, "frames.bin: truncated");
         }
-        let frame = Frame { data: buf, width, height, format };
+        let frame = Frame {
+            data: buf,
+            width,
+            height,
+            format,
+        };
         let t0 = clock.now();
         if let Err(e) = engine.preprocess(&frame) {
             let _ = writeln!(out, "ERROR frame {n}: {e:?}");
