@@ -99,6 +99,17 @@ struct ArchArgs {
     blocks: Option<Vec<usize>>,
 }
 
+/// Where `train` puts the int8 model when it finishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ExportTarget {
+    /// `<run>/model.bin` and the model committed in `shared`.
+    Shared,
+    /// `<run>/model.bin` only.
+    Run,
+    /// No export.
+    None,
+}
+
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum ArchPreset {
     /// The article's Mini-ResNet (with the stem max pool).
@@ -155,8 +166,8 @@ struct TrainArgs {
     quiet: bool,
     /// Where to export the int8 model at the end: `shared` (also writes
     /// `<run>/model.bin`), `run` (only `<run>/model.bin`) or `none`.
-    #[arg(long, default_value = "shared")]
-    export: String,
+    #[arg(long, value_enum, default_value_t = ExportTarget::Shared)]
+    export: ExportTarget,
     #[command(flatten)]
     quant: QuantArgs,
     #[command(flatten)]
@@ -266,9 +277,11 @@ fn load_model(spec: &str) -> Result<host_trainer::quantize::OwnedModel> {
     }
 }
 
+/// Exports a checkpoint once and writes the blob to every destination in
+/// `outs` (`shared` or a file path).
 fn export_checkpoint(
     ck_path: &std::path::Path,
-    out: &str,
+    outs: &[&str],
     quant: &QuantArgs,
     src: &data::Source,
     train_set: &data::Dataset,
@@ -285,23 +298,25 @@ fn export_checkpoint(
     let (blob, cmp) =
         host_trainer::export::export(&t.model, &ck, train_set, test_set, &opts, device)?;
     println!("{}", cmp.report());
-    if out == "shared" {
-        let dir = host_trainer::export::shared_generated_dir();
-        host_trainer::export::write_shared(&blob, &dir)?;
-        host_trainer::export::write_float_reference(
-            &t.model,
-            test_set,
-            &dir.join("float_reference.txt"),
-            device,
-        )?;
-        println!(
-            "int8 model ({} bytes) written to {}",
-            blob.len(),
-            dir.display()
-        );
-    } else {
-        train::write_atomic(std::path::Path::new(out), &blob)?;
-        println!("int8 model ({} bytes) written to {out}", blob.len());
+    for &out in outs {
+        if out == "shared" {
+            let dir = host_trainer::export::shared_generated_dir();
+            host_trainer::export::write_shared(&blob, &dir)?;
+            host_trainer::export::write_float_reference(
+                &t.model,
+                test_set,
+                &dir.join("float_reference.txt"),
+                device,
+            )?;
+            println!(
+                "int8 model ({} bytes) written to {}",
+                blob.len(),
+                dir.display()
+            );
+        } else {
+            train::write_atomic(std::path::Path::new(out), &blob)?;
+            println!("int8 model ({} bytes) written to {out}", blob.len());
+        }
     }
     Ok(())
 }
@@ -364,25 +379,16 @@ fn run_train(a: TrainArgs) -> Result<()> {
     let wall = t0.elapsed().as_secs_f64();
     println!("{}", train::format_confusion(&out.test));
     let ck_path = run_dir.join("checkpoint.safetensors");
-    match a.export.as_str() {
-        "none" => {}
-        "run" | "shared" => {
-            export_checkpoint(
-                &ck_path,
-                &run_dir.join("model.bin").to_string_lossy(),
-                &a.quant,
-                &src,
-                &train_set,
-                &test_set,
-                &device,
-            )?;
-            if a.export == "shared" {
-                export_checkpoint(
-                    &ck_path, "shared", &a.quant, &src, &train_set, &test_set, &device,
-                )?;
-            }
-        }
-        other => anyhow::bail!("--export {other}: expected `shared`, `run` or `none`"),
+    let run_model = run_dir.join("model.bin").to_string_lossy().to_string();
+    let outs: Vec<&str> = match a.export {
+        ExportTarget::None => vec![],
+        ExportTarget::Run => vec![&run_model],
+        ExportTarget::Shared => vec![&run_model, "shared"],
+    };
+    if !outs.is_empty() {
+        export_checkpoint(
+            &ck_path, &outs, &a.quant, &src, &train_set, &test_set, &device,
+        )?;
     }
     let epochs = out.history.len();
     let reference = match (cfg.recipe, epochs) {
@@ -492,7 +498,7 @@ fn run_export(a: ExportArgs) -> Result<()> {
     let test_set = load_split(&src, data::Split::Test, a.data.test_limit)?;
     export_checkpoint(
         &a.checkpoint,
-        &a.out,
+        &[a.out.as_str()],
         &a.quant,
         &src,
         &train_set,
