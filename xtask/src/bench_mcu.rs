@@ -56,10 +56,18 @@ fn cmsis_figure(name: &str, op: &str, k: Option<usize>) -> String {
     }
 }
 
+/// Flash bytes, static RAM bytes, and `(name, address, size)` of every
+/// allocated section.
+struct ElfSizes {
+    flash: u64,
+    ram: u64,
+    sections: Vec<(String, u64, u64)>,
+}
+
 /// Flash and static RAM of an ELF: allocated sections in the flash region
 /// (0x0800_0000..) count as flash, those in RAM as RAM; `.data` counts in
 /// both (stored in flash, copied to RAM).
-fn elf_sizes(path: &Path) -> Result<(u64, u64, Vec<(String, u64, u64)>), String> {
+fn elf_sizes(path: &Path) -> Result<ElfSizes, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
     let file = object::File::parse(&*bytes).map_err(|e| format!("{}: {e}", path.display()))?;
     let (mut flash, mut ram) = (0u64, 0u64);
@@ -85,7 +93,11 @@ fn elf_sizes(path: &Path) -> Result<(u64, u64, Vec<(String, u64, u64)>), String>
         }
         rows.push((name, addr, s.size()));
     }
-    Ok((flash, ram, rows))
+    Ok(ElfSizes {
+        flash,
+        ram,
+        sections: rows,
+    })
 }
 
 fn median(mut v: Vec<u64>) -> u64 {
@@ -142,7 +154,11 @@ pub fn bench_mcu(json: bool) -> Result<(), String> {
         });
     }
     let board = build_firmware(Image::Board)?;
-    let (flash, ram, sections) = elf_sizes(&board)?;
+    let ElfSizes {
+        flash,
+        ram,
+        sections,
+    } = elf_sizes(&board)?;
     let arena = model.arena_len();
     let scratch_bytes = model.scratch_len() * 2;
     let per_mac = total as f64 / total_macs as f64;
