@@ -170,8 +170,14 @@ fn every_single_byte_corruption_and_truncation_is_rejected() {
     assert!(Model::parse(buf).is_ok());
 }
 
+/// Each layer run by calling the kernels directly, every tensor in its own
+/// buffer (no arena, so no reliance on the exporter's memory plan), equals
+/// the whole-network `Model::run` bit for bit.
 #[test]
 fn layer_by_layer_equals_whole_network() {
+    use shared::kernels::{
+        add_s8, avgpool_s8, conv2d_s8, conv2d_s8_scratch_len, fc_s8, maxpool_s8,
+    };
     let (blob, _) = exported();
     let owned = OwnedModel::new(blob).unwrap();
     let m = owned.model().unwrap();
@@ -182,12 +188,30 @@ fn layer_by_layer_equals_whole_network() {
         let mut scratch = vec![0i16; m.scratch_len()];
         let mut whole = vec![0i8; m.output().dims.len()];
         m.run(&input, &mut arena, &mut scratch, &mut whole).unwrap();
-        let mut arena2 = vec![0x11i8; m.arena_len()];
-        m.load_input(&input, &mut arena2).unwrap();
-        for l in 0..m.layer_count() {
-            m.run_layer(l, &mut arena2, &mut scratch).unwrap();
+
+        let mut tensors: Vec<Vec<i8>> = (0..m.tensor_count())
+            .map(|t| vec![0; m.tensor(t).dims.len()])
+            .collect();
+        tensors[m.input_index() as usize].copy_from_slice(&input);
+        for layer in m.layers() {
+            let (din, dout) = (m.tensor(layer.input).dims, m.tensor(layer.output).dims);
+            let x = tensors[layer.input as usize].clone();
+            let mut y = vec![0i8; dout.len()];
+            match &layer.kind {
+                LayerKind::Conv(c) => {
+                    let mut s = vec![0i16; conv2d_s8_scratch_len(&c.params, din.c)];
+                    conv2d_s8(c, &x, din, &mut y, dout, &mut s).unwrap()
+                }
+                LayerKind::MaxPool(p) => maxpool_s8(p, &x, din, &mut y, dout).unwrap(),
+                LayerKind::AvgPool(p) => avgpool_s8(p, &x, din, &mut y, dout).unwrap(),
+                LayerKind::Add(p) => {
+                    add_s8(p, &x, &tensors[layer.input2 as usize], &mut y).unwrap()
+                }
+                LayerKind::FullyConnected(fc) => fc_s8(fc, &x, &mut y).unwrap(),
+            }
+            tensors[layer.output as usize] = y;
         }
-        assert_eq!(&arena2[m.output().range()], &whole[..]);
+        assert_eq!(tensors[m.output_index() as usize], whole, "image {i}");
     }
 }
 

@@ -533,6 +533,16 @@ impl<'a> Model<'a> {
         self.n_tensors
     }
 
+    /// Index of the input tensor.
+    pub fn input_index(&self) -> u16 {
+        self.input
+    }
+
+    /// Index of the output (logits) tensor.
+    pub fn output_index(&self) -> u16 {
+        self.output
+    }
+
     /// The input tensor.
     pub fn input(&self) -> TensorInfo {
         self.tensor(self.input)
