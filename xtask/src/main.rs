@@ -85,15 +85,41 @@ fn ci() -> Result<(), String> {
             "warnings",
         ],
     )?;
-    for features in [&[][..], &["--features", "defmt"][..]] {
-        let mut args = vec!["clippy", "-p", "shared", "--target", MCU_TARGET];
-        args.extend_from_slice(features);
+    // Clippy on the MCU target: shared, the board image, the QEMU image.
+    let mcu_builds: [&[&str]; 4] = [
+        &["-p", "shared"],
+        &["-p", "shared", "--features", "defmt"],
+        &["-p", "firmware", "--release"],
+        &[
+            "-p",
+            "firmware",
+            "--release",
+            "--no-default-features",
+            "--features",
+            "qemu",
+        ],
+    ];
+    for pkg in mcu_builds {
+        let mut args = vec!["clippy", "--target", MCU_TARGET];
+        args.extend_from_slice(pkg);
         args.extend_from_slice(&["--", "-D", "warnings"]);
         run("cargo", &args)?;
     }
     run(
         "cargo",
         &["build", "-p", "shared", "--target", MCU_TARGET, "--release"],
+    )?;
+    // The board image: what `cargo embed -p firmware` flashes.
+    run(
+        "cargo",
+        &[
+            "build",
+            "-p",
+            "firmware",
+            "--target",
+            MCU_TARGET,
+            "--release",
+        ],
     )?;
     run("cargo", &["test", "--workspace", "--release"])?;
     eprintln!("\nxtask ci: all checks passed");
