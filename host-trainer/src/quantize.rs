@@ -755,7 +755,7 @@ mod tests {
         assert!((s - 6.0 / 255.0).abs() < 1e-12);
         let (s, z) = choose_quant(-1.0, 1.0);
         assert!((s - 2.0 / 255.0).abs() < 1e-12);
-        assert_eq!(z, 0); // -128 + 127.5 rounds to 0 (half away from zero)
+        assert_eq!(z, -1); // -128 + 1 / (2/255) = -0.5, rounded half away from zero
         let (_, z) = choose_quant(0.5, 2.0); // widened to include 0
         assert_eq!(z, -128);
     }
