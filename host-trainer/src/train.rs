@@ -676,18 +676,19 @@ pub fn plot_learning_curve(path: &Path, history: &[EpochMetrics], recipe: Recipe
             .y_label_area_size(40)
             .build_cartesian_2d(1f64..n, 0f64..100f64)?;
         acc.configure_mesh().x_desc("epoch").y_desc("%").draw()?;
-        acc.draw_series(LineSeries::new(
-            history.iter().map(|m| (m.epoch as f64, m.train_acc)),
-            &BLUE,
-        ))?
-        .label("train (augmented)")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], BLUE));
-        acc.draw_series(LineSeries::new(
-            history.iter().map(|m| (m.epoch as f64, m.test_acc)),
-            &RED,
-        ))?
-        .label("test")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], RED));
+        type Field = fn(&EpochMetrics) -> f64;
+        let curves: [(&str, RGBColor, Field); 2] = [
+            ("train (augmented)", BLUE, |m| m.train_acc),
+            ("test", RED, |m| m.test_acc),
+        ];
+        for (label, color, field) in curves {
+            acc.draw_series(LineSeries::new(
+                history.iter().map(|m| (m.epoch as f64, field(m))),
+                color,
+            ))?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], color));
+        }
         acc.draw_series(LineSeries::new(
             [(1.0, ARTICLE_MOMENTUM_5), (n, ARTICLE_MOMENTUM_5)],
             BLACK.mix(0.4),
