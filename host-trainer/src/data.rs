@@ -1169,9 +1169,10 @@ mod tests {
     /// Times loading the real JPEG test split; run with
     /// `cargo test --release -- --ignored --nocapture real_data`.
     #[test]
-    #[ignore = "reads /work/shared/data/cifar10-jpeg (slow in debug builds)"]
+    #[ignore = "reads ../shared/data/cifar10-jpeg next to the workspace (slow in debug builds)"]
     fn real_data_timing() {
-        let root = Path::new("/work/shared/data/cifar10-jpeg");
+        let root_buf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/cifar10-jpeg");
+        let root = root_buf.as_path();
         let source = detect(root).unwrap();
         for split in [Split::Test, Split::Train] {
             let t = std::time::Instant::now();
