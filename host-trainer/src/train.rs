@@ -742,6 +742,24 @@ mod tests {
         cfg
     }
 
+    /// `train` on the CPU with test options (evaluation batch 32, no progress bars).
+    fn run_cpu(
+        cfg: TrainConfig,
+        train_set: &Dataset,
+        test_set: &Dataset,
+        dir: &Path,
+        resume: bool,
+        stop_after: Option<usize>,
+    ) -> Result<TrainOutcome> {
+        train(
+            cfg,
+            train_set,
+            test_set,
+            &opts(dir, resume, stop_after),
+            &Device::Cpu,
+        )
+    }
+
     fn opts(dir: &Path, resume: bool, stop_after: Option<usize>) -> RunOptions {
         RunOptions {
             run_dir: dir.to_path_buf(),
@@ -772,42 +790,30 @@ mod tests {
     fn resume_equals_uninterrupted_run() {
         let train_set = crate::data::synthetic(64, 4, 1);
         let test_set = crate::data::synthetic(32, 4, 2);
-        let dev = Device::Cpu;
         let a = tempfile::tempdir().unwrap();
-        let straight = train(
-            tiny_config(3),
-            &train_set,
-            &test_set,
-            &opts(a.path(), false, None),
-            &dev,
-        )
-        .unwrap();
+        let straight =
+            run_cpu(tiny_config(3), &train_set, &test_set, a.path(), false, None).unwrap();
         let b = tempfile::tempdir().unwrap();
         // "Killed" after epoch 1, then resumed twice.
-        train(
+        run_cpu(
             tiny_config(3),
             &train_set,
             &test_set,
-            &opts(b.path(), false, Some(1)),
-            &dev,
+            b.path(),
+            false,
+            Some(1),
         )
         .unwrap();
-        train(
+        run_cpu(
             tiny_config(3),
             &train_set,
             &test_set,
-            &opts(b.path(), true, Some(1)),
-            &dev,
+            b.path(),
+            true,
+            Some(1),
         )
         .unwrap();
-        let resumed = train(
-            tiny_config(3),
-            &train_set,
-            &test_set,
-            &opts(b.path(), true, None),
-            &dev,
-        )
-        .unwrap();
+        let resumed = run_cpu(tiny_config(3), &train_set, &test_set, b.path(), true, None).unwrap();
         assert_eq!(weights(&straight.trainee), weights(&resumed.trainee));
         assert_eq!(straight.history.len(), 3);
         assert_eq!(resumed.history.len(), 3);
@@ -837,14 +843,7 @@ mod tests {
         cfg.schedule.decay = Decay::Linear {
             total: 4 * 256 / 16,
         };
-        let out = train(
-            cfg,
-            &train_set,
-            &test_set,
-            &opts(dir.path(), false, None),
-            &Device::Cpu,
-        )
-        .unwrap();
+        let out = run_cpu(cfg, &train_set, &test_set, dir.path(), false, None).unwrap();
         assert!(
             out.test.accuracy > 60.0,
             "toy accuracy {}",
@@ -856,35 +855,31 @@ mod tests {
     fn refuses_to_overwrite_and_rejects_changed_resume() {
         let train_set = crate::data::synthetic(32, 4, 1);
         let dir = tempfile::tempdir().unwrap();
-        train(
+        run_cpu(
             tiny_config(1),
             &train_set,
             &train_set,
-            &opts(dir.path(), false, None),
-            &Device::Cpu,
+            dir.path(),
+            false,
+            None,
         )
         .unwrap();
-        let err = train(
+        let err = run_cpu(
             tiny_config(1),
             &train_set,
             &train_set,
-            &opts(dir.path(), false, None),
-            &Device::Cpu,
+            dir.path(),
+            false,
+            None,
         )
         .err()
         .unwrap();
         assert!(format!("{err:#}").contains("--resume"), "{err:#}");
         let mut other = tiny_config(2);
         other.seed = 99;
-        let err = train(
-            other,
-            &train_set,
-            &train_set,
-            &opts(dir.path(), true, None),
-            &Device::Cpu,
-        )
-        .err()
-        .unwrap();
+        let err = run_cpu(other, &train_set, &train_set, dir.path(), true, None)
+            .err()
+            .unwrap();
         assert!(
             format!("{err:#}").contains("saved configuration"),
             "{err:#}"
@@ -898,15 +893,9 @@ mod tests {
         let mut cfg = tiny_config(1);
         cfg.schedule.base_lr = f64::INFINITY; // the first update makes every weight non-finite
         cfg.schedule.warmup = 0;
-        let err = train(
-            cfg,
-            &train_set,
-            &train_set,
-            &opts(dir.path(), false, None),
-            &Device::Cpu,
-        )
-        .err()
-        .unwrap();
+        let err = run_cpu(cfg, &train_set, &train_set, dir.path(), false, None)
+            .err()
+            .unwrap();
         let msg = format!("{err:#}");
         assert!(
             msg.contains("training diverged") && msg.contains("epoch 1, step"),
