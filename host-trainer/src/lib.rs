@@ -9,6 +9,7 @@ pub mod bench;
 pub mod data;
 pub mod export;
 pub mod model;
+pub mod ops;
 pub mod optim;
 pub mod quantize;
 pub mod schedule;

@@ -20,6 +20,8 @@
 use anyhow::{ensure, Result};
 use candle_core::{Module, ModuleT, Tensor, D};
 use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Linear, VarBuilder};
+
+use crate::ops;
 use serde::{Deserialize, Serialize};
 
 /// Architecture hyper-parameters.
@@ -181,14 +183,62 @@ impl ConvBn {
         Ok(Self { conv, bn })
     }
 
-    /// Conv then BN (batch statistics when `train`, running ones otherwise).
+    /// Conv then BN (batch statistics when `train`, running ones otherwise),
+    /// with stock candle ops (any device).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         self.bn.forward_t(&self.conv.forward(x)?, train)
     }
 
-    /// Inference: conv then BN with running statistics.
+    /// Inference: conv then BN with running statistics (stock candle ops).
     pub fn forward_eval(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.forward_t(x, false)
+    }
+
+    /// Conv, BN and optionally ReLU with the given backend. The fast
+    /// backend updates the BN running statistics exactly as candle-nn's
+    /// `BatchNorm` does (momentum 0.1, unbiased batch variance).
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        train: bool,
+        relu: bool,
+        backend: Backend,
+    ) -> candle_core::Result<Tensor> {
+        if backend == Backend::Stock {
+            let y = self.forward_t(x, train)?;
+            return if relu { y.relu() } else { Ok(y) };
+        }
+        let cfg = self.conv.config();
+        let (w, stride, pad) = (self.conv.weight(), cfg.stride, cfg.padding);
+        let Some((gamma, beta)) = self.bn.weight_and_bias() else {
+            candle_core::bail!("batch norm without scale and shift")
+        };
+        let eps = self.bn.eps();
+        if train {
+            let (y, st) = ops::conv_bn_train(x, w, gamma, beta, stride, pad, eps, relu)?;
+            let m = BN_MOMENTUM as f32;
+            let unbias = st.count as f32 / (st.count.max(2) - 1) as f32;
+            let update = |running: &Tensor, batch: &[f32], k: f32| -> candle_core::Result<()> {
+                let old: Vec<f32> = running.to_vec1()?;
+                let new: Vec<f32> = old
+                    .iter()
+                    .zip(batch)
+                    .map(|(&r, &b)| r * (1.0 - m) + b * k * m)
+                    .collect();
+                candle_core::Var::from_tensor(running)?.set(&Tensor::from_vec(
+                    new,
+                    running.dims(),
+                    running.device(),
+                )?)
+            };
+            update(self.bn.running_mean(), &st.mean, 1.0)?;
+            update(self.bn.running_var(), &st.var, unbias)?;
+            Ok(y)
+        } else {
+            let a = gamma.div(&(self.bn.running_var() + eps)?.sqrt()?)?;
+            let b = (beta - self.bn.running_mean().mul(&a)?)?;
+            ops::conv_affine_eval(x, w, &a, &b, stride, pad, relu)
+        }
     }
 }
 
@@ -204,16 +254,47 @@ pub struct BasicBlock {
 }
 
 impl BasicBlock {
-    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let y = self.c1.forward_t(x, train)?.relu()?;
-        let y = self.c2.forward_t(&y, train)?;
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        train: bool,
+        backend: Backend,
+    ) -> candle_core::Result<Tensor> {
+        let y = self.c1.forward_with(x, train, true, backend)?;
+        let y = self.c2.forward_with(&y, train, false, backend)?;
         let s = match &self.shortcut {
-            Some(sc) => sc.forward_t(x, train)?,
+            Some(sc) => sc.forward_with(x, train, false, backend)?,
             None => x.clone(),
         };
-        (y + s)?.relu()
+        match backend {
+            Backend::Stock => (y + s)?.relu(),
+            Backend::FastCpu => ops::add_relu(&y, &s),
+        }
     }
 }
+
+/// Which implementation of the layers a forward pass uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// candle's own ops (any device; the reference for the fast ops).
+    Stock,
+    /// The custom CPU ops of [`crate::ops`] (GEMM convs, fused BN).
+    FastCpu,
+}
+
+impl Backend {
+    /// The fast ops on the CPU, stock candle elsewhere (CUDA).
+    pub fn for_device(device: &candle_core::Device) -> Self {
+        if device.is_cpu() {
+            Self::FastCpu
+        } else {
+            Self::Stock
+        }
+    }
+}
+
+/// Running-average momentum of BatchNorm statistics (candle-nn's default).
+const BN_MOMENTUM: f64 = 0.1;
 
 /// The network.
 #[derive(Debug, Clone)]
@@ -226,6 +307,8 @@ pub struct MiniResNet {
     pub stages: Vec<Vec<BasicBlock>>,
     /// Classifier.
     pub fc: Linear,
+    /// Layer implementation used by [`Self::forward_t`].
+    pub backend: Backend,
 }
 
 impl MiniResNet {
@@ -266,18 +349,23 @@ impl MiniResNet {
             stem,
             stages,
             fc,
+            backend: Backend::for_device(vb.device()),
         })
     }
 
     /// Logits `(N, classes)` for a batch `(N, 3, H, W)`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let mut x = self.stem.forward_t(x, train)?.relu()?;
+        let backend = self.backend;
+        let mut x = self.stem.forward_with(x, train, true, backend)?;
         if self.arch.maxpool {
-            x = maxpool_3x3_s2_p1(&x)?;
+            x = match backend {
+                Backend::Stock => maxpool_3x3_s2_p1(&x)?,
+                Backend::FastCpu => ops::maxpool_3x3_s2_p1(&x)?,
+            };
         }
         for stage in &self.stages {
             for block in stage {
-                x = block.forward_t(&x, train)?;
+                x = block.forward_with(&x, train, backend)?;
             }
         }
         let x = x.mean(D::Minus1)?.mean(D::Minus1)?; // global average pool
@@ -336,8 +424,9 @@ pub fn init_values(name: &str, dims: &[usize], seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// 3x3 stride-2 max pool with padding 1, with a backward pass (candle's own
-/// `max_pool2d` has no padding and no backward for kernel != stride).
+/// 3x3 stride-2 max pool with padding 1 from stock candle ops, with a
+/// backward pass (candle's own `max_pool2d` has no padding and no backward
+/// for kernel != stride). [`crate::ops::maxpool_3x3_s2_p1`] is the fast one.
 ///
 /// The input must be non-negative (it follows a ReLU), so zero padding is
 /// the same as −∞ padding. The nine window taps are strided views of the
