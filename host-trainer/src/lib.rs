@@ -11,6 +11,7 @@ pub mod export;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod peer;
 pub mod quantize;
 pub mod schedule;
 pub mod train;

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use host_trainer::model::ArchConfig;
 use host_trainer::train::{self, Recipe, RunOptions, TrainConfig};
-use host_trainer::{bench, data};
+use host_trainer::{bench, data, peer};
 
 /// Train Mini-ResNet on CIFAR-10 (candle, CPU or CUDA).
 #[derive(Debug, Parser)]
@@ -204,8 +204,21 @@ struct BenchArgs {
     #[arg(long, default_value_t = 10)]
     runs: usize,
     /// Untimed warm-up runs.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 3)]
     warmup: usize,
+    /// Threads for both candle (`RAYON_NUM_THREADS`) and PyTorch.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Framework to compare with, run after candle [default: pytorch when
+    /// bench/.venv exists (`bash bench/setup.sh`), otherwise none].
+    #[arg(long, value_enum)]
+    peer: Option<peer::Peer>,
+    /// Python of the PyTorch peer [default: bench/.venv/bin/python in the workspace].
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// Run PyTorch with the channels-last (NHWC) memory format.
+    #[arg(long)]
+    channels_last: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -556,16 +569,52 @@ fn run_classify(a: ClassifyArgs) -> Result<()> {
 }
 
 fn run_bench(a: BenchArgs) -> Result<()> {
+    anyhow::ensure!(
+        a.threads > 0 && a.runs > 0 && a.batch_size > 0,
+        "--threads, --runs and --batch-size must be positive"
+    );
+    // Before candle's first operation: its CPU kernels and rayon's pool read it.
+    std::env::set_var("RAYON_NUM_THREADS", a.threads.to_string());
+    let python = a.python.clone().unwrap_or_else(peer::default_python);
+    let peer = match a.peer {
+        Some(p) => p,
+        None if a.device != "cpu" => peer::Peer::None,
+        None if python.exists() => peer::Peer::Pytorch,
+        None => {
+            eprintln!(
+                "note: no PyTorch comparison: {} is missing ({}; --peer none silences this)",
+                python.display(),
+                peer::SETUP_HINT
+            );
+            peer::Peer::None
+        }
+    };
+    let script = peer::default_script();
+    if peer == peer::Peer::Pytorch {
+        peer::check_paths(&python, &script)?; // before the candle half, not after
+    }
     let device = train::device(&a.device)?;
     let arch = a.arch.resolve()?;
-    let r = bench::bench(&arch, a.batch_size, a.warmup, a.runs, &device)?;
+    // candle first, then PyTorch: never both at once.
+    let candle = bench::bench(&arch, a.batch_size, a.warmup, a.runs, &device)?;
+    let peer_result = match peer {
+        peer::Peer::None => None,
+        peer::Peer::Pytorch => Some(peer::run_pytorch(&peer::PeerRun {
+            python: &python,
+            script: &script,
+            arch: &arch,
+            batch_size: a.batch_size,
+            warmup: a.warmup,
+            runs: a.runs,
+            threads: a.threads,
+            channels_last: a.channels_last,
+        })?),
+    };
+    let r = bench::BenchReport::new(&arch, &a.device, a.threads, a.warmup, candle, peer_result);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
-        println!(
-            "candle {} batch {}: train {:.1} images/s ({:.2} GFLOP/s), inference {:.1} images/s (median of {} runs)",
-            a.device, r.batch_size, r.train_images_per_sec, r.train_gflops, r.infer_images_per_sec, r.runs
-        );
+        print!("{}", r.table());
     }
     Ok(())
 }
