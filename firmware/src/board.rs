@@ -67,7 +67,7 @@ use embassy_stm32::rcc::{Mco, Mco1Source, McoConfig, McoPrescaler};
 use embassy_stm32::time::Hertz;
 use embassy_stm32::{bind_interrupts, dma, peripherals};
 use embassy_time::{with_timeout, Delay, Duration, Instant, Timer};
-use shared::model::{ARENA_LEN, SCRATCH_LEN};
+use shared::model::{Scratch, ARENA_LEN, SCRATCH_LEN_FAST};
 use shared::preprocess::{Frame, PixelFormat};
 use {defmt_rtt as _, panic_probe as _};
 
@@ -99,7 +99,7 @@ static mut FRAMES: [FrameBuffer; 2] =
     [FrameBuffer([0; FRAME_WORDS]), FrameBuffer([0; FRAME_WORDS])];
 /// The model's activation arena and conv scratch (CPU only, AXI SRAM .bss).
 static mut ARENA: [i8; ARENA_LEN] = [0; ARENA_LEN];
-static mut SCRATCH: [i16; SCRATCH_LEN] = [0; SCRATCH_LEN];
+static mut SCRATCH: Scratch<SCRATCH_LEN_FAST> = Scratch::new();
 
 /// Frames captured successfully.
 static FRAMES_OK: AtomicU32 = AtomicU32::new(0);
@@ -166,7 +166,7 @@ async fn main(_spawner: Spawner) {
         (
             &mut *core::ptr::addr_of_mut!(FRAMES),
             &mut *core::ptr::addr_of_mut!(ARENA),
-            &mut *core::ptr::addr_of_mut!(SCRATCH),
+            &mut (*core::ptr::addr_of_mut!(SCRATCH)).0,
         )
     };
     // `enable_dcache` invalidated the whole cache and nothing has touched the

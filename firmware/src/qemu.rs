@@ -25,7 +25,7 @@ use core::sync::atomic::{AtomicU32, Ordering};
 use cortex_m::peripheral::syst::SystClkSource;
 use cortex_m_rt::{entry, exception};
 use cortex_m_semihosting::{debug, hio, nr, syscall};
-use shared::model::{ARENA_LEN, SCRATCH_LEN};
+use shared::model::{Scratch, ARENA_LEN, SCRATCH_LEN_FAST};
 use shared::preprocess::{Frame, PixelFormat};
 
 use crate::app::Engine;
@@ -37,7 +37,7 @@ const INSN_PER_TICK: u64 = 40;
 const RELOAD: u32 = 0x00FF_FFFF;
 
 static mut ARENA: [i8; ARENA_LEN] = [0; ARENA_LEN];
-static mut SCRATCH: [i16; SCRATCH_LEN] = [0; SCRATCH_LEN];
+static mut SCRATCH: Scratch<SCRATCH_LEN_FAST> = Scratch::new();
 static mut FRAME: [u8; MAX_FRAME] = [0; MAX_FRAME];
 static WRAPS: AtomicU32 = AtomicU32::new(0);
 
@@ -138,7 +138,7 @@ fn main() -> ! {
     let (arena, scratch, frame_buf) = unsafe {
         (
             &mut *core::ptr::addr_of_mut!(ARENA),
-            &mut *core::ptr::addr_of_mut!(SCRATCH),
+            &mut (*core::ptr::addr_of_mut!(SCRATCH)).0,
             &mut *core::ptr::addr_of_mut!(FRAME),
         )
     };

@@ -12,12 +12,27 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The cargo target folder: `$CARGO_TARGET_DIR` when set, else `<workspace>/target`.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) if !d.is_empty() => {
+            let d = PathBuf::from(d);
+            if d.is_absolute() {
+                d
+            } else {
+                workspace_root().join(d)
+            }
+        }
+        _ => workspace_root().join("target"),
+    }
+}
+
 /// Which firmware image to build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Image {
-    /// The NUCLEO-H743ZI2 image (default features), in the workspace target folder.
+    /// The NUCLEO-H743ZI2 image (default features), in the target folder ([`target_dir`]).
     Board,
-    /// The QEMU `mps2-an500` image, in `target/qemu-firmware` so it can be
+    /// The QEMU `mps2-an500` image, in `<target>/qemu-firmware` so it can be
     /// built while an outer `cargo` holds the workspace's target folder.
     Qemu,
 }
@@ -33,11 +48,12 @@ pub fn build_firmware(image: Image) -> Result<PathBuf, String> {
         "--target",
         "thumbv7em-none-eabihf",
     ];
+    let target = target_dir();
     let target_dir = match image {
-        Image::Board => root.join("target"),
+        Image::Board => target,
         Image::Qemu => {
             args.extend(["--no-default-features", "--features", "qemu"]);
-            root.join("target/qemu-firmware")
+            target.join("qemu-firmware")
         }
     };
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

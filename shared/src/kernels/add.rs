@@ -156,7 +156,25 @@ impl AddParams {
 /// Elementwise `output[i] = add(input1[i], input2[i])` with the arithmetic of
 /// [`AddParams`]. All three slices have the same length (any layout, as long
 /// as both inputs share it). No scratch.
+///
+/// The fast kernel (`kernels::dsp`: the input rescalings tabulated per int8
+/// value); it gives the same bytes as [`add_s8_reference`].
 pub fn add_s8(
+    params: &AddParams,
+    input1: &[i8],
+    input2: &[i8],
+    output: &mut [i8],
+) -> Result<(), Error> {
+    params.validate()?;
+    check_len("input2", input1.len(), input2.len())?;
+    check_len("output", input1.len(), output.len())?;
+    super::dsp::add::add_s8_dsp(params, input1, input2, output);
+    Ok(())
+}
+
+/// The portable reference of [`add_s8`] (same contract, same bytes): one
+/// [`AddParams::add_one`] per element.
+pub fn add_s8_reference(
     params: &AddParams,
     input1: &[i8],
     input2: &[i8],
@@ -200,9 +218,16 @@ mod tests {
             .collect()
     }
 
+    /// Every backend on the same data: they must agree byte for byte.
     fn run(p: &AddParams, a: &[i8], b: &[i8]) -> Vec<i8> {
         let mut out = vec![0i8; a.len()];
         add_s8(p, a, b, &mut out).unwrap();
+        let mut reference = vec![0i8; a.len()];
+        add_s8_reference(p, a, b, &mut reference).unwrap();
+        assert_eq!(out, reference, "fast vs reference");
+        let mut tables = vec![0i8; a.len()];
+        crate::kernels::dsp::add::add_s8_tables(p, a, b, &mut tables);
+        assert_eq!(tables, reference, "table path vs reference");
         out
     }
 

@@ -121,6 +121,10 @@ pub fn conv2d_s8_validate(
 /// [`conv2d_s8_scratch_len`] values (its contents on return are unspecified).
 /// The accumulator is int32 and wraps on overflow, which needs more than
 /// 33,000 taps per output.
+///
+/// This is the fast kernel (`kernels::dsp`: SMLAD/SXTB16, real instructions
+/// on Cortex-M4/M7, emulated elsewhere); it gives the same bytes as
+/// [`conv2d_s8_reference`].
 pub fn conv2d_s8(
     layer: &Conv2d<'_>,
     input: &[i8],
@@ -129,11 +133,26 @@ pub fn conv2d_s8(
     output_dims: Dims,
     scratch: &mut [i16],
 ) -> Result<(), Error> {
+    check_buffers(layer, input, input_dims, output, output_dims, scratch)?;
+    if !super::dsp::conv::conv2d_s8_dsp(layer, input, input_dims, output, output_dims, scratch) {
+        // The scratch is not 4-byte aligned and has no element to spare.
+        reference_unchecked(layer, input, input_dims, output, output_dims, scratch);
+    }
+    Ok(())
+}
+
+fn check_buffers(
+    layer: &Conv2d<'_>,
+    input: &[i8],
+    input_dims: Dims,
+    output: &[i8],
+    output_dims: Dims,
+    scratch: &[i16],
+) -> Result<(), Error> {
     conv2d_s8_validate(layer, input_dims, output_dims)?;
     check_len("input", input_dims.len(), input.len())?;
     check_len("output", output_dims.len(), output.len())?;
-    let p = &layer.params;
-    let need = conv2d_s8_scratch_len(p, input_dims.c);
+    let need = conv2d_s8_scratch_len(&layer.params, input_dims.c);
     if scratch.len() < need {
         return Err(Error::BufferLength {
             buffer: "scratch",
@@ -141,6 +160,33 @@ pub fn conv2d_s8(
             actual: scratch.len(),
         });
     }
+    Ok(())
+}
+
+/// The portable reference of [`conv2d_s8`] (same contract, same bytes):
+/// plain loops over an `i16` im2col, the oracle of the fast kernel's tests.
+pub fn conv2d_s8_reference(
+    layer: &Conv2d<'_>,
+    input: &[i8],
+    input_dims: Dims,
+    output: &mut [i8],
+    output_dims: Dims,
+    scratch: &mut [i16],
+) -> Result<(), Error> {
+    check_buffers(layer, input, input_dims, output, output_dims, scratch)?;
+    reference_unchecked(layer, input, input_dims, output, output_dims, scratch);
+    Ok(())
+}
+
+fn reference_unchecked(
+    layer: &Conv2d<'_>,
+    input: &[i8],
+    input_dims: Dims,
+    output: &mut [i8],
+    output_dims: Dims,
+    scratch: &mut [i16],
+) {
+    let p = &layer.params;
     let taps = p.kernel_h * p.kernel_w * input_dims.c;
     let (col0, rest) = scratch.split_at_mut(taps);
     let col1 = &mut rest[..taps];
@@ -201,7 +247,6 @@ pub fn conv2d_s8(
             *o = requantize(a, m, s, p.output_offset, p.act_min, p.act_max);
         }
     }
-    Ok(())
 }
 
 /// Gathers the receptive field of output pixel `(oy, ox)` into `col` in HWI
@@ -308,6 +353,34 @@ mod tests {
             let mut out = vec![0i8; od.len()];
             let mut scratch = vec![0x5555i16; conv2d_s8_scratch_len(&self.p, self.id.c)];
             conv2d_s8(&layer, &self.input, self.id, &mut out, od, &mut scratch).unwrap();
+            // The fast kernel's 1x4 tile, with room for four columns.
+            let mut wide = vec![0i8; od.len()];
+            let mut scratch4 = vec![0x5555i16; 2 * scratch.len() + 3];
+            conv2d_s8(&layer, &self.input, self.id, &mut wide, od, &mut scratch4).unwrap();
+            assert_eq!(wide, out, "1x4 tile vs 2x2 tile");
+            // A scratch at an odd i16 address: aligned by skipping one element
+            // when there is room, else the portable path.
+            let need = conv2d_s8_scratch_len(&self.p, self.id.c);
+            for extra in [1, 0] {
+                let mut odd = vec![0x5555i16; need + 2];
+                let mut got = vec![0i8; od.len()];
+                let s = &mut odd[1..1 + need + extra];
+                conv2d_s8(&layer, &self.input, self.id, &mut got, od, s).unwrap();
+                assert_eq!(got, out, "misaligned scratch, {extra} spare");
+            }
+            // Every backend, same bytes: the reference kernel too.
+            let mut reference = vec![0i8; od.len()];
+            scratch.fill(0x5555);
+            conv2d_s8_reference(
+                &layer,
+                &self.input,
+                self.id,
+                &mut reference,
+                od,
+                &mut scratch,
+            )
+            .unwrap();
+            assert_eq!(out, reference, "fast vs reference kernel");
             out
         }
 

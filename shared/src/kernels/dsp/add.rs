@@ -1,0 +1,49 @@
+//! Fast `add_s8`: TFLM's ADD arithmetic with the two input rescalings looked
+//! up in 256-entry tables (each is a function of one int8 value), and the
+//! output requantization through [`ChannelRequant`]. Bit-identical to
+//! [`AddParams::add_one`](crate::kernels::AddParams::add_one) by
+//! construction: the tables hold exactly the reference's values.
+
+use super::requant::ChannelRequant;
+use crate::kernels::AddParams;
+
+/// Below this many elements the tables cost more than they save.
+const TABLE_MIN_LEN: usize = 128;
+
+/// The residual add. The caller has validated the parameters and that the
+/// three slices have the same length.
+pub(crate) fn add_s8_dsp(p: &AddParams, input1: &[i8], input2: &[i8], output: &mut [i8]) {
+    debug_assert!(input1.len() == input2.len() && input1.len() == output.len());
+    if output.len() < TABLE_MIN_LEN {
+        for ((o, &a), &b) in output.iter_mut().zip(input1).zip(input2) {
+            *o = p.add_one(a, b);
+        }
+    } else {
+        add_s8_tables(p, input1, input2, output);
+    }
+}
+
+/// The table path of [`add_s8_dsp`], for any length.
+pub(crate) fn add_s8_tables(p: &AddParams, input1: &[i8], input2: &[i8], output: &mut [i8]) {
+    let s1 = ChannelRequant::new(p.input1_multiplier, p.input1_shift, 0, i8::MIN, i8::MAX);
+    let s2 = ChannelRequant::new(p.input2_multiplier, p.input2_shift, 0, i8::MIN, i8::MAX);
+    let mut t1 = [0i32; 256];
+    let mut t2 = [0i32; 256];
+    for v in -128i32..=127 {
+        let i = (v + 128) as usize;
+        t1[i] = s1.scale((v + p.input1_offset) << p.left_shift);
+        t2[i] = s2.scale((v + p.input2_offset) << p.left_shift);
+    }
+    let out = ChannelRequant::new(
+        p.output_multiplier,
+        p.output_shift,
+        p.output_offset,
+        p.act_min,
+        p.act_max,
+    );
+    for ((o, &a), &b) in output.iter_mut().zip(input1).zip(input2) {
+        let a = t1[(a as i32 + 128) as usize];
+        let b = t2[(b as i32 + 128) as usize];
+        *o = out.apply(a.wrapping_add(b));
+    }
+}

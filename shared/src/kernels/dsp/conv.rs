@@ -1,0 +1,464 @@
+//! Fast `conv2d_s8`: im2col of 4 (or 2) output pixels at once into
+//! interleaved `i16` columns with the input offset applied (SXTB16 + SADD16,
+//! four channels per word), then a register tile of SMLADs: 1 output channel
+//! × 4 pixels when the scratch holds four columns, else 2 output channels × 2
+//! pixels. Weights are read straight from the OHWI filter as words and
+//! unpacked with SXTB16 / SXTB16 ROR #8.
+//!
+//! **Column layout** for `n` pixels and `taps = kernel_h * kernel_w * in_c`,
+//! `full = taps & !3`: tap group `g` (taps `4g..4g + 4`) of pixel `j` sits at
+//! `i16` offset `4 * n * g + 4 * j`, in the order `t0, t2, t1, t3`: SXTB16 of
+//! a weight word gives `(w0, w2)` and SXTB16 ROR #8 gives `(w1, w3)`, so one
+//! column word lines up with each, and the `n` pixels of a group are
+//! contiguous for one pointer walk. The `taps - full` tail taps (only when
+//! `taps` is not a multiple of 4, e.g. the 3-channel stem) follow at
+//! `n * full + j * (taps - full)` in natural order and are done with scalar
+//! multiplies.
+//!
+//! The sums are the reference kernel's int32 sums in another order; int32
+//! wrapping addition is associative and commutative, so the bytes are
+//! identical.
+
+use super::isa::{load_u32, sadd16, smlad, sxtb16, sxtb16_ror8};
+use super::requant::ChannelRequant;
+use crate::kernels::{Conv2d, Conv2dParams, Dims};
+
+/// A column word (4-byte aligned: the kernel aligns the scratch).
+///
+/// # Safety
+/// `p` is 4-byte aligned and readable for 4 bytes.
+#[inline(always)]
+unsafe fn col_word(p: *const u8) -> u32 {
+    // SAFETY: the caller's guarantee.
+    unsafe { (p as *const u32).read() }
+}
+
+/// Geometry of one im2col block.
+#[derive(Clone, Copy)]
+struct Cols {
+    /// Pixels per block (2 or 4).
+    n: usize,
+    taps: usize,
+    full: usize,
+}
+
+impl Cols {
+    /// Offset of flat tap `t` of pixel `j`.
+    #[inline(always)]
+    fn slot(&self, t: usize, j: usize) -> usize {
+        if t < self.full {
+            (t & !3) * self.n + 4 * j + (((t & 1) << 1) | ((t >> 1) & 1))
+        } else {
+            self.n * self.full + j * (self.taps - self.full) + (t - self.full)
+        }
+    }
+}
+
+/// Writes `len` taps from flat tap `base` of pixel `j`: zeros when `src` is
+/// `None`, else `src[i] + offset`.
+///
+/// # Safety
+/// `col` holds `n * taps` elements (4-byte aligned), `base + len <= taps`,
+/// and `src` (when given) holds `len` values.
+#[inline(always)]
+unsafe fn put_taps(
+    col: *mut i16,
+    k: Cols,
+    j: usize,
+    base: usize,
+    len: usize,
+    src: Option<*const i8>,
+    off: i32,
+) {
+    if base.is_multiple_of(4) && len.is_multiple_of(4) && base + len <= k.full {
+        // Whole groups: one word of 4 channels → two column words, then the
+        // next group of this pixel, `4 * n` halfwords on.
+        let off2 = (off as u16 as u32) * 0x0001_0001;
+        // SAFETY: the caller's bounds; group starts are 8-byte aligned.
+        let mut d = unsafe { col.add(k.slot(base, j)) } as *mut u32;
+        let step = 2 * k.n; // words per group
+        match src {
+            Some(s) => {
+                let mut s = s as *const u8;
+                // SAFETY: `len` source bytes.
+                let end = unsafe { s.add(len) };
+                while s < end {
+                    // SAFETY: as above.
+                    unsafe {
+                        let x = load_u32(s);
+                        d.write(sadd16(sxtb16(x), off2));
+                        d.add(1).write(sadd16(sxtb16_ror8(x), off2));
+                        s = s.add(4);
+                        d = d.add(step);
+                    }
+                }
+            }
+            None => {
+                for _ in 0..len / 4 {
+                    // SAFETY: as above.
+                    unsafe {
+                        d.write(0);
+                        d.add(1).write(0);
+                        d = d.add(step);
+                    }
+                }
+            }
+        }
+    } else {
+        for i in 0..len {
+            // SAFETY: the caller's bounds; `slot` maps taps into the block.
+            unsafe {
+                let v = match src {
+                    Some(s) => (*s.add(i) as i32 + off) as i16,
+                    None => 0,
+                };
+                *col.add(k.slot(base + i, j)) = v;
+            }
+        }
+    }
+}
+
+/// Gathers the receptive field of output pixel `(oy, ox)` as pixel `j` of
+/// the block at `col`, offset applied, padding as 0.
+///
+/// # Safety
+/// `col` holds `n * taps` elements, `j < n`, `input` holds `dims.len()`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn im2col(
+    col: *mut i16,
+    k: Cols,
+    j: usize,
+    input: *const i8,
+    dims: Dims,
+    p: &Conv2dParams,
+    oy: usize,
+    ox: usize,
+) {
+    let c = dims.c;
+    let row_len = p.kernel_w * c;
+    let x0 = ox * p.stride_w;
+    // The whole kernel row inside the input: one contiguous run of `row_len`.
+    let row_inside = x0 >= p.pad_w && x0 - p.pad_w + p.kernel_w <= dims.w;
+    for ky in 0..p.kernel_h {
+        let iy = (oy * p.stride_h + ky).wrapping_sub(p.pad_h);
+        let row = ky * row_len;
+        if iy >= dims.h {
+            // SAFETY: `row + row_len <= taps`.
+            unsafe { put_taps(col, k, j, row, row_len, None, 0) };
+            continue;
+        }
+        if row_inside {
+            // SAFETY: pixels `(iy, x0 - pad_w ..+ kernel_w)` are in the input.
+            unsafe {
+                let src = input.add((iy * dims.w + x0 - p.pad_w) * c);
+                put_taps(col, k, j, row, row_len, Some(src), p.input_offset);
+            }
+            continue;
+        }
+        for kx in 0..p.kernel_w {
+            let ix = (x0 + kx).wrapping_sub(p.pad_w);
+            let src = if ix >= dims.w {
+                None
+            } else {
+                // SAFETY: `(iy, ix)` is inside the input.
+                Some(unsafe { input.add((iy * dims.w + ix) * c) })
+            };
+            // SAFETY: `row + kx * c + c <= taps`.
+            unsafe { put_taps(col, k, j, row + kx * c, c, src, p.input_offset) };
+        }
+    }
+}
+
+/// One output channel (filter row `w`) × four pixels of the block `col`.
+///
+/// # Safety
+/// `w` holds `taps` values; `col` is a 4-pixel block of `k`.
+#[inline(always)]
+unsafe fn dot_1x4(w: *const i8, col: *const i16, k: Cols, acc: [i32; 4]) -> [i32; 4] {
+    let [mut a0, mut a1, mut a2, mut a3] = acc;
+    let mut pw = w as *const u8;
+    let mut pc = col as *const u8;
+    // SAFETY: `full` filter values.
+    let end = unsafe { pw.add(k.full) };
+    #[cfg(armv7em)]
+    if pw < end {
+        // The same loop as the portable one below, scheduled by hand: one
+        // weight word, four LDRD of column pairs, 8 SMLAD; 17 instructions
+        // per 16 MACs.
+        // SAFETY: reads `full` filter bytes from `w` and `4 * full` column
+        // halfwords from `col` (4-byte aligned), as the portable loop does.
+        unsafe {
+            core::arch::asm!(
+                "2:",
+                "ldr {w}, [{pw}], #4",
+                "ldrd {x0}, {x1}, [{pc}], #8",
+                "sxtb16 {we}, {w}",
+                "sxtb16 {w}, {w}, ror #8",
+                "smlad {a0}, {we}, {x0}, {a0}",
+                "smlad {a0}, {w}, {x1}, {a0}",
+                "ldrd {x0}, {x1}, [{pc}], #8",
+                "smlad {a1}, {we}, {x0}, {a1}",
+                "smlad {a1}, {w}, {x1}, {a1}",
+                "ldrd {x0}, {x1}, [{pc}], #8",
+                "smlad {a2}, {we}, {x0}, {a2}",
+                "smlad {a2}, {w}, {x1}, {a2}",
+                "ldrd {x0}, {x1}, [{pc}], #8",
+                "smlad {a3}, {we}, {x0}, {a3}",
+                "smlad {a3}, {w}, {x1}, {a3}",
+                "cmp {pw}, {end}",
+                "blo 2b",
+                pw = inout(reg) pw,
+                pc = inout(reg) pc,
+                end = in(reg) end,
+                a0 = inout(reg) a0,
+                a1 = inout(reg) a1,
+                a2 = inout(reg) a2,
+                a3 = inout(reg) a3,
+                w = out(reg) _,
+                we = out(reg) _,
+                x0 = out(reg) _,
+                x1 = out(reg) _,
+                options(nostack, readonly),
+            );
+        }
+    }
+    #[cfg(armv7em)]
+    let _ = (pw, pc);
+    #[cfg(not(armv7em))]
+    while pw < end {
+        // SAFETY: one weight word and one 4-pixel group (32 bytes) per step.
+        unsafe {
+            let wv = load_u32(pw);
+            let (we, wo) = (sxtb16(wv), sxtb16_ror8(wv));
+            a0 = smlad(we, col_word(pc), a0);
+            a0 = smlad(wo, col_word(pc.add(4)), a0);
+            a1 = smlad(we, col_word(pc.add(8)), a1);
+            a1 = smlad(wo, col_word(pc.add(12)), a1);
+            a2 = smlad(we, col_word(pc.add(16)), a2);
+            a2 = smlad(wo, col_word(pc.add(20)), a2);
+            a3 = smlad(we, col_word(pc.add(24)), a3);
+            a3 = smlad(wo, col_word(pc.add(28)), a3);
+            pw = pw.add(4);
+            pc = pc.add(32);
+        }
+    }
+    let tail = k.taps - k.full;
+    for t in 0..tail {
+        // SAFETY: tail taps of the row and of each pixel.
+        unsafe {
+            let wt = *w.add(k.full + t) as i32;
+            let x = col.add(4 * k.full + t);
+            a0 = a0.wrapping_add(wt * *x as i32);
+            a1 = a1.wrapping_add(wt * *x.add(tail) as i32);
+            a2 = a2.wrapping_add(wt * *x.add(2 * tail) as i32);
+            a3 = a3.wrapping_add(wt * *x.add(3 * tail) as i32);
+        }
+    }
+    [a0, a1, a2, a3]
+}
+
+/// Two output channels (rows `w0`, `w0 + taps`) × two pixels of the block
+/// `col`: `[oc0·px0, oc0·px1, oc1·px0, oc1·px1]`.
+///
+/// # Safety
+/// Two filter rows of `taps` values at `w0`; `col` is a 2-pixel block of `k`.
+#[inline(always)]
+unsafe fn dot_2x2(w0: *const i8, col: *const i16, k: Cols, acc: [i32; 4]) -> [i32; 4] {
+    let [mut a00, mut a01, mut a10, mut a11] = acc;
+    // SAFETY: the second row.
+    let w1 = unsafe { w0.add(k.taps) };
+    let (mut pw0, mut pw1) = (w0 as *const u8, w1 as *const u8);
+    let mut pc = col as *const u8;
+    // SAFETY: `full` filter values.
+    let end = unsafe { pw0.add(k.full) };
+    while pw0 < end {
+        // SAFETY: one word of each row and one 2-pixel group per step.
+        unsafe {
+            let (x0e, x0o) = (col_word(pc), col_word(pc.add(4)));
+            let (x1e, x1o) = (col_word(pc.add(8)), col_word(pc.add(12)));
+            let wa = load_u32(pw0);
+            let (we, wo) = (sxtb16(wa), sxtb16_ror8(wa));
+            a00 = smlad(we, x0e, a00);
+            a00 = smlad(wo, x0o, a00);
+            a01 = smlad(we, x1e, a01);
+            a01 = smlad(wo, x1o, a01);
+            let wb = load_u32(pw1);
+            let (we, wo) = (sxtb16(wb), sxtb16_ror8(wb));
+            a10 = smlad(we, x0e, a10);
+            a10 = smlad(wo, x0o, a10);
+            a11 = smlad(we, x1e, a11);
+            a11 = smlad(wo, x1o, a11);
+            pw0 = pw0.add(4);
+            pw1 = pw1.add(4);
+            pc = pc.add(16);
+        }
+    }
+    let tail = k.taps - k.full;
+    for t in 0..tail {
+        // SAFETY: tail taps of the rows and of each pixel.
+        unsafe {
+            let (wa, wb) = (*w0.add(k.full + t) as i32, *w1.add(k.full + t) as i32);
+            let x = col.add(2 * k.full + t);
+            let (x0, x1) = (*x as i32, *x.add(tail) as i32);
+            a00 = a00.wrapping_add(wa * x0);
+            a01 = a01.wrapping_add(wa * x1);
+            a10 = a10.wrapping_add(wb * x0);
+            a11 = a11.wrapping_add(wb * x1);
+        }
+    }
+    [a00, a01, a10, a11]
+}
+
+/// The fast convolution. The caller has validated everything
+/// [`conv2d_s8`](crate::kernels::conv2d_s8) validates: lengths of input,
+/// output, filter, bias, requantization, a scratch of at least two columns,
+/// and parameter ranges. With four columns of scratch
+/// (`4 * kernel_h * kernel_w * in_c`) it runs the 1 × 4 tile, else 2 × 2.
+/// Returns `false` (and does nothing) when the scratch is not 4-byte aligned
+/// and has no element to spare for aligning it.
+pub(crate) fn conv2d_s8_dsp(
+    layer: &Conv2d<'_>,
+    input: &[i8],
+    input_dims: Dims,
+    output: &mut [i8],
+    output_dims: Dims,
+    scratch: &mut [i16],
+) -> bool {
+    let p = &layer.params;
+    let taps = p.kernel_h * p.kernel_w * input_dims.c;
+    // Columns start 4-byte aligned, so column words are plain aligned loads.
+    let skip = scratch.as_ptr().align_offset(4);
+    if skip > 1 || scratch.len() < skip + 2 * taps {
+        return false;
+    }
+    let scratch = &mut scratch[skip..];
+    let n = if scratch.len() >= 4 * taps { 4 } else { 2 };
+    let k = Cols {
+        n,
+        taps,
+        full: taps & !3,
+    };
+    let out_c = output_dims.c;
+    let pixels = output_dims.h * output_dims.w;
+    debug_assert!(input.len() == input_dims.len() && output.len() == pixels * out_c);
+    debug_assert!(scratch.len() >= 2 * taps && layer.filter.len() == out_c * taps);
+    debug_assert!(layer.bias.len() == out_c && layer.requant.shift.len() == out_c);
+    let col = scratch.as_mut_ptr();
+    let (inp, filt, out) = (input.as_ptr(), layer.filter.as_ptr(), output.as_mut_ptr());
+    let (bias, mult, shift) = (
+        layer.bias.as_ptr(),
+        layer.requant.multiplier.as_ptr(),
+        layer.requant.shift.as_ptr(),
+    );
+    let rq = |oc: usize| -> ChannelRequant {
+        // SAFETY: `oc < out_c`.
+        let (m, s) = unsafe { (*mult.add(oc), *shift.add(oc)) };
+        ChannelRequant::new(m, s, p.output_offset, p.act_min, p.act_max)
+    };
+    let mut pix = 0;
+    while pix < pixels {
+        let valid = (pixels - pix).min(n);
+        for j in 0..n {
+            // A short last block repeats its last pixel; those outputs are dropped.
+            let q = pix + j.min(valid - 1);
+            // SAFETY: the block holds `n` columns; `q` is an output pixel.
+            unsafe {
+                im2col(
+                    col,
+                    k,
+                    j,
+                    inp,
+                    input_dims,
+                    p,
+                    q / output_dims.w,
+                    q % output_dims.w,
+                )
+            };
+        }
+        // SAFETY: pixels `pix..pix + valid` are in the output.
+        let o = unsafe { out.add(pix * out_c) };
+        if n == 4 {
+            for oc in 0..out_c {
+                // SAFETY: row `oc` of the filter, `oc < out_c`, `j < valid`.
+                unsafe {
+                    let b = *bias.add(oc);
+                    let a = dot_1x4(filt.add(oc * taps), col, k, [b; 4]);
+                    let r = rq(oc);
+                    for (j, &aj) in a.iter().enumerate().take(valid) {
+                        *o.add(j * out_c + oc) = r.apply(aj);
+                    }
+                }
+            }
+        } else {
+            let mut oc = 0;
+            while oc < out_c {
+                // The last odd channel runs as a pair with itself.
+                let oc1 = (oc + 1).min(out_c - 1);
+                // SAFETY: rows `oc`, `oc1` of the filter; `j < valid`.
+                unsafe {
+                    let (b0, b1) = (*bias.add(oc), *bias.add(oc1));
+                    let a = if oc1 == oc + 1 {
+                        dot_2x2(filt.add(oc * taps), col, k, [b0, b0, b1, b1])
+                    } else {
+                        let d = dot_1x4_pair(filt.add(oc * taps), col, k, b0);
+                        [d[0], d[1], b1, b1]
+                    };
+                    let r0 = rq(oc);
+                    *o.add(oc) = r0.apply(a[0]);
+                    if valid > 1 {
+                        *o.add(out_c + oc) = r0.apply(a[1]);
+                    }
+                    if oc1 == oc + 1 {
+                        let r1 = rq(oc1);
+                        *o.add(oc1) = r1.apply(a[2]);
+                        if valid > 1 {
+                            *o.add(out_c + oc1) = r1.apply(a[3]);
+                        }
+                    }
+                }
+                oc += 2;
+            }
+        }
+        pix += n;
+    }
+    true
+}
+
+/// One output channel × the two pixels of a 2-pixel block (the odd last
+/// channel of the 2 × 2 tile).
+///
+/// # Safety
+/// `w` holds `taps` values; `col` is a 2-pixel block of `k`.
+#[inline(always)]
+unsafe fn dot_1x4_pair(w: *const i8, col: *const i16, k: Cols, b: i32) -> [i32; 2] {
+    let [mut a0, mut a1] = [b, b];
+    let mut pw = w as *const u8;
+    let mut pc = col as *const u8;
+    // SAFETY: `full` filter values.
+    let end = unsafe { pw.add(k.full) };
+    while pw < end {
+        // SAFETY: one weight word and one 2-pixel group per step.
+        unsafe {
+            let wv = load_u32(pw);
+            let (we, wo) = (sxtb16(wv), sxtb16_ror8(wv));
+            a0 = smlad(we, col_word(pc), a0);
+            a0 = smlad(wo, col_word(pc.add(4)), a0);
+            a1 = smlad(we, col_word(pc.add(8)), a1);
+            a1 = smlad(wo, col_word(pc.add(12)), a1);
+            pw = pw.add(4);
+            pc = pc.add(16);
+        }
+    }
+    let tail = k.taps - k.full;
+    for t in 0..tail {
+        // SAFETY: tail taps.
+        unsafe {
+            let wt = *w.add(k.full + t) as i32;
+            let x = col.add(2 * k.full + t);
+            a0 = a0.wrapping_add(wt * *x as i32);
+            a1 = a1.wrapping_add(wt * *x.add(tail) as i32);
+        }
+    }
+    [a0, a1]
+}

@@ -1,0 +1,167 @@
+//! Per-channel requantization with the per-channel work hoisted out:
+//! bit-identical to [`crate::quant::requantize`] (TFLM double rounding).
+//!
+//! * `SaturatingRoundingDoublingHighMul(x, m)` is `floor((x * m + 2^30) /
+//!   2^31)` for every pair except `x = m = i32::MIN` (the one saturating
+//!   case): the reference's "nudge then truncate" equals this floor on both
+//!   signs. One SMULL and a 64-bit add.
+//! * `RoundingDivideByPOT` keeps the reference's mask/threshold form with the
+//!   mask precomputed.
+//! * `clamp(r.saturating_add(offset), lo, hi)` equals
+//!   `clamp(ssat10(r) + offset, lo, hi)` because `offset` and the clamp lie
+//!   in `-128..=127`.
+
+use super::isa::ssat10;
+use crate::quant::{multiply_by_quantized_multiplier, requantize};
+
+/// One output channel's requantization, prepared.
+#[derive(Debug, Clone, Copy)]
+pub struct ChannelRequant {
+    multiplier: i32,
+    shift: i32,
+    left: u32,
+    right: u32,
+    mask: i32,
+    half: i32,
+    offset: i32,
+    min: i8,
+    max: i8,
+}
+
+impl ChannelRequant {
+    /// `shift` in `MIN_SHIFT..=MAX_SHIFT` (validated by the kernels).
+    #[inline(always)]
+    pub fn new(multiplier: i32, shift: i32, offset: i32, min: i8, max: i8) -> Self {
+        let left = if shift > 0 { shift as u32 } else { 0 };
+        let right = if shift > 0 { 0 } else { (-shift) as u32 & 31 };
+        let mask = ((1i64 << right) - 1) as i32;
+        Self {
+            multiplier,
+            shift,
+            left,
+            right,
+            mask,
+            half: mask >> 1,
+            offset,
+            min,
+            max,
+        }
+    }
+
+    /// `requantize(acc, multiplier, shift, offset, min, max)`.
+    #[inline(always)]
+    pub fn apply(&self, acc: i32) -> i8 {
+        if self.multiplier == i32::MIN {
+            return requantize(
+                acc,
+                self.multiplier,
+                self.shift,
+                self.offset,
+                self.min,
+                self.max,
+            );
+        }
+        let v = ssat10(self.scale_unchecked(acc)) + self.offset;
+        v.clamp(self.min as i32, self.max as i32) as i8
+    }
+
+    /// `multiply_by_quantized_multiplier(x, multiplier, shift)`.
+    #[inline(always)]
+    pub fn scale(&self, x: i32) -> i32 {
+        if self.multiplier == i32::MIN {
+            return multiply_by_quantized_multiplier(x, self.multiplier, self.shift);
+        }
+        self.scale_unchecked(x)
+    }
+
+    /// [`scale`](Self::scale) for `multiplier != i32::MIN`.
+    #[inline(always)]
+    fn scale_unchecked(&self, x: i32) -> i32 {
+        let x = x.wrapping_shl(self.left);
+        let y = ((x as i64 * self.multiplier as i64 + (1 << 30)) >> 31) as i32;
+        let remainder = y & self.mask;
+        let threshold = self.half + (y < 0) as i32;
+        (y >> self.right) + (remainder > threshold) as i32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testutil::Rng;
+    use proptest::prelude::*;
+
+    fn check(acc: i32, m: i32, s: i32, off: i32, lo: i8, hi: i8) {
+        assert_eq!(
+            ChannelRequant::new(m, s, off, lo, hi).scale(acc),
+            multiply_by_quantized_multiplier(acc, m, s),
+            "MBQM acc {acc} m {m} shift {s}"
+        );
+        assert_eq!(
+            ChannelRequant::new(m, s, off, lo, hi).apply(acc),
+            requantize(acc, m, s, off, lo, hi),
+            "acc {acc} m {m} shift {s} offset {off} [{lo}, {hi}]"
+        );
+    }
+
+    #[test]
+    fn extremes_match_reference() {
+        let accs = [
+            0,
+            1,
+            -1,
+            2,
+            -2,
+            i32::MAX,
+            i32::MIN,
+            1 << 30,
+            -(1 << 30),
+            12345,
+            -12345,
+        ];
+        let mults = [
+            0,
+            1,
+            -1,
+            1 << 30,
+            i32::MAX,
+            i32::MIN,
+            i32::MIN + 1,
+            (1 << 30) + 777,
+        ];
+        for s in -31..=30 {
+            for &a in &accs {
+                for &m in &mults {
+                    for &(off, lo, hi) in &[(0, -128, 127), (-128, -128, 127), (127, 5, 100)] {
+                        check(a, m, s, off, lo, hi);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ties_match_reference() {
+        // Exact halves after each rounding step, both signs.
+        for s in -12..=0 {
+            for k in -40..=40 {
+                let acc = (k << 12) + (1 << 11);
+                check(acc, 1 << 30, s, 0, -128, 127);
+                check(-acc, 1 << 30, s, 3, -128, 127);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(20000))]
+        #[test]
+        fn random_match_reference(seed in any::<u64>(), s in -31i32..=30) {
+            let mut r = Rng(seed);
+            let acc = r.next() as i32 >> (r.next() % 32);
+            let m = r.next() as i32;
+            let off = r.range_i32(-128, 127);
+            let (a, b) = (r.range_i32(-128, 127) as i8, r.range_i32(-128, 127) as i8);
+            check(acc, m, s, off, a.min(b), a.max(b));
+        }
+    }
+}
