@@ -1,7 +1,10 @@
 //! The firmware's QEMU image (Cortex-M7, `mps2-an500`) against the host:
 //! 200 CIFAR-10 test images, shown as 160x120 RGB565 camera frames, must
-//! give bit-identical int8 logits on both; and the class agreement with the
-//! float model (recorded at export) is measured.
+//! give bit-identical int8 logits on both (the host runs the fast kernels
+//! through the DSP emulation layer, QEMU on the real SMLAD/SXTB16
+//! instructions); the class agreement with the float model (recorded at
+//! export) is measured; and the instructions per inference may not grow by
+//! more than 2% over `tests/snapshots/mcu-instructions.json`.
 //!
 //! Needs `qemu-system-arm` (`cargo xtask ci` installs it) and the data set
 //! at `../shared/data/cifar10-jpeg` (or `$MINI_RESNET_DATA`).
@@ -14,6 +17,7 @@ use shared::preprocess::{preprocess, Frame, PixelFormat, INPUT_LEN};
 use tests::qemu::{
     build_qemu_image, camera_frame, run_qemu, workspace_root, write_frames, FrameFormat,
 };
+use tests::snapshot::Snapshot;
 
 fn data_dir() -> PathBuf {
     std::env::var_os("MINI_RESNET_DATA")
@@ -89,6 +93,13 @@ fn qemu_firmware_is_bit_exact_with_host() {
         "{} frames bit-exact; median network instructions {insn}",
         frames.len()
     );
+    // The instruction-count snapshot: more than 2% growth is a failure.
+    let snap = Snapshot::read().expect("the instruction-count snapshot");
+    match snap.check(insn) {
+        Ok(None) => eprintln!("within 2% of the snapshot ({})", snap.total),
+        Ok(Some(hint)) => eprintln!("note: {hint}"),
+        Err(e) => panic!("{e}"),
+    }
 
     // Class agreement with the float model on the original 32x32 images.
     let reference = read_float_reference(

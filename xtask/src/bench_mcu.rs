@@ -8,6 +8,7 @@ use std::path::Path;
 use object::{Object, ObjectSection, SectionFlags};
 use shared::model::{LayerKind, Model};
 use tests::qemu::{build_firmware, build_qemu_image, run_qemu, write_frames, FrameFormat, Image};
+use tests::snapshot::Snapshot;
 
 /// CMSIS-NN (arm-none-eabi-gcc -Ofast, DSP path) on this Mini-ResNet under
 /// the same QEMU with `-icount shift=0` and SysTick reads.
@@ -23,6 +24,24 @@ mod cmsis {
 
 /// Assumed core clock for the latency estimate.
 const CLOCK_HZ: f64 = 480e6;
+
+/// The layer groups of the summary, with CMSIS-NN's figure for each.
+fn group_of(r: &LayerRow, k: Option<usize>) -> (&'static str, &'static str) {
+    match r.op {
+        "conv" if r.name.starts_with("stem") => ("stem conv 3x3 (3 in)", "4.86"),
+        "conv" if k == Some(1) => ("shortcut conv 1x1 s2", cmsis::SHORTCUT_PER_MAC),
+        "conv" if r.name.starts_with("layer1") => ("conv 3x3, stage 1", cmsis::CONV_PER_MAC),
+        "conv" if r.name.starts_with("layer2") => ("conv 3x3, stage 2", cmsis::CONV_PER_MAC),
+        "conv" if r.name.starts_with("layer3") => ("conv 3x3, stage 3", cmsis::CONV_PER_MAC),
+        "conv" if r.name.starts_with("layer4") => ("conv 3x3, stage 4", cmsis::CONV_PER_MAC),
+        "conv" => ("conv, other", cmsis::CONV_PER_MAC),
+        "add" => ("residual add", "80"),
+        "maxpool" => ("max pool", "83"),
+        "avgpool" => ("global avg pool", "-"),
+        "fc" => ("fully connected", "-"),
+        _ => ("other", "-"),
+    }
+}
 
 struct LayerRow {
     name: String,
@@ -105,8 +124,9 @@ fn median(mut v: Vec<u64>) -> u64 {
     v[v.len() / 2]
 }
 
-/// Runs the benchmark; `json` prints machine-readable output.
-pub fn bench_mcu(json: bool) -> Result<(), String> {
+/// Runs the benchmark; `json` prints machine-readable output,
+/// `update_snapshot` writes `tests/snapshots/mcu-instructions.json`.
+pub fn bench_mcu(json: bool, update_snapshot: bool) -> Result<(), String> {
     let model = shared::model::default_model().map_err(|e| format!("the model in shared: {e}"))?;
     let elf = build_qemu_image()?;
     // Three deterministic pseudo-random 160x120 RGB565 frames.
@@ -160,8 +180,44 @@ pub fn bench_mcu(json: bool) -> Result<(), String> {
         sections,
     } = elf_sizes(&board)?;
     let arena = model.arena_len();
-    let scratch_bytes = model.scratch_len() * 2;
+    // The firmware's scratch: room for the conv's 4-pixel tile everywhere.
+    let scratch_bytes = shared::model::SCRATCH_LEN_FAST * 2;
     let per_mac = total as f64 / total_macs as f64;
+    let kernels: Vec<Option<usize>> = (0..rows.len())
+        .map(|i| match model.layer(i as u16).kind {
+            LayerKind::Conv(c) => Some(c.params.kernel_h),
+            _ => None,
+        })
+        .collect();
+    // Per group: (name, CMSIS-NN per unit, unit, work, instructions).
+    let mut groups: Vec<(&str, &str, &str, u64, u64)> = Vec::new();
+    for (r, &k) in rows.iter().zip(&kernels) {
+        let (g, c) = group_of(r, k);
+        match groups.iter_mut().find(|x| x.0 == g) {
+            Some(x) => {
+                x.3 += r.work;
+                x.4 += r.insn;
+            }
+            None => groups.push((g, c, r.unit, r.work, r.insn)),
+        }
+    }
+    let layer_sum: u64 = rows.iter().map(|r| r.insn).sum();
+    if update_snapshot {
+        Snapshot {
+            total,
+            layers: rows.iter().map(|r| (r.name.clone(), r.insn)).collect(),
+        }
+        .write()?;
+        eprintln!(
+            "wrote {} (total {total})",
+            tests::snapshot::path().display()
+        );
+    } else if let Ok(snap) = Snapshot::read() {
+        match snap.check(total) {
+            Ok(None) => eprintln!("snapshot: within 2% of {}", snap.total),
+            Ok(Some(hint)) | Err(hint) => eprintln!("snapshot: {hint}"),
+        }
+    }
 
     if json {
         let layers: Vec<_> = rows
@@ -180,6 +236,8 @@ pub fn bench_mcu(json: bool) -> Result<(), String> {
                 "ram_bytes": ram,
                 "arena_bytes": arena,
                 "scratch_bytes": scratch_bytes,
+                "peak_activation_bytes": arena + scratch_bytes,
+                "estimated_ms_at_480mhz_ipc1": (total + pre) as f64 / CLOCK_HZ * 1e3,
                 "layers": layers,
             }))
             .map_err(|e| e.to_string())?
@@ -205,6 +263,23 @@ pub fn bench_mcu(json: bool) -> Result<(), String> {
     }
     println!();
     println!(
+        "{:<24} {:>10} {:>8} {:>12} {:>6} {:>9} {:>10}",
+        "by kind", "work", "unit", "instructions", "share", "per unit", "CMSIS-NN"
+    );
+    for (g, c, unit, work, insn) in &groups {
+        println!(
+            "{:<24} {:>10} {:>8} {:>12} {:>5.1}% {:>9.2} {:>10}",
+            g,
+            work,
+            unit,
+            insn,
+            100.0 * *insn as f64 / layer_sum.max(1) as f64,
+            *insn as f64 / (*work).max(1) as f64,
+            c
+        );
+    }
+    println!();
+    println!(
         "network: {total} instructions per inference ({:.2} M), {per_mac:.2} per MAC over {:.2} M MACs",
         total as f64 / 1e6,
         total_macs as f64 / 1e6
@@ -217,12 +292,15 @@ pub fn bench_mcu(json: bool) -> Result<(), String> {
     );
     println!("preprocess (160x120 RGB565 → 32x32x3): {pre} instructions");
     println!(
-        "estimated latency at {:.0} MHz, assuming 1 instruction per cycle: {:.1} ms",
+        "estimated latency at {:.0} MHz (preprocess + network), assuming 1 instruction per cycle \
+         (no dual issue, no flash/cache stalls: weights in flash behind the 16 KiB D-cache and \
+         ART are not modelled): {:.1} ms",
         CLOCK_HZ / 1e6,
         (total + pre) as f64 / CLOCK_HZ * 1e3
     );
     println!(
-        "peak activation memory: arena {arena} B + conv scratch {scratch_bytes} B = {} B (frame buffer apart)",
+        "peak activation memory (static plan from the exporter): arena {arena} B + conv scratch \
+         {scratch_bytes} B (4 im2col columns) = {} B (frame buffers apart)",
         arena + scratch_bytes
     );
     println!("board image (NUCLEO-H743ZI2): flash {flash} B of 2 MiB, static RAM {ram} B");

@@ -3,8 +3,10 @@
 //! * `ci` — the one test command (README, `.ci/run`): sets the machine up,
 //!   then runs formatting, clippy on host and Cortex-M7, the MCU builds and
 //!   every test (the QEMU firmware test included).
-//! * `bench-mcu [--json]` — instructions per inference and per layer on the
-//!   Cortex-M7 (QEMU, exact), flash/RAM of the board image, beside CMSIS-NN.
+//! * `bench-mcu [--json] [--update-snapshot]` — instructions per inference
+//!   and per layer on the Cortex-M7 (QEMU, exact), flash/RAM of the board
+//!   image, beside CMSIS-NN; `--update-snapshot` records the counts in
+//!   `tests/snapshots/mcu-instructions.json`.
 
 mod bench_mcu;
 
@@ -16,12 +18,16 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
-        Some("bench-mcu") => bench_mcu::bench_mcu(args.iter().any(|a| a == "--json")),
+        Some("bench-mcu") => bench_mcu::bench_mcu(
+            args.iter().any(|a| a == "--json"),
+            args.iter().any(|a| a == "--update-snapshot"),
+        ),
         _ => {
             eprintln!(
-                "usage: cargo xtask <ci | bench-mcu [--json]>\n\n  \
+                "usage: cargo xtask <ci | bench-mcu [--json] [--update-snapshot]>\n\n  \
                  ci         set up the machine, lint, build for the MCU and run every test\n  \
-                 bench-mcu  instructions per inference (QEMU), flash/RAM, vs CMSIS-NN"
+                 bench-mcu  instructions per inference (QEMU), flash/RAM, vs CMSIS-NN;\n             \
+                 --update-snapshot writes tests/snapshots/mcu-instructions.json"
             );
             return ExitCode::from(2);
         }
