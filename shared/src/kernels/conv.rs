@@ -596,7 +596,7 @@ mod tests {
     fn extreme_multipliers_and_shifts() {
         let mut rng = Rng(11);
         for shift in -31..=30 {
-            for &m in &[1 << 30, i32::MAX, (1 << 30) + 12345, 0] {
+            for &m in &[1 << 30, i32::MAX, (1 << 30) + 12345, 0, i32::MIN] {
                 let mut c = Case::random(
                     &mut rng,
                     Dims::new(3, 3, 2),

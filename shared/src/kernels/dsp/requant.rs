@@ -65,6 +65,15 @@ impl ChannelRequant {
         v.clamp(self.min as i32, self.max as i32) as i8
     }
 
+    /// [`apply`](Self::apply) for a multiplier other than `i32::MIN` (the
+    /// caller checks that once per layer).
+    #[inline(always)]
+    pub fn apply_no_min(&self, acc: i32) -> i8 {
+        debug_assert!(self.multiplier != i32::MIN);
+        let v = ssat10(self.scale_unchecked(acc)) + self.offset;
+        v.clamp(self.min as i32, self.max as i32) as i8
+    }
+
     /// `multiply_by_quantized_multiplier(x, multiplier, shift)`.
     #[inline(always)]
     pub fn scale(&self, x: i32) -> i32 {
@@ -97,6 +106,12 @@ mod tests {
             multiply_by_quantized_multiplier(acc, m, s),
             "MBQM acc {acc} m {m} shift {s}"
         );
+        if m != i32::MIN {
+            assert_eq!(
+                ChannelRequant::new(m, s, off, lo, hi).apply_no_min(acc),
+                requantize(acc, m, s, off, lo, hi)
+            );
+        }
         assert_eq!(
             ChannelRequant::new(m, s, off, lo, hi).apply(acc),
             requantize(acc, m, s, off, lo, hi),
