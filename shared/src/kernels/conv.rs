@@ -568,6 +568,11 @@ mod tests {
             (3, 1, 2, 2, 3, 1, 2),
             (1, 1, 9, 4, 3, 1, 1),
             (6, 6, 4, 4, 2, 2, 1),
+            // More than 256 taps with channels not a multiple of 4 (the
+            // unpadded path with scalar tails), and taps < 4.
+            (9, 9, 5, 3, 8, 1, 3),
+            (3, 4, 3, 5, 1, 1, 0),
+            (2, 2, 1, 6, 1, 2, 0),
         ] {
             for &(zi, zo) in &[
                 (0, 0),

@@ -38,8 +38,13 @@ unsafe fn col_word(p: *const u8) -> u32 {
 struct Cols {
     /// Pixels per block (2 or 4).
     n: usize,
+    /// Taps per column: the layer's taps, or rounded up to a multiple of 4
+    /// on the padded path.
     taps: usize,
+    /// Taps in whole groups of four.
     full: usize,
+    /// The layer's taps: the filter's row stride.
+    row: usize,
 }
 
 impl Cols {
@@ -168,6 +173,101 @@ unsafe fn im2col(
             unsafe { put_taps(col, k, j, row + kx * c, c, src, p.input_offset) };
         }
     }
+}
+
+/// Longest padded column the padded path handles (stack buffers).
+const PAD_MAX: usize = 256;
+
+/// Filter row `oc`, readable for `k.taps` bytes: in place, or (on the padded
+/// path, for the last rows, whose padded read would run past the filter)
+/// copied into `buf` with zeros after it.
+///
+/// # Safety
+/// `oc` is a channel of `filter`; on the padded path `k.taps <= PAD_MAX`.
+#[inline(always)]
+unsafe fn row_ptr(filter: &[i8], oc: usize, k: Cols, buf: &mut [i8; PAD_MAX]) -> *const i8 {
+    let start = oc * k.row;
+    if start + k.taps <= filter.len() {
+        // SAFETY: in bounds.
+        unsafe { filter.as_ptr().add(start) }
+    } else {
+        buf[..k.row].copy_from_slice(&filter[start..start + k.row]);
+        buf[k.row..k.taps].fill(0);
+        buf.as_ptr()
+    }
+}
+
+/// Copies `n` bytes, a word at a time (unaligned LDR/STR) then bytes.
+///
+/// # Safety
+/// Both ranges are valid and do not overlap.
+#[inline(always)]
+unsafe fn copy_small(dst: *mut u8, src: *const u8, n: usize) {
+    let mut i = 0;
+    while i + 4 <= n {
+        // SAFETY: the caller's ranges.
+        unsafe { super::isa::store_u32(dst.add(i), load_u32(src.add(i))) };
+        i += 4;
+    }
+    while i < n {
+        // SAFETY: the caller's ranges.
+        unsafe { *dst.add(i) = *src.add(i) };
+        i += 1;
+    }
+}
+
+/// The padded path's im2col: the receptive field in natural tap order in
+/// `buf` (padding and the taps past `kernel_h * kernel_w * in_c` as the
+/// input zero point, i.e. 0 once offset), then converted four channels per
+/// word like an aligned layer.
+///
+/// # Safety
+/// As [`im2col`], and `k.taps <= PAD_MAX`, `k.full == k.taps`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn im2col_padded(
+    col: *mut i16,
+    k: Cols,
+    j: usize,
+    input: *const i8,
+    dims: Dims,
+    p: &Conv2dParams,
+    oy: usize,
+    ox: usize,
+    buf: &mut [u32; PAD_MAX / 4],
+) {
+    let c = dims.c;
+    let row_len = p.kernel_w * c;
+    let zp4 = ((-p.input_offset) as u8 as u32) * 0x0101_0101;
+    for w in buf[..k.taps / 4].iter_mut() {
+        *w = zp4;
+    }
+    let b = buf.as_mut_ptr() as *mut u8;
+    let x0 = ox * p.stride_w;
+    let row_inside = x0 >= p.pad_w && x0 - p.pad_w + p.kernel_w <= dims.w;
+    for ky in 0..p.kernel_h {
+        let iy = (oy * p.stride_h + ky).wrapping_sub(p.pad_h);
+        if iy >= dims.h {
+            continue;
+        }
+        // SAFETY: pixels inside the input; `ky * row_len + row_len <= taps`.
+        unsafe {
+            let src = input.add(iy * dims.w * c) as *const u8;
+            let dst = b.add(ky * row_len);
+            if row_inside {
+                copy_small(dst, src.add((x0 - p.pad_w) * c), row_len);
+            } else {
+                for kx in 0..p.kernel_w {
+                    let ix = (x0 + kx).wrapping_sub(p.pad_w);
+                    if ix < dims.w {
+                        copy_small(dst.add(kx * c), src.add(ix * c), c);
+                    }
+                }
+            }
+        }
+    }
+    // SAFETY: `k.taps` values in `buf`; the caller's bounds on `col`.
+    unsafe { put_taps(col, k, j, 0, k.taps, Some(b as *const i8), p.input_offset) };
 }
 
 /// One output channel (filter row `w`) × four pixels of the block `col`.
@@ -317,16 +417,20 @@ unsafe fn dot_1x4(w: *const i8, col: *const i16, k: Cols, acc: [i32; 4]) -> [i32
     [a0, a1, a2, a3]
 }
 
-/// Two output channels (rows `w0`, `w0 + taps`) × two pixels of the block
+/// Two output channels (rows `w0`, `w1`) × two pixels of the block
 /// `col`: `[oc0·px0, oc0·px1, oc1·px0, oc1·px1]`.
 ///
 /// # Safety
-/// Two filter rows of `taps` values at `w0`; `col` is a 2-pixel block of `k`.
+/// Two filter rows of `taps` values; `col` is a 2-pixel block of `k`.
 #[inline(always)]
-unsafe fn dot_2x2(w0: *const i8, col: *const i16, k: Cols, acc: [i32; 4]) -> [i32; 4] {
+unsafe fn dot_2x2(
+    w0: *const i8,
+    w1: *const i8,
+    col: *const i16,
+    k: Cols,
+    acc: [i32; 4],
+) -> [i32; 4] {
     let [mut a00, mut a01, mut a10, mut a11] = acc;
-    // SAFETY: the second row.
-    let w1 = unsafe { w0.add(k.taps) };
     let (mut pw0, mut pw1) = (w0 as *const u8, w1 as *const u8);
     let mut pc = col as *const u8;
     // SAFETY: `full` filter values.
@@ -386,13 +490,14 @@ unsafe fn block_1x4(
     valid: usize,
 ) {
     let p = &layer.params;
-    let filt = layer.filter.as_ptr();
+    let mut buf = [0i8; PAD_MAX];
     for oc in 0..out_c {
         // SAFETY: `oc < out_c`: row `oc` of the filter, bias and requant
         // entries; outputs `j * out_c + oc` for `j < valid`.
         unsafe {
             let b = *layer.bias.get_unchecked(oc);
-            let a = dot_1x4(filt.add(oc * k.taps), col, k, [b; 4]);
+            let w = row_ptr(layer.filter, oc, k, &mut buf);
+            let a = dot_1x4(w, col, k, [b; 4]);
             let r = ChannelRequant::new(
                 *layer.requant.multiplier.get_unchecked(oc),
                 *layer.requant.shift.get_unchecked(oc),
@@ -441,19 +546,27 @@ pub(crate) fn conv2d_s8_dsp(
         return false;
     }
     let scratch = &mut scratch[skip..];
-    let n = if scratch.len() >= 4 * taps { 4 } else { 2 };
+    // Taps not a multiple of 4 (the 3-channel stem): pad the columns to a
+    // whole group when they fit, so every tap goes through SMLAD.
+    let rounded = taps.next_multiple_of(4);
+    let padded = rounded != taps && rounded <= PAD_MAX && scratch.len() >= 2 * rounded;
+    let ct = if padded { rounded } else { taps };
+    let n = if scratch.len() >= 4 * ct { 4 } else { 2 };
     let k = Cols {
         n,
-        taps,
-        full: taps & !3,
+        taps: ct,
+        full: ct & !3,
+        row: taps,
     };
+    let mut buf = [0i8; PAD_MAX];
+    let mut cols_buf = [0u32; PAD_MAX / 4];
     let out_c = output_dims.c;
     let pixels = output_dims.h * output_dims.w;
     debug_assert!(input.len() == input_dims.len() && output.len() == pixels * out_c);
     debug_assert!(scratch.len() >= 2 * taps && layer.filter.len() == out_c * taps);
     debug_assert!(layer.bias.len() == out_c && layer.requant.shift.len() == out_c);
     let col = scratch.as_mut_ptr();
-    let (inp, filt, out) = (input.as_ptr(), layer.filter.as_ptr(), output.as_mut_ptr());
+    let (inp, out) = (input.as_ptr(), output.as_mut_ptr());
     let (bias, mult, shift) = (
         layer.bias.as_ptr(),
         layer.requant.multiplier.as_ptr(),
@@ -470,18 +583,14 @@ pub(crate) fn conv2d_s8_dsp(
         for j in 0..n {
             // A short last block repeats its last pixel; those outputs are dropped.
             let q = pix + j.min(valid - 1);
+            let (oy, ox) = (q / output_dims.w, q % output_dims.w);
             // SAFETY: the block holds `n` columns; `q` is an output pixel.
             unsafe {
-                im2col(
-                    col,
-                    k,
-                    j,
-                    inp,
-                    input_dims,
-                    p,
-                    q / output_dims.w,
-                    q % output_dims.w,
-                )
+                if padded {
+                    im2col_padded(col, k, j, inp, input_dims, p, oy, ox, &mut cols_buf);
+                } else {
+                    im2col(col, k, j, inp, input_dims, p, oy, ox);
+                }
             };
         }
         // SAFETY: pixels `pix..pix + valid` are in the output.
@@ -492,6 +601,7 @@ pub(crate) fn conv2d_s8_dsp(
             // are in the output.
             unsafe { block_1x4(layer, col, k, o, out_c, valid) };
         } else {
+            let mut buf1 = [0i8; PAD_MAX];
             let mut oc = 0;
             while oc < out_c {
                 // The last odd channel runs as a pair with itself.
@@ -499,10 +609,12 @@ pub(crate) fn conv2d_s8_dsp(
                 // SAFETY: rows `oc`, `oc1` of the filter; `j < valid`.
                 unsafe {
                     let (b0, b1) = (*bias.add(oc), *bias.add(oc1));
+                    let w0 = row_ptr(layer.filter, oc, k, &mut buf);
                     let a = if oc1 == oc + 1 {
-                        dot_2x2(filt.add(oc * taps), col, k, [b0, b0, b1, b1])
+                        let w1 = row_ptr(layer.filter, oc1, k, &mut buf1);
+                        dot_2x2(w0, w1, col, k, [b0, b0, b1, b1])
                     } else {
-                        let d = dot_1x4_pair(filt.add(oc * taps), col, k, b0);
+                        let d = dot_1x4_pair(w0, col, k, b0);
                         [d[0], d[1], b1, b1]
                     };
                     let r0 = rq(oc);

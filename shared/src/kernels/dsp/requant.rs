@@ -70,6 +70,50 @@ impl ChannelRequant {
     #[inline(always)]
     pub fn apply_no_min(&self, acc: i32) -> i8 {
         debug_assert!(self.multiplier != i32::MIN);
+        #[cfg(armv7em)]
+        if self.left == 0 {
+            // The same arithmetic as below, as 19 instructions (the compiler's
+            // version spills the per-channel constants).
+            let r: i32;
+            // SAFETY: register-only arithmetic; flags are clobbered (no
+            // `preserves_flags`).
+            unsafe {
+                core::arch::asm!(
+                    "smull {lo}, {hi}, {x}, {m}",
+                    "adds {lo}, {lo}, #0x40000000",
+                    "adc {hi}, {hi}, #0",
+                    "lsrs {lo}, {lo}, #31",
+                    "orr {x}, {lo}, {hi}, lsl #1",
+                    "and {lo}, {x}, {mask}",
+                    "asrs {hi}, {mask}, #1",
+                    "add {hi}, {hi}, {x}, lsr #31",
+                    "asrs {x}, {x}, {e}",
+                    "cmp {lo}, {hi}",
+                    "it hi",
+                    "addhi {x}, {x}, #1",
+                    "ssat {x}, #10, {x}",
+                    "add {x}, {x}, {off}",
+                    "ssat {x}, #8, {x}",
+                    "cmp {x}, {min}",
+                    "it lt",
+                    "movlt {x}, {min}",
+                    "cmp {x}, {max}",
+                    "it gt",
+                    "movgt {x}, {max}",
+                    x = inout(reg) acc => r,
+                    m = in(reg) self.multiplier,
+                    mask = in(reg) self.mask,
+                    e = in(reg) self.right,
+                    off = in(reg) self.offset,
+                    min = in(reg) self.min as i32,
+                    max = in(reg) self.max as i32,
+                    lo = out(reg) _,
+                    hi = out(reg) _,
+                    options(pure, nomem, nostack),
+                );
+            }
+            return r as i8;
+        }
         let v = ssat10(self.scale_unchecked(acc)) + self.offset;
         v.clamp(self.min as i32, self.max as i32) as i8
     }
