@@ -41,9 +41,19 @@ pub(crate) fn add_s8_tables(p: &AddParams, input1: &[i8], input2: &[i8], output:
         p.act_min,
         p.act_max,
     );
+    if p.output_multiplier == i32::MIN {
+        for ((o, &a), &b) in output.iter_mut().zip(input1).zip(input2) {
+            let a = t1[(a as i32 + 128) as usize];
+            let b = t2[(b as i32 + 128) as usize];
+            *o = out.apply(a.wrapping_add(b));
+        }
+        return;
+    }
+    // Tables indexed by the signed value itself: `t[128 + v]`.
+    let (c1, c2) = (t1.as_ptr().wrapping_add(128), t2.as_ptr().wrapping_add(128));
     for ((o, &a), &b) in output.iter_mut().zip(input1).zip(input2) {
-        let a = t1[(a as i32 + 128) as usize];
-        let b = t2[(b as i32 + 128) as usize];
-        *o = out.apply(a.wrapping_add(b));
+        // SAFETY: `128 + v` is in `0..256` for every int8 `v`.
+        let (a, b) = unsafe { (*c1.offset(a as isize), *c2.offset(b as isize)) };
+        *o = out.apply_no_min(a.wrapping_add(b));
     }
 }
