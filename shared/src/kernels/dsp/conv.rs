@@ -87,6 +87,44 @@ unsafe fn put_taps(
                 let mut s = s as *const u8;
                 // SAFETY: `len` source bytes.
                 let end = unsafe { s.add(len) };
+                #[cfg(armv7em)]
+                if len > 0 && (k.n == 4 || k.n == 2) {
+                    // 8 instructions per 4 taps: LDR, 2 SXTB16, 2 SADD16,
+                    // STRD to the next group of this pixel, CMP, BLO.
+                    macro_rules! gather {
+                        ($step:literal) => {
+                            // SAFETY: reads `len` bytes from `s`, writes
+                            // `len / 4` 8-byte-aligned word pairs `8 * n`
+                            // bytes apart from `d`, as the portable loop.
+                            unsafe {
+                                core::arch::asm!(
+                                    "2:",
+                                    "ldr {x}, [{s}], #4",
+                                    "sxtb16 {e}, {x}",
+                                    "sxtb16 {x}, {x}, ror #8",
+                                    "sadd16 {e}, {e}, {off}",
+                                    "sadd16 {x}, {x}, {off}",
+                                    concat!("strd {e}, {x}, [{d}], #", $step),
+                                    "cmp {s}, {end}",
+                                    "blo 2b",
+                                    s = inout(reg) s => _,
+                                    d = inout(reg) d => _,
+                                    end = in(reg) end,
+                                    off = in(reg) off2,
+                                    x = out(reg) _,
+                                    e = out(reg) _,
+                                    options(nostack),
+                                )
+                            }
+                        };
+                    }
+                    if k.n == 4 {
+                        gather!("32");
+                    } else {
+                        gather!("16");
+                    }
+                    return;
+                }
                 while s < end {
                     // SAFETY: as above.
                     unsafe {
@@ -488,15 +526,15 @@ unsafe fn block_1x4(
     o: *mut i8,
     out_c: usize,
     valid: usize,
+    buf: &mut [i8; PAD_MAX],
 ) {
     let p = &layer.params;
-    let mut buf = [0i8; PAD_MAX];
     for oc in 0..out_c {
         // SAFETY: `oc < out_c`: row `oc` of the filter, bias and requant
         // entries; outputs `j * out_c + oc` for `j < valid`.
         unsafe {
             let b = *layer.bias.get_unchecked(oc);
-            let w = row_ptr(layer.filter, oc, k, &mut buf);
+            let w = row_ptr(layer.filter, oc, k, buf);
             let a = dot_1x4(w, col, k, [b; 4]);
             let r = ChannelRequant::new(
                 *layer.requant.multiplier.get_unchecked(oc),
@@ -599,7 +637,7 @@ pub(crate) fn conv2d_s8_dsp(
             // SAFETY: the filter, bias and requantization hold `out_c`
             // channels; the block holds 4 columns; pixels `pix..pix + valid`
             // are in the output.
-            unsafe { block_1x4(layer, col, k, o, out_c, valid) };
+            unsafe { block_1x4(layer, col, k, o, out_c, valid, &mut buf) };
         } else {
             let mut buf1 = [0i8; PAD_MAX];
             let mut oc = 0;
