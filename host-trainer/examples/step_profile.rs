@@ -15,6 +15,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    host_trainer::ops::configure_threads(None)?;
     let dev = Device::Cpu;
     let arch = ArchConfig::seed();
     let t = Trainee::new(&arch, 0, &dev)?;

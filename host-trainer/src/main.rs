@@ -231,6 +231,7 @@ struct BenchArgs {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    host_trainer::ops::configure_threads(None)?;
     match cli.command {
         None => match Cli::parse_from(["host-trainer", "train"]).command {
             Some(Command::Train(a)) => run_train(a),

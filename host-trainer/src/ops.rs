@@ -29,6 +29,37 @@ use candle_core::{
 use rayon::prelude::*;
 
 // ---------------------------------------------------------------------------
+// Threads
+
+/// Sets up threads for CPU training; call once at start-up, before any
+/// candle op. Returns the worker count.
+///
+/// The custom ops run on rayon's global pool with `threads` workers
+/// (default: `$RAYON_NUM_THREADS`, else one per core). candle's own
+/// elementwise pool (sized from `$RAYON_NUM_THREADS` too) is kept to the
+/// calling thread: its main thread spins while it waits for its workers,
+/// which on a 2-core machine fights the rayon workers for the cores (17%
+/// of a step measured). Only the small ops (loss, FC, optimizer, gradient
+/// sums) still run through candle's pool.
+pub fn configure_threads(threads: Option<usize>) -> anyhow::Result<usize> {
+    let n = threads
+        .or_else(|| std::env::var("RAYON_NUM_THREADS").ok()?.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // Must happen before candle reads it; nothing else runs yet.
+    std::env::set_var("RAYON_NUM_THREADS", "1");
+    if rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .is_err()
+    {
+        // Already built (e.g. called twice): keep what exists.
+        return Ok(rayon::current_num_threads());
+    }
+    Ok(n)
+}
+
+// ---------------------------------------------------------------------------
 // Raw access helpers
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -62,6 +93,13 @@ struct SyncPtr(*mut f32);
 // and the pointee outlives the parallel section.
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
+
+impl SyncPtr {
+    /// The pointer (a method, so closures capture the `Sync` wrapper).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
 
 fn threads() -> usize {
     rayon::current_num_threads().max(1)
@@ -218,7 +256,6 @@ fn col2im(col: &[f32], g: &Geom) -> Vec<f32> {
     let out = SyncPtr(dx.as_mut_ptr());
     let kk = g.k * g.k;
     (0..g.c).into_par_iter().for_each(|c| {
-        let out = out;
         for r in c * kk..(c + 1) * kk {
             let (ky, kx) = (r / g.k % g.k, r % g.k);
             let (lo, hi) = g.valid_ox(kx);
@@ -233,7 +270,7 @@ fn col2im(col: &[f32], g: &Geom) -> Vec<f32> {
                     for (ox, &v) in src.iter().enumerate().take(hi).skip(lo) {
                         // SAFETY: channel `c` is written by this task only,
                         // and the index is inside dx (ix < w).
-                        unsafe { *out.0.add(base + ox * g.stride + kx - g.pad) += v };
+                        unsafe { *out.ptr().add(base + ox * g.stride + kx - g.pad) += v };
                     }
                 }
             }
@@ -952,7 +989,11 @@ mod tests {
             // Positive and distinct (no ties, and the stock version's zero
             // padding never wins).
             let x = (rand(&[2, 3, h, w], h as u64 * 31 + w as u64).abs().unwrap() + 0.01).unwrap();
-            let (y1, g1) = grads_of(&|t| maxpool_3x3_s2_p1(&t[0]).unwrap(), &[x.clone()], 15);
+            let (y1, g1) = grads_of(
+                &|t| maxpool_3x3_s2_p1(&t[0]).unwrap(),
+                std::slice::from_ref(&x),
+                15,
+            );
             let (y2, g2) = grads_of(
                 &|t| crate::model::maxpool_3x3_s2_p1(&t[0]).unwrap(),
                 &[x],
