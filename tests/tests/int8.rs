@@ -170,29 +170,21 @@ fn every_single_byte_corruption_and_truncation_is_rejected() {
     assert!(Model::parse(buf).is_ok());
 }
 
-/// Each layer run by calling the kernels directly, every tensor in its own
-/// buffer (no arena, so no reliance on the exporter's memory plan), equals
-/// the whole-network `Model::run` bit for bit.
-#[test]
-fn layer_by_layer_equals_whole_network() {
+/// Each layer run by calling the **reference** kernels directly, every
+/// tensor in its own buffer (no arena, so no reliance on the exporter's
+/// memory plan), equals the whole-network `Model::run` (the fast kernels,
+/// through the DSP emulation on the host) bit for bit, with the minimum
+/// scratch (2x2 conv tile) and with four columns (1x4 tile, as the firmware).
+fn reference_equals_fast(m: &Model<'_>, inputs: &[[i8; shared::preprocess::INPUT_LEN]]) {
     use shared::kernels::{
-        add_s8, avgpool_s8, conv2d_s8, conv2d_s8_scratch_len, fc_s8, maxpool_s8,
+        add_s8_reference, avgpool_s8, conv2d_s8_reference, conv2d_s8_scratch_len, fc_s8,
+        maxpool_s8_reference,
     };
-    let (blob, _) = exported();
-    let owned = OwnedModel::new(blob).unwrap();
-    let m = owned.model().unwrap();
-    let f = fixture();
-    for i in 0..16 {
-        let input = int8_input(f.test_set.image(i)).unwrap();
-        let mut arena = vec![0i8; m.arena_len()];
-        let mut scratch = vec![0i16; m.scratch_len()];
-        let mut whole = vec![0i8; m.output().dims.len()];
-        m.run(&input, &mut arena, &mut scratch, &mut whole).unwrap();
-
+    for (i, input) in inputs.iter().enumerate() {
         let mut tensors: Vec<Vec<i8>> = (0..m.tensor_count())
             .map(|t| vec![0; m.tensor(t).dims.len()])
             .collect();
-        tensors[m.input_index() as usize].copy_from_slice(&input);
+        tensors[m.input_index() as usize].copy_from_slice(input);
         for layer in m.layers() {
             let (din, dout) = (m.tensor(layer.input).dims, m.tensor(layer.output).dims);
             let x = tensors[layer.input as usize].clone();
@@ -200,19 +192,49 @@ fn layer_by_layer_equals_whole_network() {
             match &layer.kind {
                 LayerKind::Conv(c) => {
                     let mut s = vec![0i16; conv2d_s8_scratch_len(&c.params, din.c)];
-                    conv2d_s8(c, &x, din, &mut y, dout, &mut s).unwrap()
+                    conv2d_s8_reference(c, &x, din, &mut y, dout, &mut s).unwrap()
                 }
-                LayerKind::MaxPool(p) => maxpool_s8(p, &x, din, &mut y, dout).unwrap(),
+                LayerKind::MaxPool(p) => maxpool_s8_reference(p, &x, din, &mut y, dout).unwrap(),
                 LayerKind::AvgPool(p) => avgpool_s8(p, &x, din, &mut y, dout).unwrap(),
                 LayerKind::Add(p) => {
-                    add_s8(p, &x, &tensors[layer.input2 as usize], &mut y).unwrap()
+                    add_s8_reference(p, &x, &tensors[layer.input2 as usize], &mut y).unwrap()
                 }
                 LayerKind::FullyConnected(fc) => fc_s8(fc, &x, &mut y).unwrap(),
             }
             tensors[layer.output as usize] = y;
         }
-        assert_eq!(tensors[m.output_index() as usize], whole, "image {i}");
+        let want = &tensors[m.output_index() as usize];
+        for scratch_len in [m.scratch_len(), 2 * m.scratch_len()] {
+            let mut arena = vec![0i8; m.arena_len()];
+            let mut scratch = vec![0i16; scratch_len];
+            let mut whole = vec![0i8; m.output().dims.len()];
+            m.run(input, &mut arena, &mut scratch, &mut whole).unwrap();
+            assert_eq!(&whole, want, "image {i}, scratch {scratch_len}");
+        }
     }
+}
+
+#[test]
+fn reference_kernels_equal_fast_network() {
+    let (blob, _) = exported();
+    let owned = OwnedModel::new(blob).unwrap();
+    let m = owned.model().unwrap();
+    let f = fixture();
+    let inputs: Vec<_> = (0..16)
+        .map(|i| int8_input(f.test_set.image(i)).unwrap())
+        .collect();
+    reference_equals_fast(&m, &inputs);
+}
+
+/// The same on the model shipped in `shared` (the seed Mini-ResNet).
+#[test]
+fn shipped_model_reference_equals_fast() {
+    let m = shared::model::default_model().unwrap();
+    let f = fixture();
+    let inputs: Vec<_> = (0..4)
+        .map(|i| int8_input(f.test_set.image(i)).unwrap())
+        .collect();
+    reference_equals_fast(&m, &inputs);
 }
 
 /// Float evaluation of one layer of the traced graph, on NHWC f64 inputs.
