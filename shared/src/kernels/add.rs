@@ -270,6 +270,13 @@ mod tests {
                     let a = rng.i8s(64);
                     let b = rng.i8s(64);
                     assert_eq!(run(&p, &a, &b), ref_add(&p, &a, &b), "{p:?}");
+                    // An upper clamp below 127 as well.
+                    let p = AddParams {
+                        act_max: 100,
+                        act_min: p.act_min.min(100),
+                        ..p
+                    };
+                    assert_eq!(run(&p, &a, &b), ref_add(&p, &a, &b), "{p:?}");
                 }
             }
         }

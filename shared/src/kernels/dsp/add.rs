@@ -51,9 +51,17 @@ pub(crate) fn add_s8_tables(p: &AddParams, input1: &[i8], input2: &[i8], output:
     }
     // Tables indexed by the signed value itself: `t[128 + v]`.
     let (c1, c2) = (t1.as_ptr().wrapping_add(128), t2.as_ptr().wrapping_add(128));
-    for ((o, &a), &b) in output.iter_mut().zip(input1).zip(input2) {
-        // SAFETY: `128 + v` is in `0..256` for every int8 `v`.
-        let (a, b) = unsafe { (*c1.offset(a as isize), *c2.offset(b as isize)) };
-        *o = out.apply_no_min(a.wrapping_add(b));
+    if out.max_is_127() {
+        for ((o, &a), &b) in output.iter_mut().zip(input1).zip(input2) {
+            // SAFETY: `128 + v` is in `0..256` for every int8 `v`.
+            let (a, b) = unsafe { (*c1.offset(a as isize), *c2.offset(b as isize)) };
+            *o = out.apply_no_min_max127(a.wrapping_add(b));
+        }
+    } else {
+        for ((o, &a), &b) in output.iter_mut().zip(input1).zip(input2) {
+            // SAFETY: as above.
+            let (a, b) = unsafe { (*c1.offset(a as isize), *c2.offset(b as isize)) };
+            *o = out.apply_no_min(a.wrapping_add(b));
+        }
     }
 }

@@ -544,7 +544,12 @@ unsafe fn block_1x4(
                 p.act_max,
             );
             let q = o.add(oc);
-            if valid == 4 {
+            if valid == 4 && r.max_is_127() {
+                *q = r.apply_no_min_max127(a[0]);
+                *q.add(out_c) = r.apply_no_min_max127(a[1]);
+                *q.add(2 * out_c) = r.apply_no_min_max127(a[2]);
+                *q.add(3 * out_c) = r.apply_no_min_max127(a[3]);
+            } else if valid == 4 {
                 *q = r.apply_no_min(a[0]);
                 *q.add(out_c) = r.apply_no_min(a[1]);
                 *q.add(2 * out_c) = r.apply_no_min(a[2]);

@@ -72,11 +72,11 @@ impl ChannelRequant {
         debug_assert!(self.multiplier != i32::MIN);
         #[cfg(armv7em)]
         if self.left == 0 {
-            // The same arithmetic as below, as 19 instructions (the compiler's
-            // version spills the per-channel constants).
+            // The arithmetic of the portable lines below, as 18 instructions
+            // (the compiler's version spills the per-channel constants).
             let r: i32;
             // SAFETY: register-only arithmetic; flags are clobbered (no
-            // `preserves_flags`).
+            // `preserves_flags`); QADD/SSAT set only Q.
             unsafe {
                 core::arch::asm!(
                     "smull {lo}, {hi}, {x}, {m}",
@@ -85,14 +85,12 @@ impl ChannelRequant {
                     "lsrs {lo}, {lo}, #31",
                     "orr {x}, {lo}, {hi}, lsl #1",
                     "and {lo}, {x}, {mask}",
-                    "asrs {hi}, {mask}, #1",
-                    "add {hi}, {hi}, {x}, lsr #31",
+                    "add {hi}, {half}, {x}, lsr #31",
                     "asrs {x}, {x}, {e}",
                     "cmp {lo}, {hi}",
                     "it hi",
                     "addhi {x}, {x}, #1",
-                    "ssat {x}, #10, {x}",
-                    "add {x}, {x}, {off}",
+                    "qadd {x}, {x}, {off}",
                     "ssat {x}, #8, {x}",
                     "cmp {x}, {min}",
                     "it lt",
@@ -103,6 +101,7 @@ impl ChannelRequant {
                     x = inout(reg) acc => r,
                     m = in(reg) self.multiplier,
                     mask = in(reg) self.mask,
+                    half = in(reg) self.half,
                     e = in(reg) self.right,
                     off = in(reg) self.offset,
                     min = in(reg) self.min as i32,
@@ -116,6 +115,58 @@ impl ChannelRequant {
         }
         let v = ssat10(self.scale_unchecked(acc)) + self.offset;
         v.clamp(self.min as i32, self.max as i32) as i8
+    }
+
+    /// `true` when the upper clamp is 127 (no clamp beyond int8
+    /// saturation: every ReLU and plain conv of the exporter).
+    #[inline(always)]
+    pub fn max_is_127(&self) -> bool {
+        self.max == i8::MAX
+    }
+
+    /// [`apply_no_min`](Self::apply_no_min) when [`max_is_127`](Self::max_is_127).
+    #[inline(always)]
+    pub fn apply_no_min_max127(&self, acc: i32) -> i8 {
+        debug_assert!(self.multiplier != i32::MIN && self.max == i8::MAX);
+        #[cfg(armv7em)]
+        if self.left == 0 {
+            // As `apply_no_min` without the upper clamp: 15 instructions.
+            let r: i32;
+            // SAFETY: as in `apply_no_min`.
+            unsafe {
+                core::arch::asm!(
+                    "smull {lo}, {hi}, {x}, {m}",
+                    "adds {lo}, {lo}, #0x40000000",
+                    "adc {hi}, {hi}, #0",
+                    "lsrs {lo}, {lo}, #31",
+                    "orr {x}, {lo}, {hi}, lsl #1",
+                    "and {lo}, {x}, {mask}",
+                    "add {hi}, {half}, {x}, lsr #31",
+                    "asrs {x}, {x}, {e}",
+                    "cmp {lo}, {hi}",
+                    "it hi",
+                    "addhi {x}, {x}, #1",
+                    "qadd {x}, {x}, {off}",
+                    "ssat {x}, #8, {x}",
+                    "cmp {x}, {min}",
+                    "it lt",
+                    "movlt {x}, {min}",
+                    x = inout(reg) acc => r,
+                    m = in(reg) self.multiplier,
+                    mask = in(reg) self.mask,
+                    half = in(reg) self.half,
+                    e = in(reg) self.right,
+                    off = in(reg) self.offset,
+                    min = in(reg) self.min as i32,
+                    lo = out(reg) _,
+                    hi = out(reg) _,
+                    options(pure, nomem, nostack),
+                );
+            }
+            return r as i8;
+        }
+        let v = ssat10(self.scale_unchecked(acc)) + self.offset;
+        v.max(self.min as i32).min(127) as i8
     }
 
     /// `multiply_by_quantized_multiplier(x, multiplier, shift)`.
@@ -154,6 +205,10 @@ mod tests {
             assert_eq!(
                 ChannelRequant::new(m, s, off, lo, hi).apply_no_min(acc),
                 requantize(acc, m, s, off, lo, hi)
+            );
+            assert_eq!(
+                ChannelRequant::new(m, s, off, lo, 127).apply_no_min_max127(acc),
+                requantize(acc, m, s, off, lo, 127)
             );
         }
         assert_eq!(
