@@ -206,7 +206,7 @@ struct BenchArgs {
     /// Untimed warm-up runs.
     #[arg(long, default_value_t = 3)]
     warmup: usize,
-    /// Threads for both candle (`RAYON_NUM_THREADS`) and PyTorch.
+    /// Threads for both candle (the fast ops' pool) and PyTorch.
     #[arg(long, default_value_t = 2)]
     threads: usize,
     /// Framework to compare with, run after candle [default: pytorch when
@@ -231,7 +231,13 @@ struct BenchArgs {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    host_trainer::ops::configure_threads(None)?;
+    // Before candle's first operation: the fast CPU ops' rayon pool, and
+    // candle's own pool kept to the calling thread.
+    let threads = match &cli.command {
+        Some(Command::Bench(a)) => Some(a.threads),
+        _ => None,
+    };
+    host_trainer::ops::configure_threads(threads)?;
     match cli.command {
         None => match Cli::parse_from(["host-trainer", "train"]).command {
             Some(Command::Train(a)) => run_train(a),
@@ -574,8 +580,6 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         a.threads > 0 && a.runs > 0 && a.batch_size > 0,
         "--threads, --runs and --batch-size must be positive"
     );
-    // Before candle's first operation: its CPU kernels and rayon's pool read it.
-    std::env::set_var("RAYON_NUM_THREADS", a.threads.to_string());
     let python = a.python.clone().unwrap_or_else(peer::default_python);
     let peer = match a.peer {
         Some(p) => p,

@@ -6,7 +6,8 @@
 //!   ReLU as one op. The conv is im2col + GEMM (the `gemm` crate candle
 //!   itself uses) for the forward pass, the input gradient (GEMM + col2im,
 //!   instead of candle's per-pixel `conv_transpose2d`) and the weight
-//!   gradient (GEMM, split over threads along the batch). The GEMM output
+//!   gradient (GEMM). The batch is cut into chunks of images whose im2col
+//!   matrix stays in cache, one group of chunks per thread. The GEMM output
 //!   is channel-major, so BN statistics and the BN backward pass run over
 //!   contiguous rows, and the NCHW transpose is folded into the BN affine.
 //!   One op instead of three also saves candle's backprop a zero-fill and
@@ -103,13 +104,6 @@ impl SyncPtr {
 
 fn threads() -> usize {
     rayon::current_num_threads().max(1)
-}
-
-fn parallelism() -> gemm::Parallelism {
-    match threads() {
-        1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
-    }
 }
 
 /// `dst (m×n) = [dst +] a (m×k) · b (k×n)`; each matrix is given by its
@@ -218,22 +212,25 @@ impl Geom {
     }
 }
 
-/// im2col: `col[(c, ky, kx)][(n, oy, ox)] = x[n, c, oy·s + ky − p, ox·s + kx − p]`
-/// (zero outside the image).
-fn im2col(x: &[f32], g: &Geom) -> Vec<f32> {
-    let p = g.cols();
-    let mut col = vec![0f32; g.rows() * p];
-    col.par_chunks_mut(p).enumerate().for_each(|(r, row)| {
+/// im2col of images `n0..n1` into `col` (C·k·k rows of (n1 − n0)·Ho·Wo):
+/// `col[(c, ky, kx)][(n − n0, oy, ox)] = x[n, c, oy·s + ky − p, ox·s + kx − p]`,
+/// zero outside the image. Every element of `col` is written.
+fn im2col_into(x: &[f32], g: &Geom, (n0, n1): (usize, usize), col: &mut [f32]) {
+    let cols = (n1 - n0) * g.hw_out();
+    for (r, row) in col.chunks_mut(cols).take(g.rows()).enumerate() {
         let (c, ky, kx) = (r / (g.k * g.k), r / g.k % g.k, r % g.k);
         let (lo, hi) = g.valid_ox(kx);
-        for n in 0..g.n {
+        for n in n0..n1 {
             let plane = &x[(n * g.c + c) * g.h * g.w..][..g.h * g.w];
             for oy in 0..g.ho {
+                let dst = &mut row[((n - n0) * g.ho + oy) * g.wo..][..g.wo];
                 let Some(iy) = g.input_row(oy, ky) else {
-                    continue; // stays zero
+                    dst.fill(0.0);
+                    continue;
                 };
                 let src = &plane[iy * g.w..][..g.w];
-                let dst = &mut row[(n * g.ho + oy) * g.wo..][..g.wo];
+                dst[..lo].fill(0.0);
+                dst[hi..].fill(0.0);
                 if g.stride == 1 {
                     let ix0 = lo + kx - g.pad;
                     dst[lo..hi].copy_from_slice(&src[ix0..ix0 + hi - lo]);
@@ -244,42 +241,71 @@ fn im2col(x: &[f32], g: &Geom) -> Vec<f32> {
                 }
             }
         }
-    });
-    col
+    }
 }
 
-/// col2im: the adjoint of [`im2col`], summing every column entry back into
-/// the input gradient `dx` (N, C, H, W).
-fn col2im(col: &[f32], g: &Geom) -> Vec<f32> {
-    let p = g.cols();
-    let mut dx = vec![0f32; g.n * g.c * g.h * g.w];
-    let out = SyncPtr(dx.as_mut_ptr());
-    let kk = g.k * g.k;
-    (0..g.c).into_par_iter().for_each(|c| {
-        for r in c * kk..(c + 1) * kk {
-            let (ky, kx) = (r / g.k % g.k, r % g.k);
-            let (lo, hi) = g.valid_ox(kx);
-            let row = &col[r * p..][..p];
-            for n in 0..g.n {
-                for oy in 0..g.ho {
-                    let Some(iy) = g.input_row(oy, ky) else {
-                        continue;
-                    };
-                    let src = &row[(n * g.ho + oy) * g.wo..][..g.wo];
-                    let base = ((n * g.c + c) * g.h + iy) * g.w;
+/// col2im, the adjoint of [`im2col_into`]: adds every entry of `col` (for
+/// images `n0..n1`) into `dx`, the input gradient of those images.
+fn col2im_add(col: &[f32], g: &Geom, (n0, n1): (usize, usize), dx: &mut [f32]) {
+    let cols = (n1 - n0) * g.hw_out();
+    for (r, row) in col.chunks(cols).take(g.rows()).enumerate() {
+        let (c, ky, kx) = (r / (g.k * g.k), r / g.k % g.k, r % g.k);
+        let (lo, hi) = g.valid_ox(kx);
+        for n in 0..n1 - n0 {
+            for oy in 0..g.ho {
+                let Some(iy) = g.input_row(oy, ky) else {
+                    continue;
+                };
+                let src = &row[(n * g.ho + oy) * g.wo..][..g.wo];
+                let dst = &mut dx[((n * g.c + c) * g.h + iy) * g.w..][..g.w];
+                if g.stride == 1 {
+                    let ix0 = lo + kx - g.pad;
+                    dst[ix0..ix0 + hi - lo]
+                        .iter_mut()
+                        .zip(&src[lo..hi])
+                        .for_each(|(d, &v)| *d += v);
+                } else {
                     for (ox, &v) in src.iter().enumerate().take(hi).skip(lo) {
-                        // SAFETY: channel `c` is written by this task only,
-                        // and the index is inside dx (ix < w).
-                        unsafe { *out.ptr().add(base + ox * g.stride + kx - g.pad) += v };
+                        dst[ox * g.stride + kx - g.pad] += v;
                     }
                 }
             }
         }
-    });
-    dx
+    }
 }
 
-/// (N, O, HW) → (O, N·HW).
+/// How a batch is cut for the conv: chunks of `per_chunk` images (about
+/// 1024 output columns, so a chunk's im2col matrix stays in the L2 cache),
+/// and groups of `per_group` images (whole chunks), one group per thread.
+/// The partition depends only on the shape and the thread count, so
+/// results are deterministic.
+#[derive(Debug, Clone, Copy)]
+struct Chunks {
+    per_chunk: usize,
+    per_group: usize,
+}
+
+impl Chunks {
+    fn new(g: &Geom) -> Self {
+        let parts = threads();
+        let per_chunk = (1024 / g.hw_out().max(1)).clamp(1, g.n.div_ceil(parts).max(1));
+        let chunks = g.n.div_ceil(per_chunk);
+        let per_group = chunks.div_ceil(parts) * per_chunk;
+        Self {
+            per_chunk,
+            per_group,
+        }
+    }
+
+    /// Image ranges of the chunks of the group starting at image `g0`.
+    fn chunks_of(&self, g0: usize, n: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let end = (g0 + self.per_group).min(n);
+        (g0..end)
+            .step_by(self.per_chunk)
+            .map(move |c0| (c0, (c0 + self.per_chunk).min(end)))
+    }
+}
+
 /// Statistics of one training-mode [`conv_bn`] call, per output channel.
 #[derive(Debug, Clone, Default)]
 pub struct BnStats {
@@ -294,8 +320,6 @@ pub struct BnStats {
 /// What the forward pass keeps for the backward pass.
 #[derive(Debug, Default)]
 struct Saved {
-    /// im2col of the input, (C·k·k, N·Ho·Wo).
-    col: Vec<f32>,
     /// Conv output before BN, channel-major (O, N·Ho·Wo).
     z: Vec<f32>,
     /// Per-channel BN scale and shift as applied: y = relu?(z·a + b).
@@ -376,20 +400,31 @@ impl CustomOp3 for ConvBnOp {
                 l3.shape()
             )
         }
-        let (k, p) = (g.rows(), g.cols());
-        let col = im2col(x, &g);
+        let (k, p, hw) = (g.rows(), g.cols(), g.hw_out());
+        let ch = Chunks::new(&g);
         let mut z = vec![0f32; g.o * p];
-        // SAFETY: the three buffers have exactly the shapes given.
-        unsafe {
-            sgemm(
-                (g.o, p, k),
-                (z.as_mut_ptr(), p as isize, 1),
-                false,
-                (w.as_ptr(), k as isize, 1),
-                (col.as_ptr(), p as isize, 1),
-                parallelism(),
-            )
-        };
+        let zp = SyncPtr(z.as_mut_ptr());
+        (0..g.n)
+            .into_par_iter()
+            .step_by(ch.per_group)
+            .for_each(|g0| {
+                let mut col = vec![0f32; k * ch.per_chunk * hw];
+                for (n0, n1) in ch.chunks_of(g0, g.n) {
+                    im2col_into(x, &g, (n0, n1), &mut col);
+                    // SAFETY: z's columns n0·hw..n1·hw of every row belong to
+                    // this chunk only; W is (O, K), col is (K, cols).
+                    unsafe {
+                        sgemm(
+                            (g.o, (n1 - n0) * hw, k),
+                            (zp.ptr().add(n0 * hw), p as isize, 1),
+                            false,
+                            (w.as_ptr(), k as isize, 1),
+                            (col.as_ptr(), ((n1 - n0) * hw) as isize, 1),
+                            gemm::Parallelism::None,
+                        )
+                    };
+                }
+            });
         if !self.train {
             let y = affine_to_nchw(&z, &gb[..g.o], &gb[g.o..], self.relu, &g);
             return Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))));
@@ -420,7 +455,6 @@ impl CustomOp3 for ConvBnOp {
             count: p,
         };
         *self.lock() = Saved {
-            col,
             z,
             a,
             b,
@@ -492,53 +526,80 @@ impl CustomOp3 for ConvBnOp {
                 })
                 .collect())
         })?;
-        // dW = dz · colᵀ, the reduction split over threads.
-        let parts = threads().min(p);
-        let chunk = p.div_ceil(parts);
-        let partial: Vec<Vec<f32>> = (0..parts)
-            .into_par_iter()
-            .map(|i| {
-                let (start, end) = (i * chunk, ((i + 1) * chunk).min(p));
-                let mut dw = vec![0f32; g.o * k];
-                if end > start {
-                    // SAFETY: columns [start, end) of dz's and col's rows.
-                    unsafe {
-                        sgemm(
-                            (g.o, k, end - start),
-                            (dw.as_mut_ptr(), k as isize, 1),
-                            false,
-                            (dz.as_ptr().add(start), p as isize, 1),
-                            (saved.col.as_ptr().add(start), 1, p as isize),
-                            gemm::Parallelism::None,
-                        )
-                    };
-                }
-                dw
+        // Per group of images: recompute the im2col chunk by chunk (in
+        // cache), dW += dz · colᵀ, and dx = col2im(Wᵀ · dz) for the group's
+        // images. Partial dW per group, summed in group order.
+        let need_dx = x.track_op();
+        let ch = Chunks::new(&g);
+        let chw = g.c * g.h * g.w;
+        let mut dx = vec![0f32; if need_dx { g.n * chw } else { 0 }];
+        let dx_groups: Vec<&mut [f32]> = if need_dx {
+            dx.chunks_mut(ch.per_group * chw).collect()
+        } else {
+            (0..g.n.div_ceil(ch.per_group))
+                .map(|_| Default::default())
+                .collect()
+        };
+        let partial: Vec<Vec<f32>> = read(x, "conv_bn backward", |x| {
+            read(w, "conv_bn backward", |w| {
+                Ok(dx_groups
+                    .into_par_iter()
+                    .enumerate()
+                    .map(|(gi, dxg)| {
+                        let g0 = gi * ch.per_group;
+                        let cols_max = ch.per_chunk * hw;
+                        let mut col = vec![0f32; k * cols_max];
+                        let mut dcol = vec![0f32; if need_dx { k * cols_max } else { 0 }];
+                        let mut dw = vec![0f32; g.o * k];
+                        for (n0, n1) in ch.chunks_of(g0, g.n) {
+                            let cols = (n1 - n0) * hw;
+                            im2col_into(x, &g, (n0, n1), &mut col);
+                            let dzc = dz[n0 * hw..].as_ptr();
+                            // SAFETY: dz's chunk columns (rows p apart), col
+                            // (K, cols) read transposed, dw (O, K).
+                            unsafe {
+                                sgemm(
+                                    (g.o, k, cols),
+                                    (dw.as_mut_ptr(), k as isize, 1),
+                                    true,
+                                    (dzc, p as isize, 1),
+                                    (col.as_ptr(), 1, cols as isize),
+                                    gemm::Parallelism::None,
+                                )
+                            };
+                            if need_dx {
+                                // SAFETY: Wᵀ is W read with swapped strides;
+                                // dcol is (K, cols).
+                                unsafe {
+                                    sgemm(
+                                        (k, cols, g.o),
+                                        (dcol.as_mut_ptr(), cols as isize, 1),
+                                        false,
+                                        (w.as_ptr(), 1, k as isize),
+                                        (dzc, p as isize, 1),
+                                        gemm::Parallelism::None,
+                                    )
+                                };
+                                let off = (n0 - g0) * chw;
+                                col2im_add(
+                                    &dcol,
+                                    &g,
+                                    (n0, n1),
+                                    &mut dxg[off..off + (n1 - n0) * chw],
+                                );
+                            }
+                        }
+                        dw
+                    })
+                    .collect())
             })
-            .collect();
+        })?;
         let mut dw = partial[0].clone();
         for part in &partial[1..] {
             dw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
         }
-        // dx = col2im(Wᵀ · dz); the network input needs none.
-        let dx = if x.track_op() {
-            drop(saved.col);
-            let mut dcol = vec![0f32; k * p];
-            read(w, "conv_bn backward", |w| {
-                // SAFETY: shapes as given; Wᵀ is W read with swapped strides.
-                unsafe {
-                    sgemm(
-                        (k, p, g.o),
-                        (dcol.as_mut_ptr(), p as isize, 1),
-                        false,
-                        (w.as_ptr(), 1, k as isize),
-                        (dz.as_ptr(), p as isize, 1),
-                        parallelism(),
-                    )
-                };
-                Ok(())
-            })?;
-            Some(tensor(col2im(&dcol, &g), x.shape())?)
+        let dx = if need_dx {
+            Some(tensor(dx, x.shape())?)
         } else {
             None
         };
@@ -854,6 +915,9 @@ mod tests {
             (3, 2, 2, 2, 2, 3, 1, 1),
             (4, 3, 32, 32, 16, 3, 1, 1),
             (2, 8, 4, 4, 8, 3, 2, 1),
+            // Enough images for several chunks per thread group.
+            (70, 2, 8, 8, 3, 3, 1, 1),
+            (37, 2, 6, 6, 3, 3, 2, 1),
         ];
         for (i, &(n, c, h, w, o, k, s, p)) in cases.iter().enumerate() {
             for relu in [false, true] {

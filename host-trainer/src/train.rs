@@ -449,8 +449,18 @@ pub fn train(
             )
         })?;
         let saved = &ck.meta.config;
+        // --epochs may change, and with it the schedule's length (decay and
+        // warm-up follow from the epoch count).
+        let same_schedule_kind = std::mem::discriminant(&saved.schedule.decay)
+            == std::mem::discriminant(&cfg.schedule.decay)
+            && saved.schedule.base_lr == cfg.schedule.base_lr;
         ensure!(
-            TrainConfig { epochs: cfg.epochs, ..saved.clone() } == cfg,
+            same_schedule_kind
+                && TrainConfig {
+                    epochs: cfg.epochs,
+                    schedule: cfg.schedule.clone(),
+                    ..saved.clone()
+                } == cfg,
             "--resume: the options differ from the run's saved configuration (only --epochs may change)\n saved: {}\n given: {}",
             serde_json::to_string(saved)?,
             serde_json::to_string(&cfg)?
@@ -849,6 +859,33 @@ mod tests {
             "toy accuracy {}",
             out.test.accuracy
         );
+    }
+
+    #[test]
+    fn resume_may_change_the_epoch_count_and_nothing_else() {
+        let train_set = crate::data::synthetic(64, 4, 1);
+        let test_set = crate::data::synthetic(32, 4, 2);
+        let d = tempfile::tempdir().unwrap();
+        run_cpu(
+            tiny_config(2),
+            &train_set,
+            &test_set,
+            d.path(),
+            false,
+            Some(1),
+        )
+        .unwrap();
+        let mut other_lr = tiny_config(3);
+        other_lr.schedule.base_lr = 0.2;
+        let err = run_cpu(other_lr, &train_set, &test_set, d.path(), true, None).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("only --epochs may change"),
+            "{err:#}"
+        );
+        // A longer run: the linear decay now ends at epoch 3.
+        let r = run_cpu(tiny_config(3), &train_set, &test_set, d.path(), true, None).unwrap();
+        assert_eq!(r.history.len(), 3);
+        assert!(r.history[2].lr < r.history[1].lr);
     }
 
     #[test]
