@@ -293,8 +293,8 @@ pub fn bench_mcu(json: bool, update_snapshot: bool) -> Result<(), String> {
     println!("preprocess (160x120 RGB565 → 32x32x3): {pre} instructions");
     println!(
         "estimated latency at {:.0} MHz (preprocess + network), assuming 1 instruction per cycle \
-         (no dual issue, no flash/cache stalls: weights in flash behind the 16 KiB D-cache and \
-         ART are not modelled): {:.1} ms",
+         (the M7's dual issue not counted, and neither are stalls: flash wait states for the \
+         weights behind the 16 KiB D-cache, load-use and multiply latencies): {:.1} ms",
         CLOCK_HZ / 1e6,
         (total + pre) as f64 / CLOCK_HZ * 1e3
     );
