@@ -324,7 +324,7 @@ unsafe fn dot_1x4(w: *const i8, col: *const i16, k: Cols, acc: [i32; 4]) -> [i32
     // group count is even in every 3x3 and 1x1 conv of Mini-ResNet.
     #[cfg(armv7em)]
     if k.full.is_multiple_of(8) && (w as usize).is_multiple_of(4) && pw < end {
-        // 30 instructions per 32 MACs plus the loop's CMP/BLO.
+        // 29 instructions per 32 MACs plus the loop's CMP/BLO.
         // SAFETY: reads `full` filter bytes from `w` (4-byte aligned) and
         // `4 * full` column halfwords from `col` (4-byte aligned), as the
         // portable loop does.
