@@ -6,7 +6,7 @@
 //! | module | what |
 //! |---|---|
 //! | [`quant`] | TFLM fixed-point requantization; the only rounding code |
-//! | [`kernels`] | int8 conv / max pool / avg pool / residual add / fully connected |
+//! | [`kernels`] | int8 conv / max pool / avg pool / residual add / fully connected; Cortex-M7 fast paths in `kernels::dsp` |
 //! | [`model`] | int8 model blob: format, zero-copy parsing, validation, whole-network `run` |
 //! | [`preprocess`] | camera frame (RGB565/RGB888, any size) → 32x32x3 int8 input |
 //! | [`Error`] | what a kernel or frame can get wrong |

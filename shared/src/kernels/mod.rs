@@ -22,6 +22,16 @@
 //!   every index is in bounds and no arithmetic overflows.
 //! * **Scratch.** Kernels that need scratch memory take it as an argument and
 //!   say how much through a `*_scratch_len` function. Nothing is allocated.
+//!   [`conv2d_s8`] runs faster with more than the minimum (four im2col
+//!   columns instead of two; see `model::SCRATCH_LEN_FAST`) and with a
+//!   4-byte-aligned scratch, and gives the same bytes either way.
+//! * **Backends.** [`conv2d_s8`], [`maxpool_s8`] and [`add_s8`] are the fast
+//!   kernels of [`dsp`] (SMLAD / SXTB16 / SSUB8+SEL: real instructions on
+//!   Cortex-M4/M7, the plain-Rust emulation in [`dsp::isa`] elsewhere);
+//!   [`conv2d_s8_reference`], [`maxpool_s8_reference`] and
+//!   [`add_s8_reference`] are the portable references they are tested
+//!   against, byte for byte. `avgpool_s8` and `fc_s8` (0.1% of the
+//!   instructions) have one portable version.
 
 mod add;
 mod conv;
