@@ -16,6 +16,8 @@
 
 mod app;
 mod camera;
+#[cfg_attr(not(all(target_os = "none", feature = "qemu")), allow(dead_code))]
+mod selftest;
 
 #[cfg(all(target_os = "none", feature = "qemu"))]
 mod qemu;

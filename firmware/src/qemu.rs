@@ -8,6 +8,7 @@
 //!
 //! Output lines:
 //! * `MODEL arena=<bytes> scratch=<i16> layers=<n>`
+//! * `SELFTEST <case> ok` per fast-kernel self-test case (`selftest.rs`)
 //! * `LOGITS <frame> <l0> … <l9>` (int8)
 //! * `INSN <frame> preprocess=<n> network=<n>` (instructions)
 //! * `LAYER <index> <name> <instructions>` for frame 0, one per layer
@@ -156,6 +157,17 @@ fn main() -> ! {
         engine.model().scratch_len(),
         engine.model().layer_count()
     );
+
+    // The fast kernels on the real instructions, against the references.
+    let passed = crate::selftest::run(|name, ok| {
+        let _ = writeln!(out, "SELFTEST {name} {}", if ok { "ok" } else { "FAILED" });
+    });
+    if !passed {
+        fail(
+            &mut out,
+            "selftest: a fast kernel differs from its reference",
+        );
+    }
 
     let Ok(file) = HostFile::open("frames.bin\0") else {
         fail(&mut out, "cannot open frames.bin")
