@@ -292,7 +292,11 @@ mod tests {
         let stock = bench_backend(&arch, 4, 1, 2, &Device::Cpu, Backend::Stock).unwrap();
         let mut report = BenchReport::new(&arch, "cpu", 2, 1, r, None);
         report.stock = Some(stock);
-        assert!(report.table().contains("stock candle ops"), "{}", report.table());
+        assert!(
+            report.table().contains("stock candle ops"),
+            "{}",
+            report.table()
+        );
     }
 
     #[test]
