@@ -306,7 +306,7 @@ impl Chunks {
     }
 }
 
-/// Statistics of one training-mode [`conv_bn`] call, per output channel.
+/// Statistics of one training-mode [`conv_bn_train`] call, per output channel.
 #[derive(Debug, Clone, Default)]
 pub struct BnStats {
     /// Batch mean of the conv output.
