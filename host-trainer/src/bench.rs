@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
-use crate::model::ArchConfig;
+use crate::model::{ArchConfig, Backend};
 use crate::optim::{Sgd, SgdConfig};
 use crate::peer::PeerResult;
 use crate::train::{smoothed_cross_entropy, Trainee};
@@ -77,6 +77,8 @@ pub struct BenchReport {
     pub candle: BenchResult,
     /// The peer's figures (`null` without one).
     pub peer: Option<PeerFigures>,
+    /// candle with its stock ops instead of [`crate::ops`] (`--stock`).
+    pub stock: Option<BenchResult>,
 }
 
 impl BenchReport {
@@ -106,6 +108,7 @@ impl BenchReport {
             macs_per_image: arch.macs(),
             candle,
             peer,
+            stock: None,
         }
     }
 
@@ -161,6 +164,16 @@ impl BenchReport {
                 );
             }
         }
+        if let Some(st) = &self.stock {
+            s += &format!(
+                "\nstock candle ops (candle's conv2d, conv_transpose2d backward, candle-nn BatchNorm): \
+                 training {:.1} images/s, inference {:.1} images/s; the custom ops are {:.1}× and {:.1}× faster\n",
+                st.train_images_per_sec,
+                st.infer_images_per_sec,
+                c.train_images_per_sec / st.train_images_per_sec,
+                c.infer_images_per_sec / st.infer_images_per_sec,
+            );
+        }
         s
     }
 }
@@ -175,7 +188,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Times `runs` training steps and `runs` inference batches after `warmup`.
+/// Times `runs` training steps and `runs` inference batches after `warmup`,
+/// with the device's default layer implementation.
 pub fn bench(
     arch: &ArchConfig,
     batch_size: usize,
@@ -183,7 +197,27 @@ pub fn bench(
     runs: usize,
     device: &Device,
 ) -> Result<BenchResult> {
-    let t = Trainee::new(arch, 0, device)?;
+    bench_backend(
+        arch,
+        batch_size,
+        warmup,
+        runs,
+        device,
+        Backend::for_device(device),
+    )
+}
+
+/// [`bench`] with a chosen layer implementation.
+pub fn bench_backend(
+    arch: &ArchConfig,
+    batch_size: usize,
+    warmup: usize,
+    runs: usize,
+    device: &Device,
+    backend: Backend,
+) -> Result<BenchResult> {
+    let mut t = Trainee::new(arch, 0, device)?;
+    t.model.backend = backend;
     let mut opt = Sgd::new(
         t.named_vars(),
         SgdConfig {
@@ -255,6 +289,14 @@ mod tests {
         let r = bench(&arch, 4, 1, 2, &Device::Cpu).unwrap();
         assert!(r.train_images_per_sec > 0.0 && r.infer_images_per_sec > 0.0);
         assert!(r.train_gflops > 0.0 && r.infer_gflops > 0.0);
+        let stock = bench_backend(&arch, 4, 1, 2, &Device::Cpu, Backend::Stock).unwrap();
+        let mut report = BenchReport::new(&arch, "cpu", 2, 1, r, None);
+        report.stock = Some(stock);
+        assert!(
+            report.table().contains("stock candle ops"),
+            "{}",
+            report.table()
+        );
     }
 
     #[test]

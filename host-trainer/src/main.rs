@@ -219,6 +219,9 @@ struct BenchArgs {
     /// Run PyTorch with the channels-last (NHWC) memory format.
     #[arg(long)]
     channels_last: bool,
+    /// Also time candle's stock ops (no custom CPU ops), for the speed-up.
+    #[arg(long)]
+    stock: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -615,7 +618,17 @@ fn run_bench(a: BenchArgs) -> Result<()> {
             channels_last: a.channels_last,
         })?),
     };
-    let r = bench::BenchReport::new(&arch, &a.device, a.threads, a.warmup, candle, peer_result);
+    let mut r = bench::BenchReport::new(&arch, &a.device, a.threads, a.warmup, candle, peer_result);
+    if a.stock {
+        r.stock = Some(bench::bench_backend(
+            &arch,
+            a.batch_size,
+            a.warmup,
+            a.runs,
+            &device,
+            host_trainer::model::Backend::Stock,
+        )?);
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {

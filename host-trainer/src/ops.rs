@@ -306,7 +306,7 @@ impl Chunks {
     }
 }
 
-/// Statistics of one training-mode [`conv_bn`] call, per output channel.
+/// Statistics of one training-mode [`conv_bn_train`] call, per output channel.
 #[derive(Debug, Clone, Default)]
 pub struct BnStats {
     /// Batch mean of the conv output.
@@ -550,20 +550,21 @@ impl CustomOp3 for ConvBnOp {
                         let cols_max = ch.per_chunk * hw;
                         let mut col = vec![0f32; k * cols_max];
                         let mut dcol = vec![0f32; if need_dx { k * cols_max } else { 0 }];
-                        let mut dw = vec![0f32; g.o * k];
+                        let mut dwt = vec![0f32; k * g.o];
                         for (n0, n1) in ch.chunks_of(g0, g.n) {
                             let cols = (n1 - n0) * hw;
                             im2col_into(x, &g, (n0, n1), &mut col);
                             let dzc = dz[n0 * hw..].as_ptr();
-                            // SAFETY: dz's chunk columns (rows p apart), col
-                            // (K, cols) read transposed, dw (O, K).
+                            // dWᵀ (K, O) += col (K, cols) · dzᵀ (cols, O).
+                            // SAFETY: dz's chunk columns (rows p apart) read
+                            // transposed, col (K, cols), dwt (K, O).
                             unsafe {
                                 sgemm(
-                                    (g.o, k, cols),
-                                    (dw.as_mut_ptr(), k as isize, 1),
+                                    (k, g.o, cols),
+                                    (dwt.as_mut_ptr(), g.o as isize, 1),
                                     true,
-                                    (dzc, p as isize, 1),
-                                    (col.as_ptr(), 1, cols as isize),
+                                    (col.as_ptr(), cols as isize, 1),
+                                    (dzc, 1, p as isize),
                                     gemm::Parallelism::None,
                                 )
                             };
@@ -587,6 +588,12 @@ impl CustomOp3 for ConvBnOp {
                                     (n0, n1),
                                     &mut dxg[off..off + (n1 - n0) * chw],
                                 );
+                            }
+                        }
+                        let mut dw = vec![0f32; g.o * k];
+                        for (r, row) in dwt.chunks(g.o).enumerate() {
+                            for (o, &v) in row.iter().enumerate() {
+                                dw[o * k + r] = v;
                             }
                         }
                         dw
