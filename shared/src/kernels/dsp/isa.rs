@@ -180,6 +180,47 @@ pub fn ssat10(x: i32) -> i32 {
     }
 }
 
+/// `QADD`: `x + y` saturated to `i32`.
+#[inline(always)]
+pub fn qadd(x: i32, y: i32) -> i32 {
+    #[cfg(armv7em)]
+    {
+        let r: i32;
+        // SAFETY: register-only arithmetic; QADD sets only the Q flag.
+        unsafe {
+            asm!("qadd {r}, {x}, {y}", r = lateout(reg) r, x = in(reg) x, y = in(reg) y,
+                 options(pure, nomem, nostack, preserves_flags));
+        }
+        r
+    }
+    #[cfg(not(armv7em))]
+    {
+        x.saturating_add(y)
+    }
+}
+
+/// `SMMLAR`: the top word of `(acc << 32) + x * y + 2^31`, modulo 2^64.
+#[inline(always)]
+pub fn smmlar(x: i32, y: i32, acc: i32) -> i32 {
+    #[cfg(armv7em)]
+    {
+        let r: i32;
+        // SAFETY: register-only arithmetic.
+        unsafe {
+            asm!("smmlar {r}, {x}, {y}, {a}", r = lateout(reg) r, x = in(reg) x, y = in(reg) y, a = in(reg) acc,
+                 options(pure, nomem, nostack, preserves_flags));
+        }
+        r
+    }
+    #[cfg(not(armv7em))]
+    {
+        let v = ((acc as i64) << 32)
+            .wrapping_add(x as i64 * y as i64)
+            .wrapping_add(1 << 31);
+        (v >> 32) as i32
+    }
+}
+
 /// A little-endian `u32` from 4 bytes at `p` (any alignment; `LDR` on the M7).
 ///
 /// # Safety
@@ -258,6 +299,20 @@ mod tests {
         );
         assert_eq!((ssat8(300), ssat8(-300), ssat8(-5)), (127, -128, -5));
         assert_eq!((ssat10(600), ssat10(-600), ssat10(-511)), (511, -512, -511));
+        assert_eq!(
+            (qadd(i32::MAX, 1), qadd(i32::MIN, -1), qadd(3, -5)),
+            (i32::MAX, i32::MIN, -2)
+        );
+    }
+
+    #[test]
+    fn smmlar_by_hand() {
+        // (1 << 32) * 2 + 2^31 + 2^31 → top word 3.
+        assert_eq!(smmlar(1 << 16, 1 << 15, 2), 3);
+        assert_eq!(smmlar(1 << 16, (1 << 15) - 1, 2), 2);
+        assert_eq!(smmlar(-1, 1, 0), 0);
+        assert_eq!(smmlar(i32::MIN, i32::MIN, 0), 1 << 30);
+        assert_eq!(smmlar(i32::MIN, i32::MAX, -5), -(1 << 30) - 5 + 1);
     }
 
     #[test]

@@ -189,6 +189,102 @@ impl ChannelRequant {
     }
 }
 
+/// A folded requantization: the whole of [`ChannelRequant::apply_no_min`]
+/// in five instructions (`QADD` doubling, the sign nudge, `SMMLAR`, `ASR`,
+/// `SSAT`) plus the clamps, for the channels [`FoldedRequant::new`] accepts:
+/// multiplier in `(2^30, 2^31)` (every exported one but exactly `2^30`) and
+/// shift in `-21..=-1`.
+///
+/// With `e = -shift`, `rnd = 2^(e-1)` and `neg = (x < 0)` the reference is
+/// `floor((x * m + 2^30 + (rnd - neg + offset * 2^e) * 2^31) / 2^(31 + e))`
+/// (the two floors of SRDHM and RDBPOT merge, and so does the offset), and
+/// `y = SRDHM(x, m) < 0` exactly when `x < 0` because `m > 2^30`. Doubled,
+/// that is `SMMLAR(2x, m, c) >> e` with `c = rnd - neg + offset * 2^e`.
+/// `2x` saturates (QADD) only when `|x| >= 2^30`, and then both the
+/// reference and this saturate the int8 output the same way: `|y| >= 2^29`,
+/// `|y >> e| >= 256` for `e <= 21`, beyond any offset.
+#[derive(Debug, Clone, Copy)]
+pub struct FoldedRequant {
+    multiplier: i32,
+    /// `rnd + offset * 2^e`; the sign nudge subtracts 1 for `x < 0`.
+    c: i32,
+    e: u32,
+}
+
+impl FoldedRequant {
+    /// `None` unless `2^30 < multiplier` and `-21 <= shift <= -1`.
+    #[inline(always)]
+    pub fn new(multiplier: i32, shift: i32, offset: i32) -> Option<Self> {
+        if multiplier <= (1 << 30) || !(-21..=-1).contains(&shift) {
+            return None;
+        }
+        let e = (-shift) as u32;
+        Some(Self::new_unchecked(multiplier, e, offset))
+    }
+
+    /// `true` when [`new`](Self::new) accepts `(multiplier, shift)`.
+    #[inline(always)]
+    pub fn accepts(multiplier: i32, shift: i32) -> bool {
+        multiplier > (1 << 30) && (-21..=-1).contains(&shift)
+    }
+
+    /// [`new`](Self::new) for a pair that [`accepts`](Self::accepts), with `e = -shift`.
+    #[inline(always)]
+    pub fn new_unchecked(multiplier: i32, e: u32, offset: i32) -> Self {
+        debug_assert!(multiplier > (1 << 30) && (1..=21).contains(&e));
+        Self {
+            multiplier,
+            c: (1i32 << (e - 1)) + (offset << e),
+            e,
+        }
+    }
+
+    /// `requantize(acc, m, shift, offset, min, 127)` before the lower clamp:
+    /// the int8-saturated value.
+    #[inline(always)]
+    pub fn scale_sat8(&self, acc: i32) -> i32 {
+        #[cfg(armv7em)]
+        {
+            let r: i32;
+            // SAFETY: register-only arithmetic; QADD/SSAT set only Q.
+            unsafe {
+                core::arch::asm!(
+                    "qadd {x}, {x}, {x}",
+                    "add {c}, {c}, {x}, asr #31",
+                    "smmlar {x}, {x}, {m}, {c}",
+                    "asr {x}, {x}, {e}",
+                    "ssat {x}, #8, {x}",
+                    x = inout(reg) acc => r,
+                    c = inout(reg) self.c => _,
+                    m = in(reg) self.multiplier,
+                    e = in(reg) self.e,
+                    options(pure, nomem, nostack, preserves_flags),
+                );
+            }
+            r
+        }
+        #[cfg(not(armv7em))]
+        {
+            use super::isa::{qadd, smmlar, ssat8};
+            let x2 = qadd(acc, acc);
+            let c = self.c.wrapping_add(x2 >> 31);
+            ssat8(smmlar(x2, self.multiplier, c) >> self.e)
+        }
+    }
+
+    /// `requantize(acc, m, shift, offset, min, 127)`.
+    #[inline(always)]
+    pub fn apply_max127(&self, acc: i32, min: i32) -> i8 {
+        self.scale_sat8(acc).max(min) as i8
+    }
+
+    /// `requantize(acc, m, shift, offset, min, max)`.
+    #[inline(always)]
+    pub fn apply(&self, acc: i32, min: i32, max: i32) -> i8 {
+        self.scale_sat8(acc).max(min).min(max) as i8
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,6 +304,17 @@ mod tests {
             );
             assert_eq!(
                 ChannelRequant::new(m, s, off, lo, 127).apply_no_min_max127(acc),
+                requantize(acc, m, s, off, lo, 127)
+            );
+        }
+        if let Some(f) = FoldedRequant::new(m, s, off) {
+            assert_eq!(
+                f.apply(acc, lo as i32, hi as i32),
+                requantize(acc, m, s, off, lo, hi),
+                "folded: acc {acc} m {m} shift {s} offset {off} [{lo}, {hi}]"
+            );
+            assert_eq!(
+                f.apply_max127(acc, lo as i32),
                 requantize(acc, m, s, off, lo, 127)
             );
         }
@@ -255,6 +362,34 @@ mod tests {
     }
 
     #[test]
+    fn folded_domain_edges() {
+        assert!(FoldedRequant::new(1 << 30, -5, 0).is_none());
+        assert!(FoldedRequant::new((1 << 30) + 1, 0, 0).is_none());
+        assert!(FoldedRequant::new((1 << 30) + 1, -22, 0).is_none());
+        for s in -21..=-1 {
+            for m in [(1 << 30) + 1, i32::MAX, 1_500_000_000] {
+                for acc in [
+                    i32::MIN,
+                    i32::MIN + 1,
+                    -(1 << 30) - 1,
+                    -(1 << 30),
+                    (1 << 30) - 1,
+                    1 << 30,
+                    i32::MAX,
+                    -1,
+                    0,
+                    1,
+                ] {
+                    for off in [-128, 0, 127] {
+                        check(acc, m, s, off, -128, 127);
+                        check(acc, m, s, off, -3, 100);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn ties_match_reference() {
         // Exact halves after each rounding step, both signs.
         for s in -12..=0 {
@@ -277,5 +412,19 @@ mod tests {
             let (a, b) = (r.range_i32(-128, 127) as i8, r.range_i32(-128, 127) as i8);
             check(acc, m, s, off, a.min(b), a.max(b));
         }
+
+        #[test]
+        fn folded_match_reference(seed in any::<u64>(), s in -21i32..=-1) {
+            // The folded path's domain: multiplier in (2^30, 2^31), large and
+            // small accumulators, exact ties (acc a multiple of a power of 2).
+            let mut r = Rng(seed);
+            let m = (1 << 30) + 1 + (r.next() % ((1u64 << 30) - 1)) as i32;
+            let acc = (r.next() as i32 >> (r.next() % 32)) & !((1i32 << (r.next() % 24)) - 1);
+            let off = r.range_i32(-128, 127);
+            let (a, b) = (r.range_i32(-128, 127) as i8, r.range_i32(-128, 127) as i8);
+            prop_assert!(FoldedRequant::accepts(m, s));
+            check(acc, m, s, off, a.min(b), a.max(b));
+        }
+
     }
 }
