@@ -598,6 +598,48 @@ mod tests {
     }
 
     #[test]
+    fn lean_paths_match_reference() {
+        // The Mini-ResNet shapes (taps a multiple of 16: the lean channel
+        // loop; the 3-channel stem), every border, zero points, an upper
+        // clamp below 127, and multipliers of exactly 2^30 (outside the
+        // folded requantization's domain) mixed in.
+        let mut rng = Rng(11);
+        for &(h, w, cin, cout, k, s, pad) in &[
+            (16, 16, 16, 16, 3, 1, 1),
+            (16, 16, 16, 32, 3, 2, 1),
+            (8, 8, 32, 32, 3, 1, 1),
+            (8, 8, 16, 32, 1, 2, 0),
+            (4, 4, 64, 8, 3, 1, 1),
+            (32, 32, 3, 16, 3, 1, 1),
+            (9, 7, 3, 5, 3, 1, 1),
+        ] {
+            for &(zi, zo, max, exact) in &[
+                (0, 0, 127, false),
+                (-128, -128, 127, false),
+                (127, 127, 100, false),
+                (3, -9, 5, false),
+                (-7, 20, 127, true),
+            ] {
+                let mut c = Case::random(
+                    &mut rng,
+                    Dims::new(h, w, cin),
+                    cout,
+                    (k, k),
+                    (s, s),
+                    (pad, pad),
+                    zi,
+                    zo,
+                );
+                c.p.act_max = max.max(c.p.act_min);
+                if exact {
+                    c.mult[0] = 1 << 30;
+                }
+                c.check();
+            }
+        }
+    }
+
+    #[test]
     fn extreme_multipliers_and_shifts() {
         let mut rng = Rng(11);
         for shift in -31..=30 {

@@ -595,6 +595,173 @@ unsafe fn dot_2x2(
     [a00, a01, a10, a11]
 }
 
+/// [`dot_1x4`] for a row of `full` taps, `full` a non-zero multiple of 16,
+/// `w` 4-byte aligned: the four-group loop only.
+///
+/// # Safety
+/// `w` holds `full` values (4-byte aligned); `col` is a 4-pixel block of
+/// `full` taps.
+#[inline(always)]
+unsafe fn dot_1x4_x16(w: *const i8, col: *const i16, full: usize, acc: i32) -> [i32; 4] {
+    debug_assert!(full > 0 && full.is_multiple_of(16) && (w as usize).is_multiple_of(4));
+    let (mut a0, mut a1, mut a2, mut a3) = (acc, acc, acc, acc);
+    let mut pw = w as *const u8;
+    let mut pc = col as *const u8;
+    // SAFETY: `full` filter values.
+    let end = unsafe { pw.add(full) };
+    #[cfg(armv7em)]
+    {
+        unsafe {
+            core::arch::asm!(
+                "2:",
+                "ldrd {w}, {w1}, [{pw}], #8",
+                "ldrd {x0}, {x1}, [{pc}], #8",
+                "sxtb16 {we}, {w}",
+                "sxtb16 {w}, {w}, ror #8",
+                "smlad {a0}, {we}, {x0}, {a0}",
+                "smlad {a0}, {w}, {x1}, {a0}",
+                "ldrd {x0}, {x1}, [{pc}], #8",
+                "smlad {a1}, {we}, {x0}, {a1}",
+                "smlad {a1}, {w}, {x1}, {a1}",
+                "ldrd {x0}, {x1}, [{pc}], #8",
+                "smlad {a2}, {we}, {x0}, {a2}",
+                "smlad {a2}, {w}, {x1}, {a2}",
+                "ldrd {x0}, {x1}, [{pc}], #8",
+                "smlad {a3}, {we}, {x0}, {a3}",
+                "smlad {a3}, {w}, {x1}, {a3}",
+                "ldrd {x0}, {x1}, [{pc}], #8",
+                "sxtb16 {we}, {w1}",
+                "sxtb16 {w1}, {w1}, ror #8",
+                "smlad {a0}, {we}, {x0}, {a0}",
+                "smlad {a0}, {w1}, {x1}, {a0}",
+                "ldrd {x0}, {x1}, [{pc}], #8",
+                "smlad {a1}, {we}, {x0}, {a1}",
+                "smlad {a1}, {w1}, {x1}, {a1}",
+                "ldrd {x0}, {x1}, [{pc}], #8",
+                "smlad {a2}, {we}, {x0}, {a2}",
+                "smlad {a2}, {w1}, {x1}, {a2}",
+                "ldrd {x0}, {x1}, [{pc}], #8",
+                "smlad {a3}, {we}, {x0}, {a3}",
+                "smlad {a3}, {w1}, {x1}, {a3}",
+                "ldrd {w}, {w1}, [{pw}], #8",
+                "ldrd {x0}, {x1}, [{pc}], #8",
+                "sxtb16 {we}, {w}",
+                "sxtb16 {w}, {w}, ror #8",
+                "smlad {a0}, {we}, {x0}, {a0}",
+                "smlad {a0}, {w}, {x1}, {a0}",
+                "ldrd {x0}, {x1}, [{pc}], #8",
+                "smlad {a1}, {we}, {x0}, {a1}",
+                "smlad {a1}, {w}, {x1}, {a1}",
+                "ldrd {x0}, {x1}, [{pc}], #8",
+                "smlad {a2}, {we}, {x0}, {a2}",
+                "smlad {a2}, {w}, {x1}, {a2}",
+                "ldrd {x0}, {x1}, [{pc}], #8",
+                "smlad {a3}, {we}, {x0}, {a3}",
+                "smlad {a3}, {w}, {x1}, {a3}",
+                "ldrd {x0}, {x1}, [{pc}], #8",
+                "sxtb16 {we}, {w1}",
+                "sxtb16 {w1}, {w1}, ror #8",
+                "smlad {a0}, {we}, {x0}, {a0}",
+                "smlad {a0}, {w1}, {x1}, {a0}",
+                "ldrd {x0}, {x1}, [{pc}], #8",
+                "smlad {a1}, {we}, {x0}, {a1}",
+                "smlad {a1}, {w1}, {x1}, {a1}",
+                "ldrd {x0}, {x1}, [{pc}], #8",
+                "smlad {a2}, {we}, {x0}, {a2}",
+                "smlad {a2}, {w1}, {x1}, {a2}",
+                "ldrd {x0}, {x1}, [{pc}], #8",
+                "smlad {a3}, {we}, {x0}, {a3}",
+                "smlad {a3}, {w1}, {x1}, {a3}",
+                "cmp {pw}, {end}",
+                "blo 2b",
+                pw = inout(reg) pw,
+                pc = inout(reg) pc,
+                end = in(reg) end,
+                a0 = inout(reg) a0,
+                a1 = inout(reg) a1,
+                a2 = inout(reg) a2,
+                a3 = inout(reg) a3,
+                w = out(reg) _,
+                w1 = out(reg) _,
+                we = out(reg) _,
+                x0 = out(reg) _,
+                x1 = out(reg) _,
+                options(nostack, readonly),
+            );
+        }
+        let _ = (pw, pc);
+    }
+    #[cfg(not(armv7em))]
+    while pw < end {
+        // SAFETY: one weight word and one 4-pixel group (32 bytes) per step.
+        unsafe {
+            let wv = load_u32(pw);
+            let (we, wo) = (sxtb16(wv), sxtb16_ror8(wv));
+            a0 = smlad(we, col_word(pc), a0);
+            a0 = smlad(wo, col_word(pc.add(4)), a0);
+            a1 = smlad(we, col_word(pc.add(8)), a1);
+            a1 = smlad(wo, col_word(pc.add(12)), a1);
+            a2 = smlad(we, col_word(pc.add(16)), a2);
+            a2 = smlad(wo, col_word(pc.add(20)), a2);
+            a3 = smlad(we, col_word(pc.add(24)), a3);
+            a3 = smlad(wo, col_word(pc.add(28)), a3);
+            pw = pw.add(4);
+            pc = pc.add(32);
+        }
+    }
+    [a0, a1, a2, a3]
+}
+
+/// Every output channel of a full 4-pixel block when every channel is in
+/// [`FoldedRequant`]'s domain and the rows are `taps` (a multiple of 16)
+/// aligned values: one pointer walk over filter, bias and requantization,
+/// no per-channel branches. `CLAMP_MAX`: the upper clamp is below 127.
+///
+/// # Safety
+/// `filter` holds `out_c` rows of `taps` values (4-byte aligned); `col` is
+/// a 4-pixel block of `taps` taps; `o` points at 4 output pixels of `out_c`.
+#[inline(never)]
+unsafe fn block_1x4_folded<const CLAMP_MAX: bool>(
+    layer: &Conv2d<'_>,
+    col: *const i16,
+    taps: usize,
+    o: *mut i8,
+    out_c: usize,
+) {
+    let p = &layer.params;
+    let (min, max, off) = (p.act_min as i32, p.act_max as i32, p.output_offset);
+    let mut w = layer.filter.as_ptr();
+    let mut b = layer.bias.as_ptr();
+    let mut m = layer.requant.multiplier.as_ptr();
+    let mut s = layer.requant.shift.as_ptr();
+    let mut q = o;
+    // SAFETY: `out_c` channels.
+    let q_end = unsafe { o.add(out_c) };
+    while q < q_end {
+        // SAFETY: channel `q - o` of filter, bias, requantization and output.
+        unsafe {
+            let a = dot_1x4_x16(w, col, taps, *b);
+            let f = FoldedRequant::new_unchecked(*m, (-*s) as u32, off);
+            let r = |x: i32| -> i8 {
+                if CLAMP_MAX {
+                    f.apply(x, min, max)
+                } else {
+                    f.apply_max127(x, min)
+                }
+            };
+            *q = r(a[0]);
+            *q.add(out_c) = r(a[1]);
+            *q.add(2 * out_c) = r(a[2]);
+            *q.add(3 * out_c) = r(a[3]);
+            w = w.add(taps);
+            b = b.add(1);
+            m = m.add(1);
+            s = s.add(1);
+            q = q.add(1);
+        }
+    }
+}
+
 /// Every output channel of one 4-pixel block: the 1 × 4 tile, then the
 /// requantization of its four sums ([`FoldedRequant`] when `folded`: every
 /// channel is in its domain). Not inlined, so the channel loop gets
@@ -749,6 +916,14 @@ pub(crate) fn conv2d_s8_dsp(
         .iter()
         .zip(layer.requant.shift)
         .all(|(&m, &s)| FoldedRequant::accepts(m, s));
+    // The lean channel loop: folded requantization, unpadded rows of a
+    // multiple of 16 taps, 4-byte aligned (every 3x3 and 1x1 conv here).
+    let lean = folded
+        && n == 4
+        && !padded
+        && taps > 0
+        && taps.is_multiple_of(16)
+        && layer.filter.as_ptr().align_offset(4) == 0;
     let mut pix = 0;
     while pix < pixels {
         let valid = (pixels - pix).min(n);
@@ -771,7 +946,17 @@ pub(crate) fn conv2d_s8_dsp(
             // SAFETY: the filter, bias and requantization hold `out_c`
             // channels; the block holds 4 columns; pixels `pix..pix + valid`
             // are in the output.
-            unsafe { block_1x4(layer, col, k, o, out_c, valid, &mut buf, folded) };
+            unsafe {
+                if lean && valid == 4 {
+                    if p.act_max == i8::MAX {
+                        block_1x4_folded::<false>(layer, col, k.taps, o, out_c);
+                    } else {
+                        block_1x4_folded::<true>(layer, col, k.taps, o, out_c);
+                    }
+                } else {
+                    block_1x4(layer, col, k, o, out_c, valid, &mut buf, folded);
+                }
+            }
         } else {
             let mut buf1 = [0i8; PAD_MAX];
             let mut oc = 0;
