@@ -4,7 +4,7 @@
 //! [`AddParams::add_one`](crate::kernels::AddParams::add_one) by
 //! construction: the tables hold exactly the reference's values.
 
-use super::requant::ChannelRequant;
+use super::requant::{ChannelRequant, FoldedRequant};
 use crate::kernels::AddParams;
 
 /// Below this many elements the tables cost more than they save.
@@ -29,10 +29,24 @@ pub(crate) fn add_s8_tables(p: &AddParams, input1: &[i8], input2: &[i8], output:
     let s2 = ChannelRequant::new(p.input2_multiplier, p.input2_shift, 0, i8::MIN, i8::MAX);
     let mut t1 = [0i32; 256];
     let mut t2 = [0i32; 256];
-    for v in -128i32..=127 {
-        let i = (v + 128) as usize;
-        t1[i] = s1.scale((v + p.input1_offset) << p.left_shift);
-        t2[i] = s2.scale((v + p.input2_offset) << p.left_shift);
+    let u1 = FoldedRequant::unsat(p.input1_multiplier, p.input1_shift);
+    let u2 = FoldedRequant::unsat(p.input2_multiplier, p.input2_shift);
+    match (u1, u2) {
+        // `|(v + offset) << left_shift| < 2^30`: the folded scale, exactly.
+        (Some(u1), Some(u2)) if (0..=21).contains(&p.left_shift) => {
+            for v in -128i32..=127 {
+                let i = (v + 128) as usize;
+                t1[i] = u1.scale_small((v + p.input1_offset) << p.left_shift);
+                t2[i] = u2.scale_small((v + p.input2_offset) << p.left_shift);
+            }
+        }
+        _ => {
+            for v in -128i32..=127 {
+                let i = (v + 128) as usize;
+                t1[i] = s1.scale((v + p.input1_offset) << p.left_shift);
+                t2[i] = s2.scale((v + p.input2_offset) << p.left_shift);
+            }
+        }
     }
     let out = ChannelRequant::new(
         p.output_multiplier,
@@ -51,6 +65,32 @@ pub(crate) fn add_s8_tables(p: &AddParams, input1: &[i8], input2: &[i8], output:
     }
     // Tables indexed by the signed value itself: `t[128 + v]`.
     let (c1, c2) = (t1.as_ptr().wrapping_add(128), t2.as_ptr().wrapping_add(128));
+    if let Some(f) = FoldedRequant::new(p.output_multiplier, p.output_shift, p.output_offset) {
+        let (min, max) = (p.act_min as i32, p.act_max as i32);
+        let n = output.len();
+        let (x, y, o) = (input1.as_ptr(), input2.as_ptr(), output.as_mut_ptr());
+        let mut i = 0;
+        // SAFETY: `i < n`, the length of all three slices; `128 + v` is in
+        // `0..256` for every int8 `v`.
+        unsafe {
+            if max == 127 {
+                while i < n {
+                    let a = *c1.offset(*x.add(i) as isize);
+                    let b = *c2.offset(*y.add(i) as isize);
+                    *o.add(i) = f.apply_max127(a.wrapping_add(b), min);
+                    i += 1;
+                }
+            } else {
+                while i < n {
+                    let a = *c1.offset(*x.add(i) as isize);
+                    let b = *c2.offset(*y.add(i) as isize);
+                    *o.add(i) = f.apply(a.wrapping_add(b), min, max);
+                    i += 1;
+                }
+            }
+        }
+        return;
+    }
     if out.max_is_127() {
         for ((o, &a), &b) in output.iter_mut().zip(input1).zip(input2) {
             // SAFETY: `128 + v` is in `0..256` for every int8 `v`.

@@ -11,7 +11,7 @@
 //!   `clamp(ssat10(r) + offset, lo, hi)` because `offset` and the clamp lie
 //!   in `-128..=127`.
 
-use super::isa::ssat10;
+use super::isa::{smmlar, ssat10};
 use crate::quant::{multiply_by_quantized_multiplier, requantize};
 
 /// One output channel's requantization, prepared.
@@ -265,11 +265,36 @@ impl FoldedRequant {
         }
         #[cfg(not(armv7em))]
         {
-            use super::isa::{qadd, smmlar, ssat8};
+            use super::isa::{qadd, ssat8};
             let x2 = qadd(acc, acc);
             let c = self.c.wrapping_add(x2 >> 31);
             ssat8(smmlar(x2, self.multiplier, c) >> self.e)
         }
+    }
+
+    /// `multiply_by_quantized_multiplier(x, m, shift)` for `|x| < 2^30`, a
+    /// multiplier in `(2^30, 2^31)` and `shift` in `-31..=-1`, through
+    /// [`unsat`](Self::unsat): `SMMLAR(2x, m, rnd - neg) >> e` with no
+    /// saturation anywhere (the derivation of the type's doc, offset 0).
+    #[inline(always)]
+    pub fn scale_small(&self, x: i32) -> i32 {
+        debug_assert!(x.unsigned_abs() < 1 << 30);
+        smmlar(x << 1, self.multiplier, self.c.wrapping_add(x >> 31)) >> self.e
+    }
+
+    /// For [`scale_small`](Self::scale_small): `None` unless `2^30 <
+    /// multiplier` and `-31 <= shift <= -1`.
+    #[inline(always)]
+    pub fn unsat(multiplier: i32, shift: i32) -> Option<Self> {
+        if multiplier <= (1 << 30) || !(-31..=-1).contains(&shift) {
+            return None;
+        }
+        let e = (-shift) as u32;
+        Some(Self {
+            multiplier,
+            c: 1i32 << (e - 1),
+            e,
+        })
     }
 
     /// `requantize(acc, m, shift, offset, min, 127)`.
@@ -387,6 +412,40 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn scale_small_matches_reference() {
+        let mut r = Rng(5);
+        for s in -31..=-1 {
+            for m in [(1 << 30) + 1, i32::MAX, 1_500_000_000] {
+                for x in [
+                    0,
+                    1,
+                    -1,
+                    (1 << 30) - 1,
+                    -(1 << 30) + 1,
+                    255 << 20,
+                    -255 << 20,
+                ] {
+                    let f = FoldedRequant::unsat(m, s).unwrap();
+                    assert_eq!(f.scale_small(x), multiply_by_quantized_multiplier(x, m, s));
+                }
+            }
+            for _ in 0..2000 {
+                let m = (1 << 30) + 1 + (r.next() % ((1u64 << 30) - 1)) as i32;
+                let x = (r.next() as i32 >> 2) & !((1i32 << (r.next() % 24)) - 1);
+                let x = x >> (r.next() % 30);
+                let f = FoldedRequant::unsat(m, s).unwrap();
+                assert_eq!(
+                    f.scale_small(x),
+                    multiply_by_quantized_multiplier(x, m, s),
+                    "x {x} m {m} s {s}"
+                );
+            }
+        }
+        assert!(FoldedRequant::unsat(1 << 30, -3).is_none());
+        assert!(FoldedRequant::unsat((1 << 30) + 1, 0).is_none());
     }
 
     #[test]
