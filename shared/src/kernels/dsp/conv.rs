@@ -216,6 +216,10 @@ unsafe fn im2col(
 /// Longest padded column the padded path handles (stack buffers).
 const PAD_MAX: usize = 256;
 
+/// Bytes of the stem's padded filter copy (a stack buffer): 16 channels of
+/// 32 taps is 512.
+const STEM_FILTER_MAX: usize = 1024;
+
 /// Filter row `oc`, readable for `k.taps` bytes: in place, or (on the padded
 /// path, for the last rows, whose padded read would run past the filter)
 /// copied into `buf` with zeros after it.
@@ -718,11 +722,13 @@ unsafe fn dot_1x4_x16(w: *const i8, col: *const i16, full: usize, acc: i32) -> [
 /// no per-channel branches. `CLAMP_MAX`: the upper clamp is below 127.
 ///
 /// # Safety
-/// `filter` holds `out_c` rows of `taps` values (4-byte aligned); `col` is
-/// a 4-pixel block of `taps` taps; `o` points at 4 output pixels of `out_c`.
+/// `filter` (the layer's, or the stem's padded copy) holds `out_c` rows of
+/// `taps` values (4-byte aligned); `col` is a 4-pixel block of `taps` taps;
+/// `o` points at 4 output pixels of `out_c`.
 #[inline(never)]
 unsafe fn block_1x4_folded<const CLAMP_MAX: bool>(
     layer: &Conv2d<'_>,
+    filter: *const i8,
     col: *const i16,
     taps: usize,
     o: *mut i8,
@@ -730,7 +736,7 @@ unsafe fn block_1x4_folded<const CLAMP_MAX: bool>(
 ) {
     let p = &layer.params;
     let (min, max, off) = (p.act_min as i32, p.act_max as i32, p.output_offset);
-    let mut w = layer.filter.as_ptr();
+    let mut w = filter;
     let mut b = layer.bias.as_ptr();
     let mut m = layer.requant.multiplier.as_ptr();
     let mut s = layer.requant.shift.as_ptr();
@@ -879,7 +885,23 @@ pub(crate) fn conv2d_s8_dsp(
     let scratch = &mut scratch[skip..];
     // Taps not a multiple of 4 (the 3-channel stem): pad the columns to a
     // whole group when they fit, so every tap goes through SMLAD.
-    let rounded = taps.next_multiple_of(4);
+    let folded = layer
+        .requant
+        .multiplier
+        .iter()
+        .zip(layer.requant.shift)
+        .all(|(&m, &s)| FoldedRequant::accepts(m, s));
+    let out_c = output_dims.c;
+    // The stem (3 channels, 27 taps): rows padded to a multiple of 16 taps
+    // in an aligned stack copy of the filter with zeros after each row, so
+    // the lean channel loop runs it.
+    let r16 = taps.next_multiple_of(16);
+    let stem = folded
+        && !taps.is_multiple_of(4)
+        && r16 <= PAD_MAX
+        && out_c * r16 <= STEM_FILTER_MAX
+        && scratch.len() >= 4 * r16;
+    let rounded = if stem { r16 } else { taps.next_multiple_of(4) };
     let padded = rounded != taps && rounded <= PAD_MAX && scratch.len() >= 2 * rounded;
     let ct = if padded { rounded } else { taps };
     let n = if scratch.len() >= 4 * ct { 4 } else { 2 };
@@ -891,7 +913,20 @@ pub(crate) fn conv2d_s8_dsp(
     };
     let mut buf = [0i8; PAD_MAX];
     let mut cols_buf = [0u32; PAD_MAX / 4];
-    let out_c = output_dims.c;
+    let mut stem_filter = [0u32; STEM_FILTER_MAX / 4];
+    if stem {
+        let b = stem_filter.as_mut_ptr() as *mut i8;
+        for oc in 0..out_c {
+            // SAFETY: `out_c * r16 <= STEM_FILTER_MAX`; row `oc` of the filter.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    layer.filter.as_ptr().add(oc * taps),
+                    b.add(oc * r16),
+                    taps,
+                )
+            };
+        }
+    }
     let pixels = output_dims.h * output_dims.w;
     debug_assert!(input.len() == input_dims.len() && output.len() == pixels * out_c);
     debug_assert!(scratch.len() >= 2 * taps && layer.filter.len() == out_c * taps);
@@ -908,14 +943,6 @@ pub(crate) fn conv2d_s8_dsp(
         let (m, s) = unsafe { (*mult.add(oc), *shift.add(oc)) };
         ChannelRequant::new(m, s, p.output_offset, p.act_min, p.act_max)
     };
-    // Every channel in the folded requantization's domain (all exported
-    // layers but a rare multiplier of exactly 2^30 or shift outside -21..=-1).
-    let folded = layer
-        .requant
-        .multiplier
-        .iter()
-        .zip(layer.requant.shift)
-        .all(|(&m, &s)| FoldedRequant::accepts(m, s));
     // The lean channel loop: folded requantization, unpadded rows of a
     // multiple of 16 taps, 4-byte aligned (every 3x3 and 1x1 conv here).
     let lean = folded
@@ -924,6 +951,11 @@ pub(crate) fn conv2d_s8_dsp(
         && taps > 0
         && taps.is_multiple_of(16)
         && layer.filter.as_ptr().align_offset(4) == 0;
+    let (lean, lean_filter) = if stem {
+        (true, stem_filter.as_ptr() as *const i8)
+    } else {
+        (lean, layer.filter.as_ptr())
+    };
     let mut pix = 0;
     while pix < pixels {
         let valid = (pixels - pix).min(n);
@@ -949,9 +981,9 @@ pub(crate) fn conv2d_s8_dsp(
             unsafe {
                 if lean && valid == 4 {
                     if p.act_max == i8::MAX {
-                        block_1x4_folded::<false>(layer, col, k.taps, o, out_c);
+                        block_1x4_folded::<false>(layer, lean_filter, col, k.taps, o, out_c);
                     } else {
-                        block_1x4_folded::<true>(layer, col, k.taps, o, out_c);
+                        block_1x4_folded::<true>(layer, lean_filter, col, k.taps, o, out_c);
                     }
                 } else {
                     block_1x4(layer, col, k, o, out_c, valid, &mut buf, folded);
