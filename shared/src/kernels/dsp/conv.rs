@@ -270,6 +270,10 @@ unsafe fn im2col(
 /// Longest padded column the padded path handles (stack buffers).
 const PAD_MAX: usize = 256;
 
+/// Most output channels of the lean channel loop (its table of prepared
+/// requantizations is a stack buffer).
+const LEAN_MAX_C: usize = 128;
+
 /// Bytes of the stem's padded filter copy (a stack buffer): 16 channels of
 /// 32 taps is 512.
 const STEM_FILTER_MAX: usize = 1024;
@@ -780,20 +784,20 @@ unsafe fn dot_1x4_x16(w: *const i8, col: *const i16, full: usize, acc: i32) -> [
 /// `taps` values (4-byte aligned); `col` is a 4-pixel block of `taps` taps;
 /// `o` points at 4 output pixels of `out_c`.
 #[inline(never)]
-unsafe fn block_1x4_folded<const CLAMP_MAX: bool>(
+unsafe fn block_1x4_folded<const CLAMP_MIN: bool, const CLAMP_MAX: bool>(
     layer: &Conv2d<'_>,
     filter: *const i8,
+    rq: *const FoldedRequant,
     col: *const i16,
     taps: usize,
     o: *mut i8,
     out_c: usize,
 ) {
     let p = &layer.params;
-    let (min, max, off) = (p.act_min as i32, p.act_max as i32, p.output_offset);
+    let (min, max) = (p.act_min as i32, p.act_max as i32);
     let mut w = filter;
     let mut b = layer.bias.as_ptr();
-    let mut m = layer.requant.multiplier.as_ptr();
-    let mut s = layer.requant.shift.as_ptr();
+    let mut r = rq;
     let mut q = o;
     // SAFETY: `out_c` channels.
     let q_end = unsafe { o.add(out_c) };
@@ -801,22 +805,24 @@ unsafe fn block_1x4_folded<const CLAMP_MAX: bool>(
         // SAFETY: channel `q - o` of filter, bias, requantization and output.
         unsafe {
             let a = dot_1x4_x16(w, col, taps, *b);
-            let f = FoldedRequant::new_unchecked(*m, (-*s) as u32, off);
-            let r = |x: i32| -> i8 {
-                if CLAMP_MAX {
-                    f.apply(x, min, max)
-                } else {
-                    f.apply_max127(x, min)
+            let f = *r;
+            let req = |x: i32| -> i8 {
+                let mut v = f.scale_sat8(x);
+                if CLAMP_MIN {
+                    v = v.max(min);
                 }
+                if CLAMP_MAX {
+                    v = v.min(max);
+                }
+                v as i8
             };
-            *q = r(a[0]);
-            *q.add(out_c) = r(a[1]);
-            *q.add(2 * out_c) = r(a[2]);
-            *q.add(3 * out_c) = r(a[3]);
+            *q = req(a[0]);
+            *q.add(out_c) = req(a[1]);
+            *q.add(2 * out_c) = req(a[2]);
+            *q.add(3 * out_c) = req(a[3]);
             w = w.add(taps);
             b = b.add(1);
-            m = m.add(1);
-            s = s.add(1);
+            r = r.add(1);
             q = q.add(1);
         }
     }
@@ -1005,6 +1011,17 @@ pub(crate) fn conv2d_s8_dsp(
         && taps > 0
         && taps.is_multiple_of(16)
         && layer.filter.as_ptr().align_offset(4) == 0;
+    // The channels' folded requantizations, prepared once per layer.
+    let lean = lean && out_c <= LEAN_MAX_C;
+    let mut rq_table = [FoldedRequant::PLACEHOLDER; LEAN_MAX_C];
+    if folded && out_c <= LEAN_MAX_C {
+        for (oc, r) in rq_table[..out_c].iter_mut().enumerate() {
+            let (m, s) = (layer.requant.multiplier[oc], layer.requant.shift[oc]);
+            *r = FoldedRequant::new_unchecked(m, (-s) as u32, p.output_offset);
+        }
+    }
+    // `out_c * 16 <= STEM_FILTER_MAX`: the stem's channels fit the table.
+    debug_assert!(!stem || out_c <= LEAN_MAX_C);
     let (lean, lean_filter) = if stem {
         (true, stem_filter.as_ptr() as *const i8)
     } else {
@@ -1034,10 +1051,20 @@ pub(crate) fn conv2d_s8_dsp(
             // are in the output.
             unsafe {
                 if lean && valid == 4 {
-                    if p.act_max == i8::MAX {
-                        block_1x4_folded::<false>(layer, lean_filter, col, k.taps, o, out_c);
-                    } else {
-                        block_1x4_folded::<true>(layer, lean_filter, col, k.taps, o, out_c);
+                    let (f, r) = (lean_filter, rq_table.as_ptr());
+                    match (p.act_min != i8::MIN, p.act_max != i8::MAX) {
+                        (false, false) => {
+                            block_1x4_folded::<false, false>(layer, f, r, col, k.taps, o, out_c)
+                        }
+                        (true, false) => {
+                            block_1x4_folded::<true, false>(layer, f, r, col, k.taps, o, out_c)
+                        }
+                        (false, true) => {
+                            block_1x4_folded::<false, true>(layer, f, r, col, k.taps, o, out_c)
+                        }
+                        (true, true) => {
+                            block_1x4_folded::<true, true>(layer, f, r, col, k.taps, o, out_c)
+                        }
                     }
                 } else {
                     block_1x4(layer, col, k, o, out_c, valid, &mut buf, folded);

@@ -212,6 +212,13 @@ pub struct FoldedRequant {
 }
 
 impl FoldedRequant {
+    /// A valid value to fill tables with before they are written.
+    pub const PLACEHOLDER: Self = Self {
+        multiplier: i32::MAX,
+        c: 1,
+        e: 1,
+    };
+
     /// `None` unless `2^30 < multiplier` and `-21 <= shift <= -1`.
     #[inline(always)]
     pub fn new(multiplier: i32, shift: i32, offset: i32) -> Option<Self> {
