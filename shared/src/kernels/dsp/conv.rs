@@ -338,12 +338,56 @@ unsafe fn im2col_padded(
 ) {
     let c = dims.c;
     let row_len = p.kernel_w * c;
+    let x0 = ox * p.stride_w;
+    let y0 = oy * p.stride_h;
+    if c == 3
+        && p.kernel_h == 3
+        && p.kernel_w == 3
+        && k.taps == 32
+        && x0 >= p.pad_w
+        && x0 - p.pad_w + 3 <= dims.w
+        && y0 >= p.pad_h
+        && y0 - p.pad_h + 3 <= dims.h
+    {
+        // The stem's interior pixels: the 27 taps are three runs of 9 bytes;
+        // the 8 words of the padded column (taps 27..32 as the zero point)
+        // are put together from unaligned loads inside the runs, then
+        // converted as `put_taps` does.
+        // SAFETY: rows `y0 - pad_h ..+ 3`, columns `x0 - pad_w ..+ 3` are in
+        // the input, every load lies within one 9-byte run; the block holds
+        // 8 groups of pixel `j`.
+        unsafe {
+            let r0 = input.add(((y0 - p.pad_h) * dims.w + x0 - p.pad_w) * 3) as *const u8;
+            let r1 = r0.add(dims.w * 3);
+            let r2 = r1.add(dims.w * 3);
+            let zp = (-p.input_offset) as u8 as u32;
+            let off2 = (p.input_offset as u16 as u32) * 0x0001_0001;
+            let w = [
+                load_u32(r0),
+                load_u32(r0.add(4)),
+                (*r0.add(8) as u32) | (load_u32(r1) << 8),
+                load_u32(r1.add(3)),
+                (*r1.add(7) as u32) | ((*r1.add(8) as u32) << 8) | (load_u32(r2) << 16),
+                load_u32(r2.add(2)),
+                (load_u32(r2.add(5)) >> 8) | (zp << 24),
+            ];
+            let d = col.add(4 * j) as *mut u32;
+            let step = 2 * k.n;
+            for (g, &x) in w.iter().enumerate() {
+                d.add(g * step).write(sadd16(sxtb16(x), off2));
+                d.add(g * step + 1).write(sadd16(sxtb16_ror8(x), off2));
+            }
+            // Taps 28..32: the zero point, 0 once offset.
+            d.add(7 * step).write(0);
+            d.add(7 * step + 1).write(0);
+        }
+        return;
+    }
     let zp4 = ((-p.input_offset) as u8 as u32) * 0x0101_0101;
     for w in buf[..k.taps / 4].iter_mut() {
         *w = zp4;
     }
     let b = buf.as_mut_ptr() as *mut u8;
-    let x0 = ox * p.stride_w;
     let row_inside = x0 >= p.pad_w && x0 - p.pad_w + p.kernel_w <= dims.w;
     for ky in 0..p.kernel_h {
         let iy = (oy * p.stride_h + ky).wrapping_sub(p.pad_h);
