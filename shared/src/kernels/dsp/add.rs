@@ -4,6 +4,7 @@
 //! [`AddParams::add_one`](crate::kernels::AddParams::add_one) by
 //! construction: the tables hold exactly the reference's values.
 
+use super::isa::smmlar;
 use super::requant::{ChannelRequant, FoldedRequant};
 use crate::kernels::AddParams;
 
@@ -23,31 +24,57 @@ pub(crate) fn add_s8_dsp(p: &AddParams, input1: &[i8], input2: &[i8], output: &m
     }
 }
 
+/// `t[128 + v] = MBQM((v + offset) << left_shift, m, shift)` for every int8
+/// `v`. With `left_shift <= 21` every argument `x` has `|x| < 2^29`, so:
+/// a shift of 0 (the larger input scale's multiplier is exactly 0.5 = `(2^30,
+/// 0)` in TFLM's ADD) is `SRDHM(x, m) = SMMLAR(2x, m, 0)` for any `m`, and a
+/// negative shift with `m > 2^30` is [`FoldedRequant::scale_small`].
+fn fill_table(
+    t: &mut [i32; 256],
+    s: &ChannelRequant,
+    m: i32,
+    shift: i32,
+    offset: i32,
+    left_shift: i32,
+) {
+    let small = (0..=21).contains(&left_shift);
+    if small && shift == 0 {
+        for (v, e) in (-128i32..).zip(t.iter_mut()) {
+            *e = smmlar(((v + offset) << left_shift) << 1, m, 0);
+        }
+    } else if let (true, Some(u)) = (small, FoldedRequant::unsat(m, shift)) {
+        for (v, e) in (-128i32..).zip(t.iter_mut()) {
+            *e = u.scale_small((v + offset) << left_shift);
+        }
+    } else {
+        for (v, e) in (-128i32..).zip(t.iter_mut()) {
+            *e = s.scale((v + offset) << left_shift);
+        }
+    }
+}
+
 /// The table path of [`add_s8_dsp`], for any length.
 pub(crate) fn add_s8_tables(p: &AddParams, input1: &[i8], input2: &[i8], output: &mut [i8]) {
     let s1 = ChannelRequant::new(p.input1_multiplier, p.input1_shift, 0, i8::MIN, i8::MAX);
     let s2 = ChannelRequant::new(p.input2_multiplier, p.input2_shift, 0, i8::MIN, i8::MAX);
     let mut t1 = [0i32; 256];
     let mut t2 = [0i32; 256];
-    let u1 = FoldedRequant::unsat(p.input1_multiplier, p.input1_shift);
-    let u2 = FoldedRequant::unsat(p.input2_multiplier, p.input2_shift);
-    match (u1, u2) {
-        // `|(v + offset) << left_shift| < 2^30`: the folded scale, exactly.
-        (Some(u1), Some(u2)) if (0..=21).contains(&p.left_shift) => {
-            for v in -128i32..=127 {
-                let i = (v + 128) as usize;
-                t1[i] = u1.scale_small((v + p.input1_offset) << p.left_shift);
-                t2[i] = u2.scale_small((v + p.input2_offset) << p.left_shift);
-            }
-        }
-        _ => {
-            for v in -128i32..=127 {
-                let i = (v + 128) as usize;
-                t1[i] = s1.scale((v + p.input1_offset) << p.left_shift);
-                t2[i] = s2.scale((v + p.input2_offset) << p.left_shift);
-            }
-        }
-    }
+    fill_table(
+        &mut t1,
+        &s1,
+        p.input1_multiplier,
+        p.input1_shift,
+        p.input1_offset,
+        p.left_shift,
+    );
+    fill_table(
+        &mut t2,
+        &s2,
+        p.input2_multiplier,
+        p.input2_shift,
+        p.input2_offset,
+        p.left_shift,
+    );
     let out = ChannelRequant::new(
         p.output_multiplier,
         p.output_shift,

@@ -22,6 +22,7 @@
 use super::isa::{load_u32, sadd16, smlad, sxtb16, sxtb16_ror8};
 use super::requant::{ChannelRequant, FoldedRequant};
 use crate::kernels::{Conv2d, Conv2dParams, Dims};
+use core::mem::MaybeUninit;
 
 /// A column word (4-byte aligned: the kernel aligns the scratch).
 ///
@@ -1017,18 +1018,20 @@ pub(crate) fn conv2d_s8_dsp(
     };
     let mut buf = [0i8; PAD_MAX];
     let mut cols_buf = [0u32; PAD_MAX / 4];
-    let mut stem_filter = [0u32; STEM_FILTER_MAX / 4];
+    // Zeroed and filled only for the stem.
+    let mut stem_filter = MaybeUninit::<[u32; STEM_FILTER_MAX / 4]>::uninit();
     if stem {
         let b = stem_filter.as_mut_ptr() as *mut i8;
-        for oc in 0..out_c {
-            // SAFETY: `out_c * r16 <= STEM_FILTER_MAX`; row `oc` of the filter.
-            unsafe {
+        // SAFETY: `out_c * r16 <= STEM_FILTER_MAX` bytes; row `oc` of the filter.
+        unsafe {
+            core::ptr::write_bytes(b, 0, out_c * r16);
+            for oc in 0..out_c {
                 core::ptr::copy_nonoverlapping(
                     layer.filter.as_ptr().add(oc * taps),
                     b.add(oc * r16),
                     taps,
-                )
-            };
+                );
+            }
         }
     }
     let pixels = output_dims.h * output_dims.w;
@@ -1057,11 +1060,15 @@ pub(crate) fn conv2d_s8_dsp(
         && layer.filter.as_ptr().align_offset(4) == 0;
     // The channels' folded requantizations, prepared once per layer.
     let lean = lean && out_c <= LEAN_MAX_C;
-    let mut rq_table = [FoldedRequant::PLACEHOLDER; LEAN_MAX_C];
-    if folded && out_c <= LEAN_MAX_C {
+    let mut rq_table = [const { MaybeUninit::<FoldedRequant>::uninit() }; LEAN_MAX_C];
+    if lean || stem {
         for (oc, r) in rq_table[..out_c].iter_mut().enumerate() {
             let (m, s) = (layer.requant.multiplier[oc], layer.requant.shift[oc]);
-            *r = FoldedRequant::new_unchecked(m, (-s) as u32, p.output_offset);
+            r.write(FoldedRequant::new_unchecked(
+                m,
+                (-s) as u32,
+                p.output_offset,
+            ));
         }
     }
     // `out_c * 16 <= STEM_FILTER_MAX`: the stem's channels fit the table.
@@ -1095,7 +1102,8 @@ pub(crate) fn conv2d_s8_dsp(
             // are in the output.
             unsafe {
                 if lean && valid == 4 {
-                    let (f, r) = (lean_filter, rq_table.as_ptr());
+                    // `lean`: the first `out_c` entries are written.
+                    let (f, r) = (lean_filter, rq_table.as_ptr() as *const FoldedRequant);
                     match (p.act_min != i8::MIN, p.act_max != i8::MAX) {
                         (false, false) => {
                             block_1x4_folded::<false, false>(layer, f, r, col, k.taps, o, out_c)

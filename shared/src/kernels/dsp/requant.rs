@@ -257,12 +257,13 @@ impl FoldedRequant {
             unsafe {
                 core::arch::asm!(
                     "qadd {x}, {x}, {x}",
-                    "add {c}, {c}, {x}, asr #31",
-                    "smmlar {x}, {x}, {m}, {c}",
+                    "add {t}, {c}, {x}, asr #31",
+                    "smmlar {x}, {x}, {m}, {t}",
                     "asr {x}, {x}, {e}",
                     "ssat {x}, #8, {x}",
                     x = inout(reg) acc => r,
-                    c = inout(reg) self.c => _,
+                    c = in(reg) self.c,
+                    t = out(reg) _,
                     m = in(reg) self.multiplier,
                     e = in(reg) self.e,
                     options(pure, nomem, nostack, preserves_flags),
