@@ -35,6 +35,25 @@ pub(crate) fn maxpool_s8_dsp(
             unsafe {
                 let o = out.add((oy * output_dims.w + ox) * c);
                 let first = inp.add(y0 * row + x0 * c);
+                if y1 - y0 == 3 && x1 - x0 == 3 {
+                    // A whole 3x3 window (every interior output of the stem's
+                    // max pool): nine loads, eight maxima per 4 channels.
+                    let (r0, r1, r2) = (first, first.add(row), first.add(2 * row));
+                    let mut g = 0;
+                    while g < c {
+                        let ld = |r: *const u8, x: usize| load_u32(r.add(x * c + g));
+                        let a = smax8(smax8(ld(r0, 0), ld(r0, 1)), ld(r0, 2));
+                        let b = smax8(smax8(ld(r1, 0), ld(r1, 1)), ld(r1, 2));
+                        let m = smax8(smax8(ld(r2, 0), ld(r2, 1)), ld(r2, 2));
+                        let mut m = smax8(smax8(a, b), m);
+                        if clamp {
+                            m = smin8(smax8(m, lo), hi);
+                        }
+                        (o.add(g) as *mut u32).write_unaligned(m.to_le());
+                        g += 4;
+                    }
+                    continue;
+                }
                 for g in (0..c).step_by(4) {
                     let mut m = splat(i8::MIN);
                     let mut r = first.add(g);
