@@ -305,6 +305,13 @@ impl FoldedRequant {
         })
     }
 
+    /// `(multiplier, c, e)` for kernels that inline [`scale_sat8`](Self::scale_sat8)'s
+    /// five instructions in their own `asm!`.
+    #[inline(always)]
+    pub fn parts(&self) -> (i32, i32, u32) {
+        (self.multiplier, self.c, self.e)
+    }
+
     /// `requantize(acc, m, shift, offset, min, 127)`.
     #[inline(always)]
     pub fn apply_max127(&self, acc: i32, min: i32) -> i8 {
