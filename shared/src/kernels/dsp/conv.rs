@@ -317,6 +317,64 @@ unsafe fn copy_small(dst: *mut u8, src: *const u8, n: usize) {
     }
 }
 
+/// The stem's column of pixel `j` (of an `n`-pixel block) whose 3x3x3
+/// receptive field lies inside the input, its top-left byte at `r0` and
+/// rows `stride` bytes apart: the 8 words of the padded 32-tap column
+/// (taps 27..32 as the zero point) put together from unaligned loads inside
+/// the three 9-byte runs, then converted as `put_taps` does.
+///
+/// # Safety
+/// `r0 ..+ 9`, `r0 + stride ..+ 9`, `r0 + 2 * stride ..+ 9` are readable;
+/// `col` holds an `n`-pixel block of 32 taps, `j < n`.
+#[inline(always)]
+unsafe fn stem_column(
+    col: *mut i16,
+    n: usize,
+    j: usize,
+    r0: *const u8,
+    stride: usize,
+    input_offset: i32,
+) {
+    // SAFETY: the caller's bounds; every load lies within one 9-byte run.
+    unsafe {
+        let r1 = r0.add(stride);
+        let r2 = r1.add(stride);
+        let zp = (-input_offset) as u8 as u32;
+        let off2 = (input_offset as u16 as u32) * 0x0001_0001;
+        let w = [
+            load_u32(r0),
+            load_u32(r0.add(4)),
+            (*r0.add(8) as u32) | (load_u32(r1) << 8),
+            load_u32(r1.add(3)),
+            (*r1.add(7) as u32) | ((*r1.add(8) as u32) << 8) | (load_u32(r2) << 16),
+            load_u32(r2.add(2)),
+            (load_u32(r2.add(5)) >> 8) | (zp << 24),
+        ];
+        let d = col.add(4 * j) as *mut u32;
+        let step = 2 * n;
+        for (g, &x) in w.iter().enumerate() {
+            d.add(g * step).write(sadd16(sxtb16(x), off2));
+            d.add(g * step + 1).write(sadd16(sxtb16_ror8(x), off2));
+        }
+        // Taps 28..32: the zero point, 0 once offset.
+        d.add(7 * step).write(0);
+        d.add(7 * step + 1).write(0);
+    }
+}
+
+/// The stem's 4-pixel block at output pixel `(oy, ox)`, all four in one
+/// output row with their receptive fields inside the input (stride 1).
+///
+/// # Safety
+/// As [`stem_column`] for the four pixels.
+#[inline(never)]
+unsafe fn stem_block(col: *mut i16, r0: *const u8, stride: usize, input_offset: i32) {
+    for j in 0..4 {
+        // SAFETY: pixel `j` starts 3 bytes after pixel `j - 1`.
+        unsafe { stem_column(col, 4, j, r0.add(3 * j), stride, input_offset) };
+    }
+}
+
 /// The padded path's im2col: the receptive field in natural tap order in
 /// `buf` (padding and the taps past `kernel_h * kernel_w * in_c` as the
 /// input zero point, i.e. 0 once offset), then converted four channels per
@@ -359,28 +417,7 @@ unsafe fn im2col_padded(
         // 8 groups of pixel `j`.
         unsafe {
             let r0 = input.add(((y0 - p.pad_h) * dims.w + x0 - p.pad_w) * 3) as *const u8;
-            let r1 = r0.add(dims.w * 3);
-            let r2 = r1.add(dims.w * 3);
-            let zp = (-p.input_offset) as u8 as u32;
-            let off2 = (p.input_offset as u16 as u32) * 0x0001_0001;
-            let w = [
-                load_u32(r0),
-                load_u32(r0.add(4)),
-                (*r0.add(8) as u32) | (load_u32(r1) << 8),
-                load_u32(r1.add(3)),
-                (*r1.add(7) as u32) | ((*r1.add(8) as u32) << 8) | (load_u32(r2) << 16),
-                load_u32(r2.add(2)),
-                (load_u32(r2.add(5)) >> 8) | (zp << 24),
-            ];
-            let d = col.add(4 * j) as *mut u32;
-            let step = 2 * k.n;
-            for (g, &x) in w.iter().enumerate() {
-                d.add(g * step).write(sadd16(sxtb16(x), off2));
-                d.add(g * step + 1).write(sadd16(sxtb16_ror8(x), off2));
-            }
-            // Taps 28..32: the zero point, 0 once offset.
-            d.add(7 * step).write(0);
-            d.add(7 * step + 1).write(0);
+            stem_column(col, k.n, j, r0, dims.w * 3, p.input_offset);
         }
         return;
     }
@@ -1156,9 +1193,53 @@ pub(crate) fn conv2d_s8_dsp(
     } else {
         (lean, layer.filter.as_ptr())
     };
+    // The stem's fast blocks (then the lean loop without clamps).
+    let stem_fast = stem
+        && n == 4
+        && k.taps == 32
+        && input_dims.c == 3
+        && p.kernel_h == 3
+        && p.kernel_w == 3
+        && p.stride_h == 1
+        && p.stride_w == 1
+        && p.act_min == i8::MIN
+        && p.act_max == i8::MAX;
     let mut pix = 0;
     while pix < pixels {
         let valid = (pixels - pix).min(n);
+        if stem_fast && valid == 4 {
+            let (oy, ox) = (pix / output_dims.w, pix % output_dims.w);
+            if ox + 4 <= output_dims.w
+                && ox >= p.pad_w
+                && ox + 3 - p.pad_w + 3 <= input_dims.w
+                && oy >= p.pad_h
+                && oy - p.pad_h + 3 <= input_dims.h
+            {
+                // SAFETY: the four receptive fields are inside the input
+                // (stride 1); the block holds 4 columns of 32 taps.
+                unsafe {
+                    let r0 =
+                        inp.add(((oy - p.pad_h) * input_dims.w + ox - p.pad_w) * 3) as *const u8;
+                    stem_block(col, r0, input_dims.w * 3, p.input_offset);
+                }
+                // SAFETY: pixels `pix..pix + 4` are in the output.
+                let o = unsafe { out.add(pix * out_c) };
+                // SAFETY: as the lean call below.
+                unsafe {
+                    lean_block::<false, false>(
+                        layer,
+                        lean_filter,
+                        rq_table.as_ptr() as *const FoldedRequant,
+                        col,
+                        k.taps,
+                        o,
+                        out_c,
+                    )
+                };
+                pix += n;
+                continue;
+            }
+        }
         for j in 0..n {
             // A short last block repeats its last pixel; those outputs are dropped.
             let q = pix + j.min(valid - 1);
