@@ -162,6 +162,56 @@ unsafe fn put_taps(
     }
 }
 
+/// The asm rows loop of [`im2col`]'s inside case: `rows` runs of
+/// `row_len` bytes (a non-zero multiple of 4) from `s`, `skip` bytes
+/// between runs, into the 4-pixel column of one pixel at `d`.
+///
+/// # Safety
+/// The runs are readable; `d` is that pixel's slot of a 4-pixel block of
+/// `rows * row_len` taps; `rows > 0`.
+#[cfg(armv7em)]
+#[inline(always)]
+unsafe fn gather_rows(
+    d: *mut u32,
+    s: *const u8,
+    rows: usize,
+    row_len: usize,
+    skip: usize,
+    off2: u32,
+) {
+    let (mut s, mut d, mut rows) = (s, d, rows);
+    // SAFETY: the caller's bounds.
+    unsafe {
+        core::arch::asm!(
+            "3:",
+            "add {end}, {s}, {len}",
+            "2:",
+            "ldr {x}, [{s}], #4",
+            "sxtb16 {e}, {x}",
+            "sxtb16 {x}, {x}, ror #8",
+            "sadd16 {e}, {e}, {off}",
+            "sadd16 {x}, {x}, {off}",
+            "strd {e}, {x}, [{d}], #32",
+            "cmp {s}, {end}",
+            "blo 2b",
+            "add {s}, {s}, {skip}",
+            "subs {rows}, {rows}, #1",
+            "bne 3b",
+            s = inout(reg) s,
+            d = inout(reg) d,
+            rows = inout(reg) rows,
+            len = in(reg) row_len,
+            skip = in(reg) skip,
+            off = in(reg) off2,
+            end = out(reg) _,
+            x = out(reg) _,
+            e = out(reg) _,
+            options(nostack),
+        );
+    }
+    let _ = (s, d, rows);
+}
+
 /// Gathers the receptive field of output pixel `(oy, ox)` as pixel `j` of
 /// the block at `col`, offset applied, padding as 0.
 ///
@@ -203,37 +253,15 @@ unsafe fn im2col(
             // ..+ kernel_w` are in the input; the block holds `full` taps of
             // pixel `j` from slot `4 * j`, group `g` at `+ 16 * g` halfwords.
             unsafe {
-                let mut s = input.add(((y0 - p.pad_h) * dims.w + x0 - p.pad_w) * c) as *const u8;
-                let mut d = col.add(4 * j) as *mut u32;
-                let skip = dims.w * c - row_len;
-                let mut rows = p.kernel_h;
-                core::arch::asm!(
-                    "3:",
-                    "add {end}, {s}, {len}",
-                    "2:",
-                    "ldr {x}, [{s}], #4",
-                    "sxtb16 {e}, {x}",
-                    "sxtb16 {x}, {x}, ror #8",
-                    "sadd16 {e}, {e}, {off}",
-                    "sadd16 {x}, {x}, {off}",
-                    "strd {e}, {x}, [{d}], #32",
-                    "cmp {s}, {end}",
-                    "blo 2b",
-                    "add {s}, {s}, {skip}",
-                    "subs {rows}, {rows}, #1",
-                    "bne 3b",
-                    s = inout(reg) s,
-                    d = inout(reg) d,
-                    rows = inout(reg) rows,
-                    len = in(reg) row_len,
-                    skip = in(reg) skip,
-                    off = in(reg) off2,
-                    end = out(reg) _,
-                    x = out(reg) _,
-                    e = out(reg) _,
-                    options(nostack),
+                let src = input.add(((y0 - p.pad_h) * dims.w + x0 - p.pad_w) * c) as *const u8;
+                gather_rows(
+                    col.add(4 * j) as *mut u32,
+                    src,
+                    p.kernel_h,
+                    row_len,
+                    dims.w * c - row_len,
+                    off2,
                 );
-                let _ = (s, d, rows);
             }
             return;
         }
@@ -1204,6 +1232,19 @@ pub(crate) fn conv2d_s8_dsp(
         && p.stride_w == 1
         && p.act_min == i8::MIN
         && p.act_max == i8::MAX;
+    // Interior 4-pixel blocks of the lean path gathered without per-pixel
+    // checks (then the lean loop without clamps).
+    let block_rows = lean
+        && !stem
+        && !padded
+        && n == 4
+        && p.kernel_w * input_dims.c > 0
+        && (p.kernel_w * input_dims.c).is_multiple_of(4)
+        && p.kernel_h * p.kernel_w * input_dims.c == k.full
+        && p.act_min == i8::MIN
+        && p.act_max == i8::MAX;
+    #[cfg(not(armv7em))]
+    let _ = block_rows;
     let mut pix = 0;
     while pix < pixels {
         let valid = (pixels - pix).min(n);
@@ -1225,6 +1266,54 @@ pub(crate) fn conv2d_s8_dsp(
                 // SAFETY: pixels `pix..pix + 4` are in the output.
                 let o = unsafe { out.add(pix * out_c) };
                 // SAFETY: as the lean call below.
+                unsafe {
+                    lean_block::<false, false>(
+                        layer,
+                        lean_filter,
+                        rq_table.as_ptr() as *const FoldedRequant,
+                        col,
+                        k.taps,
+                        o,
+                        out_c,
+                    )
+                };
+                pix += n;
+                continue;
+            }
+        }
+        #[cfg(armv7em)]
+        if block_rows && valid == 4 {
+            let (oy, ox) = (pix / output_dims.w, pix % output_dims.w);
+            let (y0, x0) = (oy * p.stride_h, ox * p.stride_w);
+            if ox + 4 <= output_dims.w
+                && x0 >= p.pad_w
+                && x0 + 3 * p.stride_w - p.pad_w + p.kernel_w <= input_dims.w
+                && y0 >= p.pad_h
+                && y0 - p.pad_h + p.kernel_h <= input_dims.h
+            {
+                let c = input_dims.c;
+                let row_len = p.kernel_w * c;
+                let off2 = (p.input_offset as u16 as u32) * 0x0001_0001;
+                // SAFETY: the four pixels' receptive fields are inside the
+                // input (one output row, `stride_w * c` bytes apart); pixel
+                // `j`'s column starts at slot `4 * j` of the block.
+                unsafe {
+                    let src =
+                        inp.add(((y0 - p.pad_h) * input_dims.w + x0 - p.pad_w) * c) as *const u8;
+                    for j in 0..4 {
+                        gather_rows(
+                            col.add(4 * j) as *mut u32,
+                            src.add(j * p.stride_w * c),
+                            p.kernel_h,
+                            row_len,
+                            input_dims.w * c - row_len,
+                            off2,
+                        );
+                    }
+                }
+                // SAFETY: pixels `pix..pix + 4` are in the output.
+                let o = unsafe { out.add(pix * out_c) };
+                // SAFETY: as the lean call below (`block_rows` implies `lean`).
                 unsafe {
                     lean_block::<false, false>(
                         layer,
