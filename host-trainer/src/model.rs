@@ -20,9 +20,9 @@
 use anyhow::{ensure, Result};
 use candle_core::{Module, ModuleT, Tensor, D};
 use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
 
 use crate::ops;
-use serde::{Deserialize, Serialize};
 
 /// Architecture hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -490,6 +490,60 @@ mod tests {
         let x = Tensor::randn(0f32, 1., (2, 3, 32, 32), &Device::Cpu).unwrap();
         assert_eq!(m.forward_t(&x, true).unwrap().dims(), &[2, 10]);
         assert_eq!(m.forward_t(&x, false).unwrap().dims(), &[2, 10]);
+    }
+
+    /// The whole network on the fast CPU ops equals the stock candle ops:
+    /// logits, every gradient, the BN running statistics after a training
+    /// step, and the eval-mode logits.
+    #[test]
+    fn fast_and_stock_backends_agree_on_the_whole_network() {
+        let arch = ArchConfig {
+            widths: vec![4, 8],
+            blocks: vec![2, 1],
+            maxpool: true,
+            classes: 3,
+        };
+        let x = Tensor::randn(0f32, 1., (6, 3, 12, 12), &Device::Cpu).unwrap();
+        let run = |backend: Backend| {
+            let t = crate::train::Trainee::new(&arch, 5, &Device::Cpu).unwrap();
+            let mut model = t.model.clone();
+            model.backend = backend;
+            // Non-zero BN scales everywhere so every branch carries gradient.
+            for (name, var) in t.named_vars() {
+                if name.ends_with(".weight") && name.contains(".bn") {
+                    var.set(&var.ones_like().unwrap().affine(0.5, 0.25).unwrap())
+                        .unwrap();
+                }
+            }
+            let logits = model.forward_t(&x, true).unwrap();
+            let grads = logits.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let mut out = vec![logits.flatten_all().unwrap().to_vec1::<f32>().unwrap()];
+            for (name, var) in t.named_vars() {
+                out.push(match grads.get(var.as_tensor()) {
+                    Some(g) => g.flatten_all().unwrap().to_vec1().unwrap(),
+                    None => {
+                        // Only running statistics have no gradient; compare
+                        // their values after the step instead.
+                        assert!(name.contains("running_"), "{name} has no gradient");
+                        var.flatten_all().unwrap().to_vec1().unwrap()
+                    }
+                });
+            }
+            let eval = model.forward_t(&x, false).unwrap();
+            out.push(eval.flatten_all().unwrap().to_vec1().unwrap());
+            out
+        };
+        let (fast, stock) = (run(Backend::FastCpu), run(Backend::Stock));
+        assert_eq!(fast.len(), stock.len());
+        for (i, (a, b)) in fast.iter().zip(&stock).enumerate() {
+            assert_eq!(a.len(), b.len());
+            let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+            let err = a.iter().zip(b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(
+                err <= 1e-4 * scale,
+                "tensor {i}: max error {err} (scale {scale})"
+            );
+        }
     }
 
     #[test]
