@@ -168,7 +168,7 @@ impl Geom {
     fn new(x: &Shape, wt: &Shape, stride: usize, pad: usize) -> Result<Self> {
         let (n, c, h, w) = x.dims4()?;
         let (o, ci, k, k2) = wt.dims4()?;
-        if ci != c || k != k2 || stride == 0 || h + 2 * pad < k || w + 2 * pad < k {
+        if n == 0 || ci != c || k != k2 || stride == 0 || h + 2 * pad < k || w + 2 * pad < k {
             bail!("conv2d: input {x:?} does not fit weight {wt:?} (stride {stride}, pad {pad})")
         }
         Ok(Self {
@@ -1097,6 +1097,8 @@ mod tests {
         let g = rand(&[2], 3);
         assert!(conv_bn_train(&x, &rand(&[2, 4, 3, 3], 2), &g, &g, 1, 1, 1e-5, false).is_err());
         assert!(conv_bn_train(&x, &rand(&[3, 3, 3, 3], 2), &g, &g, 1, 1, 1e-5, false).is_err());
+        let empty = Tensor::zeros((0, 3, 4, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(conv_bn_train(&empty, &rand(&[2, 3, 3, 3], 2), &g, &g, 1, 1, 1e-5, false).is_err());
         assert!(add_relu(&x, &rand(&[1, 3, 4, 5], 5)).is_err());
     }
 }
