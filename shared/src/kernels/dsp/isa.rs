@@ -92,6 +92,16 @@ pub fn sadd16(x: u32, y: u32) -> u32 {
     }
 }
 
+/// Host emulation of a byte-wise SIMD instruction: `f` on each of the four
+/// signed byte lanes of `x` and `y`.
+#[cfg(not(armv7em))]
+fn bytewise(x: u32, y: u32, f: impl Fn(i8, i8) -> i8) -> u32 {
+    (0..4).fold(0, |r, lane| {
+        let (a, b) = ((x >> (8 * lane)) as u8 as i8, (y >> (8 * lane)) as u8 as i8);
+        r | ((f(a, b) as u8 as u32) << (8 * lane))
+    })
+}
+
 /// `SSUB8` then `SEL`: the byte-wise signed maximum of `x` and `y`.
 #[inline(always)]
 pub fn smax8(x: u32, y: u32) -> u32 {
@@ -107,13 +117,7 @@ pub fn smax8(x: u32, y: u32) -> u32 {
     }
     #[cfg(not(armv7em))]
     {
-        let mut r = 0u32;
-        for lane in 0..4 {
-            let a = (x >> (8 * lane)) as u8 as i8;
-            let b = (y >> (8 * lane)) as u8 as i8;
-            r |= (a.max(b) as u8 as u32) << (8 * lane);
-        }
-        r
+        bytewise(x, y, i8::max)
     }
 }
 
@@ -132,13 +136,7 @@ pub fn smin8(x: u32, y: u32) -> u32 {
     }
     #[cfg(not(armv7em))]
     {
-        let mut r = 0u32;
-        for lane in 0..4 {
-            let a = (x >> (8 * lane)) as u8 as i8;
-            let b = (y >> (8 * lane)) as u8 as i8;
-            r |= (a.min(b) as u8 as u32) << (8 * lane);
-        }
-        r
+        bytewise(x, y, i8::min)
     }
 }
 
