@@ -14,6 +14,53 @@
 use super::isa::{smmlar, ssat10};
 use crate::quant::{multiply_by_quantized_multiplier, requantize};
 
+/// The Cortex-M7 requantization of a [`ChannelRequant`] with `left == 0`
+/// (the arithmetic of its portable lines: SMULL doubling-high with
+/// rounding, rounding right shift, QADD of the output offset, SSAT, lower
+/// clamp), then the instructions in `[...]` (an upper clamp, when wanted)
+/// with their extra operands. Evaluates to the result in `{x}`.
+#[cfg(armv7em)]
+macro_rules! channel_requant_asm {
+    ($q:expr, $acc:expr, [$($tail:literal),*] $(, $name:ident = in(reg) $val:expr)*) => {{
+        let r: i32;
+        // SAFETY: register-only arithmetic; flags are clobbered (no
+        // `preserves_flags`); QADD/SSAT set only Q.
+        unsafe {
+            core::arch::asm!(
+                "smull {lo}, {hi}, {x}, {m}",
+                "adds {lo}, {lo}, #0x40000000",
+                "adc {hi}, {hi}, #0",
+                "lsrs {lo}, {lo}, #31",
+                "orr {x}, {lo}, {hi}, lsl #1",
+                "and {lo}, {x}, {mask}",
+                "add {hi}, {half}, {x}, lsr #31",
+                "asrs {x}, {x}, {e}",
+                "cmp {lo}, {hi}",
+                "it hi",
+                "addhi {x}, {x}, #1",
+                "qadd {x}, {x}, {off}",
+                "ssat {x}, #8, {x}",
+                "cmp {x}, {min}",
+                "it lt",
+                "movlt {x}, {min}",
+                $($tail,)*
+                x = inout(reg) $acc => r,
+                m = in(reg) $q.multiplier,
+                mask = in(reg) $q.mask,
+                half = in(reg) $q.half,
+                e = in(reg) $q.right,
+                off = in(reg) $q.offset,
+                min = in(reg) $q.min as i32,
+                $($name = in(reg) $val,)*
+                lo = out(reg) _,
+                hi = out(reg) _,
+                options(pure, nomem, nostack),
+            );
+        }
+        r
+    }};
+}
+
 /// One output channel's requantization, prepared.
 #[derive(Debug, Clone, Copy)]
 pub struct ChannelRequant {
@@ -74,43 +121,12 @@ impl ChannelRequant {
         if self.left == 0 {
             // The arithmetic of the portable lines below, as 18 instructions
             // (the compiler's version spills the per-channel constants).
-            let r: i32;
-            // SAFETY: register-only arithmetic; flags are clobbered (no
-            // `preserves_flags`); QADD/SSAT set only Q.
-            unsafe {
-                core::arch::asm!(
-                    "smull {lo}, {hi}, {x}, {m}",
-                    "adds {lo}, {lo}, #0x40000000",
-                    "adc {hi}, {hi}, #0",
-                    "lsrs {lo}, {lo}, #31",
-                    "orr {x}, {lo}, {hi}, lsl #1",
-                    "and {lo}, {x}, {mask}",
-                    "add {hi}, {half}, {x}, lsr #31",
-                    "asrs {x}, {x}, {e}",
-                    "cmp {lo}, {hi}",
-                    "it hi",
-                    "addhi {x}, {x}, #1",
-                    "qadd {x}, {x}, {off}",
-                    "ssat {x}, #8, {x}",
-                    "cmp {x}, {min}",
-                    "it lt",
-                    "movlt {x}, {min}",
-                    "cmp {x}, {max}",
-                    "it gt",
-                    "movgt {x}, {max}",
-                    x = inout(reg) acc => r,
-                    m = in(reg) self.multiplier,
-                    mask = in(reg) self.mask,
-                    half = in(reg) self.half,
-                    e = in(reg) self.right,
-                    off = in(reg) self.offset,
-                    min = in(reg) self.min as i32,
-                    max = in(reg) self.max as i32,
-                    lo = out(reg) _,
-                    hi = out(reg) _,
-                    options(pure, nomem, nostack),
-                );
-            }
+            let r = channel_requant_asm!(
+                self,
+                acc,
+                ["cmp {x}, {max}", "it gt", "movgt {x}, {max}"],
+                max = in(reg) self.max as i32
+            );
             return r as i8;
         }
         let v = ssat10(self.scale_unchecked(acc)) + self.offset;
@@ -131,38 +147,7 @@ impl ChannelRequant {
         #[cfg(armv7em)]
         if self.left == 0 {
             // As `apply_no_min` without the upper clamp: 15 instructions.
-            let r: i32;
-            // SAFETY: as in `apply_no_min`.
-            unsafe {
-                core::arch::asm!(
-                    "smull {lo}, {hi}, {x}, {m}",
-                    "adds {lo}, {lo}, #0x40000000",
-                    "adc {hi}, {hi}, #0",
-                    "lsrs {lo}, {lo}, #31",
-                    "orr {x}, {lo}, {hi}, lsl #1",
-                    "and {lo}, {x}, {mask}",
-                    "add {hi}, {half}, {x}, lsr #31",
-                    "asrs {x}, {x}, {e}",
-                    "cmp {lo}, {hi}",
-                    "it hi",
-                    "addhi {x}, {x}, #1",
-                    "qadd {x}, {x}, {off}",
-                    "ssat {x}, #8, {x}",
-                    "cmp {x}, {min}",
-                    "it lt",
-                    "movlt {x}, {min}",
-                    x = inout(reg) acc => r,
-                    m = in(reg) self.multiplier,
-                    mask = in(reg) self.mask,
-                    half = in(reg) self.half,
-                    e = in(reg) self.right,
-                    off = in(reg) self.offset,
-                    min = in(reg) self.min as i32,
-                    lo = out(reg) _,
-                    hi = out(reg) _,
-                    options(pure, nomem, nostack),
-                );
-            }
+            let r = channel_requant_asm!(self, acc, []);
             return r as i8;
         }
         let v = ssat10(self.scale_unchecked(acc)) + self.offset;
