@@ -480,6 +480,55 @@ unsafe fn im2col_padded(
     unsafe { put_taps(col, k, j, 0, k.taps, Some(b as *const i8), p.input_offset) };
 }
 
+/// The asm text of two tap groups of the 1 × 4 tile: one LDRD of two
+/// weight words, eight LDRD of column pairs, four SXTB16, 16 SMLAD (29
+/// instructions per 32 MACs).
+#[cfg(armv7em)]
+macro_rules! two_groups {
+    () => {
+        concat!(
+            "ldrd {w}, {w1}, [{pw}], #8\n",
+            "ldrd {x0}, {x1}, [{pc}], #8\n",
+            "sxtb16 {we}, {w}\n",
+            "sxtb16 {w}, {w}, ror #8\n",
+            "smlad {a0}, {we}, {x0}, {a0}\n",
+            "smlad {a0}, {w}, {x1}, {a0}\n",
+            "ldrd {x0}, {x1}, [{pc}], #8\n",
+            "smlad {a1}, {we}, {x0}, {a1}\n",
+            "smlad {a1}, {w}, {x1}, {a1}\n",
+            "ldrd {x0}, {x1}, [{pc}], #8\n",
+            "smlad {a2}, {we}, {x0}, {a2}\n",
+            "smlad {a2}, {w}, {x1}, {a2}\n",
+            "ldrd {x0}, {x1}, [{pc}], #8\n",
+            "smlad {a3}, {we}, {x0}, {a3}\n",
+            "smlad {a3}, {w}, {x1}, {a3}\n",
+            "ldrd {x0}, {x1}, [{pc}], #8\n",
+            "sxtb16 {we}, {w1}\n",
+            "sxtb16 {w1}, {w1}, ror #8\n",
+            "smlad {a0}, {we}, {x0}, {a0}\n",
+            "smlad {a0}, {w1}, {x1}, {a0}\n",
+            "ldrd {x0}, {x1}, [{pc}], #8\n",
+            "smlad {a1}, {we}, {x0}, {a1}\n",
+            "smlad {a1}, {w1}, {x1}, {a1}\n",
+            "ldrd {x0}, {x1}, [{pc}], #8\n",
+            "smlad {a2}, {we}, {x0}, {a2}\n",
+            "smlad {a2}, {w1}, {x1}, {a2}\n",
+            "ldrd {x0}, {x1}, [{pc}], #8\n",
+            "smlad {a3}, {we}, {x0}, {a3}\n",
+            "smlad {a3}, {w1}, {x1}, {a3}\n",
+        )
+    };
+}
+
+/// The asm text of four tap groups of [`dot_1x4_x16`] (58 instructions per
+/// 64 MACs without the loop).
+#[cfg(armv7em)]
+macro_rules! four_groups {
+    () => {
+        concat!(two_groups!(), two_groups!())
+    };
+}
+
 /// One output channel (filter row `w`) × four pixels of the block `col`.
 ///
 /// # Safety
@@ -502,64 +551,7 @@ unsafe fn dot_1x4(w: *const i8, col: *const i16, k: Cols, acc: [i32; 4]) -> [i32
         unsafe {
             core::arch::asm!(
                 "2:",
-                "ldrd {w}, {w1}, [{pw}], #8",
-                "ldrd {x0}, {x1}, [{pc}], #8",
-                "sxtb16 {we}, {w}",
-                "sxtb16 {w}, {w}, ror #8",
-                "smlad {a0}, {we}, {x0}, {a0}",
-                "smlad {a0}, {w}, {x1}, {a0}",
-                "ldrd {x0}, {x1}, [{pc}], #8",
-                "smlad {a1}, {we}, {x0}, {a1}",
-                "smlad {a1}, {w}, {x1}, {a1}",
-                "ldrd {x0}, {x1}, [{pc}], #8",
-                "smlad {a2}, {we}, {x0}, {a2}",
-                "smlad {a2}, {w}, {x1}, {a2}",
-                "ldrd {x0}, {x1}, [{pc}], #8",
-                "smlad {a3}, {we}, {x0}, {a3}",
-                "smlad {a3}, {w}, {x1}, {a3}",
-                "ldrd {x0}, {x1}, [{pc}], #8",
-                "sxtb16 {we}, {w1}",
-                "sxtb16 {w1}, {w1}, ror #8",
-                "smlad {a0}, {we}, {x0}, {a0}",
-                "smlad {a0}, {w1}, {x1}, {a0}",
-                "ldrd {x0}, {x1}, [{pc}], #8",
-                "smlad {a1}, {we}, {x0}, {a1}",
-                "smlad {a1}, {w1}, {x1}, {a1}",
-                "ldrd {x0}, {x1}, [{pc}], #8",
-                "smlad {a2}, {we}, {x0}, {a2}",
-                "smlad {a2}, {w1}, {x1}, {a2}",
-                "ldrd {x0}, {x1}, [{pc}], #8",
-                "smlad {a3}, {we}, {x0}, {a3}",
-                "smlad {a3}, {w1}, {x1}, {a3}",
-                "ldrd {w}, {w1}, [{pw}], #8",
-                "ldrd {x0}, {x1}, [{pc}], #8",
-                "sxtb16 {we}, {w}",
-                "sxtb16 {w}, {w}, ror #8",
-                "smlad {a0}, {we}, {x0}, {a0}",
-                "smlad {a0}, {w}, {x1}, {a0}",
-                "ldrd {x0}, {x1}, [{pc}], #8",
-                "smlad {a1}, {we}, {x0}, {a1}",
-                "smlad {a1}, {w}, {x1}, {a1}",
-                "ldrd {x0}, {x1}, [{pc}], #8",
-                "smlad {a2}, {we}, {x0}, {a2}",
-                "smlad {a2}, {w}, {x1}, {a2}",
-                "ldrd {x0}, {x1}, [{pc}], #8",
-                "smlad {a3}, {we}, {x0}, {a3}",
-                "smlad {a3}, {w}, {x1}, {a3}",
-                "ldrd {x0}, {x1}, [{pc}], #8",
-                "sxtb16 {we}, {w1}",
-                "sxtb16 {w1}, {w1}, ror #8",
-                "smlad {a0}, {we}, {x0}, {a0}",
-                "smlad {a0}, {w1}, {x1}, {a0}",
-                "ldrd {x0}, {x1}, [{pc}], #8",
-                "smlad {a1}, {we}, {x0}, {a1}",
-                "smlad {a1}, {w1}, {x1}, {a1}",
-                "ldrd {x0}, {x1}, [{pc}], #8",
-                "smlad {a2}, {we}, {x0}, {a2}",
-                "smlad {a2}, {w1}, {x1}, {a2}",
-                "ldrd {x0}, {x1}, [{pc}], #8",
-                "smlad {a3}, {we}, {x0}, {a3}",
-                "smlad {a3}, {w1}, {x1}, {a3}",
+                four_groups!(),
                 "cmp {pw}, {end}",
                 "blo 2b",
                 pw = inout(reg) pw,
@@ -587,35 +579,7 @@ unsafe fn dot_1x4(w: *const i8, col: *const i16, k: Cols, acc: [i32; 4]) -> [i32
         unsafe {
             core::arch::asm!(
                 "2:",
-                "ldrd {w}, {w1}, [{pw}], #8",
-                "ldrd {x0}, {x1}, [{pc}], #8",
-                "sxtb16 {we}, {w}",
-                "sxtb16 {w}, {w}, ror #8",
-                "smlad {a0}, {we}, {x0}, {a0}",
-                "smlad {a0}, {w}, {x1}, {a0}",
-                "ldrd {x0}, {x1}, [{pc}], #8",
-                "smlad {a1}, {we}, {x0}, {a1}",
-                "smlad {a1}, {w}, {x1}, {a1}",
-                "ldrd {x0}, {x1}, [{pc}], #8",
-                "smlad {a2}, {we}, {x0}, {a2}",
-                "smlad {a2}, {w}, {x1}, {a2}",
-                "ldrd {x0}, {x1}, [{pc}], #8",
-                "smlad {a3}, {we}, {x0}, {a3}",
-                "smlad {a3}, {w}, {x1}, {a3}",
-                "ldrd {x0}, {x1}, [{pc}], #8",
-                "sxtb16 {we}, {w1}",
-                "sxtb16 {w1}, {w1}, ror #8",
-                "smlad {a0}, {we}, {x0}, {a0}",
-                "smlad {a0}, {w1}, {x1}, {a0}",
-                "ldrd {x0}, {x1}, [{pc}], #8",
-                "smlad {a1}, {we}, {x0}, {a1}",
-                "smlad {a1}, {w1}, {x1}, {a1}",
-                "ldrd {x0}, {x1}, [{pc}], #8",
-                "smlad {a2}, {we}, {x0}, {a2}",
-                "smlad {a2}, {w1}, {x1}, {a2}",
-                "ldrd {x0}, {x1}, [{pc}], #8",
-                "smlad {a3}, {we}, {x0}, {a3}",
-                "smlad {a3}, {w1}, {x1}, {a3}",
+                two_groups!(),
                 "cmp {pw}, {end}",
                 "blo 2b",
                 pw = inout(reg) pw,
@@ -765,74 +729,6 @@ unsafe fn dot_2x2(
         }
     }
     [a00, a01, a10, a11]
-}
-
-/// The asm text of four tap groups of [`dot_1x4_x16`] (60 instructions per
-/// 64 MACs without the loop).
-#[cfg(armv7em)]
-macro_rules! four_groups {
-    () => {
-        concat!(
-            "ldrd {w}, {w1}, [{pw}], #8\n",
-            "ldrd {x0}, {x1}, [{pc}], #8\n",
-            "sxtb16 {we}, {w}\n",
-            "sxtb16 {w}, {w}, ror #8\n",
-            "smlad {a0}, {we}, {x0}, {a0}\n",
-            "smlad {a0}, {w}, {x1}, {a0}\n",
-            "ldrd {x0}, {x1}, [{pc}], #8\n",
-            "smlad {a1}, {we}, {x0}, {a1}\n",
-            "smlad {a1}, {w}, {x1}, {a1}\n",
-            "ldrd {x0}, {x1}, [{pc}], #8\n",
-            "smlad {a2}, {we}, {x0}, {a2}\n",
-            "smlad {a2}, {w}, {x1}, {a2}\n",
-            "ldrd {x0}, {x1}, [{pc}], #8\n",
-            "smlad {a3}, {we}, {x0}, {a3}\n",
-            "smlad {a3}, {w}, {x1}, {a3}\n",
-            "ldrd {x0}, {x1}, [{pc}], #8\n",
-            "sxtb16 {we}, {w1}\n",
-            "sxtb16 {w1}, {w1}, ror #8\n",
-            "smlad {a0}, {we}, {x0}, {a0}\n",
-            "smlad {a0}, {w1}, {x1}, {a0}\n",
-            "ldrd {x0}, {x1}, [{pc}], #8\n",
-            "smlad {a1}, {we}, {x0}, {a1}\n",
-            "smlad {a1}, {w1}, {x1}, {a1}\n",
-            "ldrd {x0}, {x1}, [{pc}], #8\n",
-            "smlad {a2}, {we}, {x0}, {a2}\n",
-            "smlad {a2}, {w1}, {x1}, {a2}\n",
-            "ldrd {x0}, {x1}, [{pc}], #8\n",
-            "smlad {a3}, {we}, {x0}, {a3}\n",
-            "smlad {a3}, {w1}, {x1}, {a3}\n",
-            "ldrd {w}, {w1}, [{pw}], #8\n",
-            "ldrd {x0}, {x1}, [{pc}], #8\n",
-            "sxtb16 {we}, {w}\n",
-            "sxtb16 {w}, {w}, ror #8\n",
-            "smlad {a0}, {we}, {x0}, {a0}\n",
-            "smlad {a0}, {w}, {x1}, {a0}\n",
-            "ldrd {x0}, {x1}, [{pc}], #8\n",
-            "smlad {a1}, {we}, {x0}, {a1}\n",
-            "smlad {a1}, {w}, {x1}, {a1}\n",
-            "ldrd {x0}, {x1}, [{pc}], #8\n",
-            "smlad {a2}, {we}, {x0}, {a2}\n",
-            "smlad {a2}, {w}, {x1}, {a2}\n",
-            "ldrd {x0}, {x1}, [{pc}], #8\n",
-            "smlad {a3}, {we}, {x0}, {a3}\n",
-            "smlad {a3}, {w}, {x1}, {a3}\n",
-            "ldrd {x0}, {x1}, [{pc}], #8\n",
-            "sxtb16 {we}, {w1}\n",
-            "sxtb16 {w1}, {w1}, ror #8\n",
-            "smlad {a0}, {we}, {x0}, {a0}\n",
-            "smlad {a0}, {w1}, {x1}, {a0}\n",
-            "ldrd {x0}, {x1}, [{pc}], #8\n",
-            "smlad {a1}, {we}, {x0}, {a1}\n",
-            "smlad {a1}, {w1}, {x1}, {a1}\n",
-            "ldrd {x0}, {x1}, [{pc}], #8\n",
-            "smlad {a2}, {we}, {x0}, {a2}\n",
-            "smlad {a2}, {w1}, {x1}, {a2}\n",
-            "ldrd {x0}, {x1}, [{pc}], #8\n",
-            "smlad {a3}, {we}, {x0}, {a3}\n",
-            "smlad {a3}, {w1}, {x1}, {a3}\n",
-        )
-    };
 }
 
 /// [`dot_1x4`] for a row of `full` taps, `full` a non-zero multiple of 16,
