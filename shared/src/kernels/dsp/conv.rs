@@ -529,6 +529,38 @@ macro_rules! four_groups {
     };
 }
 
+/// `asm!` of a 1 × 4 dot-product loop over `text`, with the operands every
+/// such loop uses: the filter and column pointers `pw`/`pc` (advanced), the
+/// filter end, the four accumulators, and five scratch registers (`w`, `w1`,
+/// `we`, `x0`, `x1`). A text that leaves an operand unused names it in an
+/// `@` comment.
+#[cfg(armv7em)]
+macro_rules! dot_1x4_asm {
+    ($pw:ident, $pc:ident, $end:ident, $a0:ident, $a1:ident, $a2:ident, $a3:ident; $($text:expr),* $(,)?) => {
+        // SAFETY: the loop reads filter bytes from `pw` up to `end` (4-byte
+        // aligned words) and four column halfword pairs per filter word
+        // from `pc`, as the portable loop does; the callers guarantee both.
+        unsafe {
+            core::arch::asm!(
+                $($text),*,
+                pw = inout(reg) $pw,
+                pc = inout(reg) $pc,
+                end = in(reg) $end,
+                a0 = inout(reg) $a0,
+                a1 = inout(reg) $a1,
+                a2 = inout(reg) $a2,
+                a3 = inout(reg) $a3,
+                w = out(reg) _,
+                w1 = out(reg) _,
+                we = out(reg) _,
+                x0 = out(reg) _,
+                x1 = out(reg) _,
+                options(nostack, readonly),
+            )
+        }
+    };
+}
+
 /// One output channel (filter row `w`) × four pixels of the block `col`.
 ///
 /// # Safety
@@ -548,27 +580,7 @@ unsafe fn dot_1x4(w: *const i8, col: *const i16, k: Cols, acc: [i32; 4]) -> [i32
         // Four groups per step (every 3x3 and 1x1 conv of Mini-ResNet has
         // a multiple of 16 taps): 60 instructions per 64 MACs.
         // SAFETY: as the two-group loop below.
-        unsafe {
-            core::arch::asm!(
-                "2:",
-                four_groups!(),
-                "cmp {pw}, {end}",
-                "blo 2b",
-                pw = inout(reg) pw,
-                pc = inout(reg) pc,
-                end = in(reg) end,
-                a0 = inout(reg) a0,
-                a1 = inout(reg) a1,
-                a2 = inout(reg) a2,
-                a3 = inout(reg) a3,
-                w = out(reg) _,
-                w1 = out(reg) _,
-                we = out(reg) _,
-                x0 = out(reg) _,
-                x1 = out(reg) _,
-                options(nostack, readonly),
-            );
-        }
+        dot_1x4_asm!(pw, pc, end, a0, a1, a2, a3; "2:", four_groups!(), "cmp {pw}, {end}", "blo 2b");
     }
     #[cfg(armv7em)]
     if k.full.is_multiple_of(8) && (w as usize).is_multiple_of(4) && pw < end {
@@ -576,27 +588,7 @@ unsafe fn dot_1x4(w: *const i8, col: *const i16, k: Cols, acc: [i32; 4]) -> [i32
         // SAFETY: reads `full` filter bytes from `w` (4-byte aligned) and
         // `4 * full` column halfwords from `col` (4-byte aligned), as the
         // portable loop does.
-        unsafe {
-            core::arch::asm!(
-                "2:",
-                two_groups!(),
-                "cmp {pw}, {end}",
-                "blo 2b",
-                pw = inout(reg) pw,
-                pc = inout(reg) pc,
-                end = in(reg) end,
-                a0 = inout(reg) a0,
-                a1 = inout(reg) a1,
-                a2 = inout(reg) a2,
-                a3 = inout(reg) a3,
-                w = out(reg) _,
-                w1 = out(reg) _,
-                we = out(reg) _,
-                x0 = out(reg) _,
-                x1 = out(reg) _,
-                options(nostack, readonly),
-            );
-        }
+        dot_1x4_asm!(pw, pc, end, a0, a1, a2, a3; "2:", two_groups!(), "cmp {pw}, {end}", "blo 2b");
     }
     #[cfg(armv7em)]
     if pw < end {
@@ -755,39 +747,15 @@ unsafe fn dot_1x4_x16<const H4: bool, const H8: bool>(
     let end = unsafe { pw.add(full) };
     #[cfg(armv7em)]
     {
-        macro_rules! run {
-            ($($text:expr),*) => {
-                // SAFETY: reads the `full` filter bytes from `w` (4-byte
-                // aligned) and `4 * full` column halfwords from `col`
-                // (4-byte aligned), as the portable loop does.
-                unsafe {
-                    core::arch::asm!(
-                        $($text),*,
-                        pw = inout(reg) pw,
-                        pc = inout(reg) pc,
-                        end = in(reg) end,
-                        a0 = inout(reg) a0,
-                        a1 = inout(reg) a1,
-                        a2 = inout(reg) a2,
-                        a3 = inout(reg) a3,
-                        w = out(reg) _,
-                        w1 = out(reg) _,
-                        we = out(reg) _,
-                        x0 = out(reg) _,
-                        x1 = out(reg) _,
-                        options(nostack, readonly),
-                    )
-                }
-            };
-        }
         if H4 {
-            run!(four_groups!(), "@ {end}");
+            dot_1x4_asm!(pw, pc, end, a0, a1, a2, a3; four_groups!(), "@ {end}");
         }
         if H8 {
-            run!(four_groups!(), four_groups!(), "@ {end}");
+            dot_1x4_asm!(pw, pc, end, a0, a1, a2, a3; four_groups!(), four_groups!(), "@ {end}");
         }
         if full >= 64 {
-            run!(
+            dot_1x4_asm!(
+                pw, pc, end, a0, a1, a2, a3;
                 "5:",
                 four_groups!(),
                 four_groups!(),
