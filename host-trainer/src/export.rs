@@ -320,14 +320,43 @@ pub fn write_shared(blob: &[u8], dir: &Path) -> Result<()> {
          /// Activation arena bytes the model needs.\n\
          pub const ARENA_LEN: usize = {arena};\n\
          /// Conv scratch (`i16` elements) the model needs.\n\
-         pub const SCRATCH_LEN: usize = {scratch};\n\n\
+         pub const SCRATCH_LEN: usize = {scratch};\n\
+         /// Conv scratch (`i16` elements, 4-byte aligned) for the fast kernels' fastest paths.\n\
+         pub const SCRATCH_LEN_FAST: usize = {fast};\n\n\
          static BLOB_BYTES: Aligned<[u8; {len}]> = Aligned(*include_bytes!(\"model.bin\"));\n\n\
          /// The model blob ({len} bytes), 16-byte aligned.\n\
          pub static BLOB: &Aligned<[u8]> = &BLOB_BYTES;\n",
         ver = shared::model::FORMAT_VERSION,
         arena = m.arena_len(),
         scratch = m.scratch_len(),
+        fast = m.fast_scratch_len(),
         len = blob.len(),
     );
     write_atomic(&dir.join("mod.rs"), src.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The committed `shared/src/model/generated/` is exactly what
+    /// [`write_shared`] writes for the committed blob: nobody edited it by
+    /// hand, and the sizes in it (arena, scratch) are the model's.
+    #[test]
+    fn committed_generated_source_is_write_shared_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let blob = &shared::model::BLOB.0;
+        write_shared(blob, dir.path()).unwrap();
+        let committed = shared_generated_dir();
+        for name in ["mod.rs", "model.bin"] {
+            let want = fs::read(dir.path().join(name)).unwrap();
+            let got = fs::read(committed.join(name)).unwrap();
+            assert!(
+                want == got,
+                "{} differs from what `write_shared` generates for the committed blob:\n{}",
+                committed.join(name).display(),
+                String::from_utf8_lossy(&want)
+            );
+        }
+    }
 }

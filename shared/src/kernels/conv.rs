@@ -78,6 +78,32 @@ pub const fn conv2d_s8_scratch_len(params: &Conv2dParams, input_channels: usize)
     IM2COL_COLUMNS * params.kernel_h * params.kernel_w * input_channels
 }
 
+/// Scratch `i16` elements (4-byte aligned) that let [`conv2d_s8`] and
+/// [`conv2d_add_s8`](super::conv2d_add_s8) take their fastest paths on
+/// `input` dims: a block of four im2col columns, plus, on a multiple of 4
+/// channels, the input converted once to `i16` (the "widened input", so
+/// each block is gathered by copying instead of converting): all of it with
+/// its padding for kernels larger than 1x1, the pixels it reads for a 1x1
+/// kernel without padding. Any scratch of at least
+/// [`conv2d_s8_scratch_len`] gives the same bytes.
+pub const fn conv2d_s8_fast_scratch_len(params: &Conv2dParams, input: Dims) -> usize {
+    let p = params;
+    let taps = p.kernel_h * p.kernel_w * input.c;
+    let wide = if !input.c.is_multiple_of(4) {
+        0
+    } else if p.kernel_h * p.kernel_w > 1 {
+        super::dsp::conv::wide_len(input, p)
+    } else if p.pad_h == 0 && p.pad_w == 0 {
+        match p.output_dims(input, 1) {
+            Some(o) => o.h * o.w * input.c,
+            None => 0,
+        }
+    } else {
+        0
+    };
+    4 * taps + wide
+}
+
 /// Everything [`conv2d_s8`] checks except the activation and scratch
 /// buffers: parameter ranges, that `output_dims` follows from `input_dims`,
 /// and the lengths of the filter, bias and requantization arrays.
@@ -358,6 +384,19 @@ mod tests {
             let mut scratch4 = vec![0x5555i16; 2 * scratch.len() + 3];
             conv2d_s8(&layer, &self.input, self.id, &mut wide, od, &mut scratch4).unwrap();
             assert_eq!(wide, out, "1x4 tile vs 2x2 tile");
+            // The widened input, where the layer takes it.
+            let mut widened = vec![0i8; od.len()];
+            let mut scratch_w = vec![0x5555i16; conv2d_s8_fast_scratch_len(&self.p, self.id)];
+            conv2d_s8(
+                &layer,
+                &self.input,
+                self.id,
+                &mut widened,
+                od,
+                &mut scratch_w,
+            )
+            .unwrap();
+            assert_eq!(widened, out, "widened input vs 2x2 tile");
             // A scratch at an odd i16 address: aligned by skipping one element
             // when there is room, else the portable path.
             let need = conv2d_s8_scratch_len(&self.p, self.id.c);
@@ -633,6 +672,42 @@ mod tests {
                 c.p.act_max = max.max(c.p.act_min);
                 if exact {
                     c.mult[0] = 1 << 30;
+                }
+                c.check();
+            }
+        }
+    }
+
+    #[test]
+    fn widened_input_matches_reference() {
+        // Shapes that take the widened input (taps a multiple of 16, a
+        // multiple of 4 channels, kernels larger than 1x1): the last stage's
+        // 2x2 output (a block across two rows), pixel counts that leave a
+        // short last block, strides 2 and 3, non-square kernels and
+        // paddings, an upper clamp and a multiplier outside the folded
+        // domain (the per-channel path on the same gathered block).
+        let mut rng = Rng(29);
+        for &(h, w, cin, cout, k, s, pad) in &[
+            (2, 2, 128, 8, (3, 3), (1, 1), (1, 1)),
+            (4, 4, 64, 12, (3, 3), (2, 2), (1, 1)),
+            (5, 7, 16, 3, (3, 3), (2, 2), (1, 1)),
+            (3, 5, 8, 5, (2, 3), (1, 1), (1, 0)),
+            (6, 9, 4, 7, (4, 4), (3, 1), (0, 2)),
+            (7, 3, 16, 2, (3, 1), (1, 2), (1, 0)),
+        ] {
+            for &(zi, zo, max, exact) in &[
+                (0, 0, 127, false),
+                (-128, 127, 127, false),
+                (127, -128, 90, false),
+                (5, -3, 127, true),
+            ] {
+                let mut c = Case::random(&mut rng, Dims::new(h, w, cin), cout, k, s, pad, zi, zo);
+                c.p.act_max = max.max(c.p.act_min);
+                if exact {
+                    c.mult[cout - 1] = 1 << 30;
+                    // A nearly dead channel's shift, below the folded
+                    // requantization's -21.
+                    c.shift[0] = -24;
                 }
                 c.check();
             }

@@ -19,8 +19,10 @@
 //! wrapping addition is associative and commutative, so the bytes are
 //! identical.
 
+use super::add::input_tables;
 use super::isa::{load_u32, sadd16, smlad, sxtb16, sxtb16_ror8};
 use super::requant::{ChannelRequant, FoldedRequant};
+use crate::kernels::AddParams;
 use crate::kernels::{Conv2d, Conv2dParams, Dims};
 use core::mem::MaybeUninit;
 
@@ -292,6 +294,166 @@ unsafe fn im2col(
             };
             // SAFETY: `row + kx * c + c <= taps`.
             unsafe { put_taps(col, k, j, row + kx * c, c, src, p.input_offset) };
+        }
+    }
+}
+
+/// The widened input of a conv: the whole input converted once to
+/// offset-applied `i16`, four channels per word pair in column order (`c0,
+/// c2` then `c1, c3`, as [`put_taps`] writes them), with `pad_h` rows and
+/// `pad_w` columns of zeros (the padding, offset applied) around it. Its
+/// `i16` length for `dims` and `p`; the block gather then copies word pairs
+/// instead of converting bytes, and needs no padding checks.
+pub(crate) const fn wide_len(dims: Dims, p: &Conv2dParams) -> usize {
+    (dims.h + 2 * p.pad_h) * (dims.w + 2 * p.pad_w) * dims.c
+}
+
+/// Writes the widened input (see [`wide_len`]) of `input` into `wide`.
+///
+/// # Safety
+/// `wide` holds `wide_len(dims, p)` elements and is 4-byte aligned;
+/// `input` holds `dims.len()` values; `dims.c` is a multiple of 4.
+unsafe fn widen(wide: *mut i16, input: *const i8, dims: Dims, p: &Conv2dParams) {
+    let (c, ww) = (dims.c, dims.w + 2 * p.pad_w);
+    let off2 = (p.input_offset as u16 as u32) * 0x0001_0001;
+    let row = dims.w * c;
+    // SAFETY: every write below is inside the `wide_len` elements; every
+    // read inside the input's `dims.len()`.
+    unsafe {
+        // Top padding rows and the left padding of the first row.
+        let mut d = wide;
+        let lead = (p.pad_h * ww + p.pad_w) * c;
+        core::ptr::write_bytes(d, 0, lead);
+        d = d.add(lead);
+        for y in 0..dims.h {
+            let s = input.add(y * row) as *const u8;
+            widen_run(d as *mut u32, s, row, off2);
+            d = d.add(row);
+            // This row's right padding and the next row's left padding
+            // (or, after the last row, the bottom padding rows).
+            let gap = if y + 1 < dims.h {
+                2 * p.pad_w * c
+            } else {
+                (p.pad_w + p.pad_h * ww) * c
+            };
+            core::ptr::write_bytes(d, 0, gap);
+            d = d.add(gap);
+        }
+    }
+}
+
+/// Converts `len` bytes (a multiple of 4) from `s` into `len / 2` column
+/// words at `d`, offset `off2` (both halfwords) added.
+///
+/// # Safety
+/// `s ..+ len` readable, `d ..+ len / 2` words writable and 4-byte aligned.
+#[inline(always)]
+unsafe fn widen_run(d: *mut u32, s: *const u8, len: usize, off2: u32) {
+    let (mut d, mut s) = (d, s);
+    // SAFETY: `len` bytes from `s`.
+    let end = unsafe { s.add(len) };
+    #[cfg(armv7em)]
+    if len >= 8 && len.is_multiple_of(8) {
+        // Two words per step: 14 instructions per 8 bytes (LDR: the arena
+        // gives no 8-byte alignment).
+        // SAFETY: reads `len` bytes from `s`, writes `len / 2` words to `d`.
+        unsafe {
+            core::arch::asm!(
+                "2:",
+                "ldr {x}, [{s}], #4",
+                "ldr {y}, [{s}], #4",
+                "sxtb16 {e}, {x}",
+                "sxtb16 {x}, {x}, ror #8",
+                "sadd16 {e}, {e}, {off}",
+                "sadd16 {x}, {x}, {off}",
+                "strd {e}, {x}, [{d}], #8",
+                "sxtb16 {e}, {y}",
+                "sxtb16 {y}, {y}, ror #8",
+                "sadd16 {e}, {e}, {off}",
+                "sadd16 {y}, {y}, {off}",
+                "strd {e}, {y}, [{d}], #8",
+                "cmp {s}, {end}",
+                "blo 2b",
+                s = inout(reg) s,
+                d = inout(reg) d,
+                end = in(reg) end,
+                off = in(reg) off2,
+                x = out(reg) _,
+                y = out(reg) _,
+                e = out(reg) _,
+                options(nostack),
+            );
+        }
+    }
+    while s < end {
+        // SAFETY: as above.
+        unsafe {
+            let x = load_u32(s);
+            d.write(sadd16(sxtb16(x), off2));
+            d.add(1).write(sadd16(sxtb16_ror8(x), off2));
+            s = s.add(4);
+            d = d.add(2);
+        }
+    }
+}
+
+/// Copies the receptive field of one pixel from the widened input into its
+/// slot of a 4-pixel block: `rows` runs of `run` elements (a multiple of
+/// 4) starting at `s`, `stride` elements apart, each group of 4 taps to the
+/// next group slot (`16` elements on).
+///
+/// # Safety
+/// The runs are inside the widened input; `d` is pixel `j`'s slot (`4 * j`)
+/// of a 4-pixel block of `rows * run` taps; both 4-byte aligned.
+#[inline(always)]
+unsafe fn gather_wide(d: *mut i16, s: *const i16, rows: usize, run: usize, stride: usize) {
+    #[cfg(armv7em)]
+    if run.is_multiple_of(16) && run > 0 && rows > 0 {
+        let (mut d, mut s, mut rows) = (d as *mut u32, s as *const u32, rows);
+        // Four groups per step: 10 instructions per 16 taps, 5 per row.
+        // SAFETY: the caller's bounds; word pairs are 4-byte aligned.
+        unsafe {
+            core::arch::asm!(
+                "3:",
+                "add {end}, {s}, {len}",
+                "2:",
+                "ldrd {a}, {b}, [{s}], #8",
+                "strd {a}, {b}, [{d}], #32",
+                "ldrd {a}, {b}, [{s}], #8",
+                "strd {a}, {b}, [{d}], #32",
+                "ldrd {a}, {b}, [{s}], #8",
+                "strd {a}, {b}, [{d}], #32",
+                "ldrd {a}, {b}, [{s}], #8",
+                "strd {a}, {b}, [{d}], #32",
+                "cmp {s}, {end}",
+                "blo 2b",
+                "add {s}, {s}, {skip}",
+                "subs {rows}, {rows}, #1",
+                "bne 3b",
+                s = inout(reg) s,
+                d = inout(reg) d,
+                rows = inout(reg) rows,
+                len = in(reg) 2 * run,
+                skip = in(reg) 2 * (stride - run),
+                end = out(reg) _,
+                a = out(reg) _,
+                b = out(reg) _,
+                options(nostack),
+            );
+        }
+        let _ = (s, d, rows);
+        return;
+    }
+    let (d, s) = (d as *mut u32, s as *const u32);
+    for r in 0..rows {
+        for g in 0..run / 4 {
+            // SAFETY: the caller's bounds: group `g` of row `r`.
+            unsafe {
+                let src = s.add((r * stride) / 2 + 2 * g);
+                let dst = d.add(8 * (r * run / 4 + g));
+                dst.write(src.read());
+                dst.add(1).write(src.add(1).read());
+            }
         }
     }
 }
@@ -880,6 +1042,183 @@ unsafe fn lean_block<const CLAMP_MIN: bool, const CLAMP_MAX: bool>(
     }
 }
 
+/// Most channels outside [`FoldedRequant`]'s domain a lean loop takes
+/// (e.g. a nearly dead channel whose tiny scale needs a shift below -21):
+/// it runs them with a placeholder requantization, then recomputes them.
+const MAX_OUTLIERS: usize = 8;
+
+/// The channels of a layer outside [`FoldedRequant`]'s domain.
+struct Outliers {
+    idx: [u8; MAX_OUTLIERS],
+    n: usize,
+}
+
+impl Outliers {
+    /// `None` when there are more than [`MAX_OUTLIERS`], or more than one
+    /// channel in 8 (the recomputation would cost more than it saves), or
+    /// more than [`LEAN_MAX_C`] channels.
+    fn of(layer: &Conv2d<'_>) -> Option<Self> {
+        let out_c = layer.requant.multiplier.len();
+        if out_c > LEAN_MAX_C {
+            return None;
+        }
+        let mut o = Outliers {
+            idx: [0; MAX_OUTLIERS],
+            n: 0,
+        };
+        for (oc, (&m, &s)) in layer
+            .requant
+            .multiplier
+            .iter()
+            .zip(layer.requant.shift)
+            .enumerate()
+        {
+            if !FoldedRequant::accepts(m, s) {
+                if o.n == MAX_OUTLIERS || 8 * (o.n + 1) > out_c {
+                    return None;
+                }
+                o.idx[o.n] = oc as u8;
+                o.n += 1;
+            }
+        }
+        Some(o)
+    }
+
+    fn channels(&self) -> &[u8] {
+        &self.idx[..self.n]
+    }
+
+    /// The lean loops' requantization table: every channel folded, the
+    /// outliers as a placeholder.
+    fn table(&self, layer: &Conv2d<'_>) -> [FoldedRequant; LEAN_MAX_C] {
+        let mut t = [FoldedRequant::PLACEHOLDER; LEAN_MAX_C];
+        let out_c = layer.requant.multiplier.len();
+        for (oc, r) in t[..out_c].iter_mut().enumerate() {
+            let (m, s) = (layer.requant.multiplier[oc], layer.requant.shift[oc]);
+            if FoldedRequant::accepts(m, s) {
+                *r = FoldedRequant::new_unchecked(m, (-s) as u32, layer.params.output_offset);
+            }
+        }
+        t
+    }
+
+    /// Channel `oc`'s four sums over the block `col` (lean rows) and its
+    /// exact requantization.
+    ///
+    /// # Safety
+    /// `oc` is a channel of `layer`, whose rows are `taps` (a multiple of
+    /// 16) 4-byte aligned values; `col` is a 4-pixel block of them.
+    #[inline(always)]
+    unsafe fn sums(
+        layer: &Conv2d<'_>,
+        oc: usize,
+        col: *const i16,
+        taps: usize,
+    ) -> ([i32; 4], ChannelRequant) {
+        let p = &layer.params;
+        let k = Cols {
+            n: 4,
+            taps,
+            full: taps,
+            row: taps,
+        };
+        // SAFETY: the caller's.
+        unsafe {
+            let b = *layer.bias.get_unchecked(oc);
+            let a = dot_1x4(layer.filter.as_ptr().add(oc * taps), col, k, [b; 4]);
+            let r = ChannelRequant::new(
+                *layer.requant.multiplier.get_unchecked(oc),
+                *layer.requant.shift.get_unchecked(oc),
+                p.output_offset,
+                p.act_min,
+                p.act_max,
+            );
+            (a, r)
+        }
+    }
+
+    /// Recomputes the outliers' outputs of a full 4-pixel block that a lean
+    /// loop wrote with the placeholder.
+    ///
+    /// # Safety
+    /// As [`sums`](Self::sums); `o` points at 4 output pixels of `out_c`.
+    #[inline(never)]
+    unsafe fn fix(
+        &self,
+        layer: &Conv2d<'_>,
+        col: *const i16,
+        taps: usize,
+        o: *mut i8,
+        out_c: usize,
+    ) {
+        for &oc in self.channels() {
+            let oc = oc as usize;
+            // SAFETY: the caller's.
+            unsafe {
+                let (a, r) = Self::sums(layer, oc, col, taps);
+                for (j, &aj) in a.iter().enumerate() {
+                    *o.add(j * out_c + oc) = r.apply(aj);
+                }
+            }
+        }
+    }
+
+    /// [`fix`](Self::fix) for a block whose epilogue is the residual add.
+    ///
+    /// # Safety
+    /// As [`fix`](Self::fix); `sc` points at the shortcut's 4 pixels.
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn fix_add(
+        &self,
+        layer: &Conv2d<'_>,
+        col: *const i16,
+        taps: usize,
+        o: *mut i8,
+        sc: *const i8,
+        out_c: usize,
+        e: &AddEpilogue,
+    ) {
+        for &oc in self.channels() {
+            let oc = oc as usize;
+            // SAFETY: the caller's.
+            unsafe {
+                let (a, r) = Self::sums(layer, oc, col, taps);
+                for (j, &aj) in a.iter().enumerate() {
+                    let at = j * out_c + oc;
+                    *o.add(at) = e.apply_any(r.apply(aj) as i32, *sc.add(at));
+                }
+            }
+        }
+    }
+}
+
+/// [`lean_block`] with the clamps the layer's activation range needs.
+///
+/// # Safety
+/// As [`block_1x4_folded`].
+#[inline(always)]
+unsafe fn lean_block_clamped(
+    layer: &Conv2d<'_>,
+    filter: *const i8,
+    rq: *const FoldedRequant,
+    col: *const i16,
+    taps: usize,
+    o: *mut i8,
+    out_c: usize,
+) {
+    let p = &layer.params;
+    // SAFETY: the caller's.
+    unsafe {
+        match (p.act_min != i8::MIN, p.act_max != i8::MAX) {
+            (false, false) => lean_block::<false, false>(layer, filter, rq, col, taps, o, out_c),
+            (true, false) => lean_block::<true, false>(layer, filter, rq, col, taps, o, out_c),
+            (false, true) => lean_block::<false, true>(layer, filter, rq, col, taps, o, out_c),
+            (true, true) => lean_block::<true, true>(layer, filter, rq, col, taps, o, out_c),
+        }
+    }
+}
+
 /// Every output channel of one 4-pixel block: the 1 × 4 tile, then the
 /// requantization of its four sums ([`FoldedRequant`] when `folded`: every
 /// channel is in its domain). Not inlined, so the channel loop gets
@@ -1057,29 +1396,30 @@ pub(crate) fn conv2d_s8_dsp(
         let (m, s) = unsafe { (*mult.add(oc), *shift.add(oc)) };
         ChannelRequant::new(m, s, p.output_offset, p.act_min, p.act_max)
     };
-    // The lean channel loop: folded requantization, unpadded rows of a
-    // multiple of 16 taps, 4-byte aligned (every 3x3 and 1x1 conv here).
-    let lean = folded
-        && n == 4
+    // The lean channel loop: folded requantization (a few outlier channels
+    // recomputed after each block), unpadded rows of a multiple of 16 taps,
+    // 4-byte aligned (every 3x3 and 1x1 conv here).
+    let outliers = Outliers::of(layer);
+    let lean = n == 4
         && !padded
         && taps > 0
         && taps.is_multiple_of(16)
-        && layer.filter.as_ptr().align_offset(4) == 0;
+        && layer.filter.as_ptr().align_offset(4) == 0
+        && outliers.is_some();
+    let outliers = outliers.unwrap_or(Outliers {
+        idx: [0; MAX_OUTLIERS],
+        n: 0,
+    });
+    // `out_c * 16 <= STEM_FILTER_MAX`: the stem's channels fit the table
+    // (and, `folded`, it has no outliers).
+    debug_assert!(!stem || (out_c <= LEAN_MAX_C && outliers.n == 0));
     // The channels' folded requantizations, prepared once per layer.
-    let lean = lean && out_c <= LEAN_MAX_C;
-    let mut rq_table = [const { MaybeUninit::<FoldedRequant>::uninit() }; LEAN_MAX_C];
-    if lean || stem {
-        for (oc, r) in rq_table[..out_c].iter_mut().enumerate() {
-            let (m, s) = (layer.requant.multiplier[oc], layer.requant.shift[oc]);
-            r.write(FoldedRequant::new_unchecked(
-                m,
-                (-s) as u32,
-                p.output_offset,
-            ));
-        }
-    }
-    // `out_c * 16 <= STEM_FILTER_MAX`: the stem's channels fit the table.
-    debug_assert!(!stem || out_c <= LEAN_MAX_C);
+    let rq_table = if lean || stem {
+        outliers.table(layer)
+    } else {
+        [FoldedRequant::PLACEHOLDER; LEAN_MAX_C]
+    };
+    let fix = outliers.n > 0;
     let (lean, lean_filter) = if stem {
         (true, stem_filter.as_ptr() as *const i8)
     } else {
@@ -1109,6 +1449,60 @@ pub(crate) fn conv2d_s8_dsp(
         && p.act_max == i8::MAX;
     #[cfg(not(armv7em))]
     let _ = block_rows;
+    // The widened-input path for kernels larger than 1x1: the input is
+    // converted once (each byte is read by up to `kernel_h * kernel_w`
+    // pixels), then every block, borders included, is gathered by copying
+    // word pairs. The block sits first in the scratch, the widened input
+    // after it.
+    let wide = lean
+        && !stem
+        && n == 4
+        && p.kernel_h * p.kernel_w > 1
+        && input_dims.c.is_multiple_of(4)
+        && scratch.len() >= 4 * taps + wide_len(input_dims, p);
+    if wide {
+        let (c, ww) = (input_dims.c, input_dims.w + 2 * p.pad_w);
+        // SAFETY: the scratch holds the block (`4 * taps`) and the widened
+        // input after it, both 4-byte aligned (`taps` is a multiple of 16).
+        let wbuf = unsafe { col.add(4 * taps) };
+        // SAFETY: `wbuf` holds `wide_len` elements; `c % 4 == 0`.
+        unsafe { widen(wbuf, inp, input_dims, p) };
+        let (f, r) = (lean_filter, rq_table.as_ptr());
+        let mut pix = 0;
+        while pix < pixels {
+            let valid = (pixels - pix).min(4);
+            for j in 0..4 {
+                // A short last block repeats its last pixel; those outputs
+                // are dropped.
+                let q = pix + j.min(valid - 1);
+                let (oy, ox) = (q / output_dims.w, q % output_dims.w);
+                // SAFETY: output pixel `(oy, ox)` reads widened rows
+                // `oy * stride_h ..+ kernel_h` and columns `ox * stride_w
+                // ..+ kernel_w`, inside the widened input (validated output
+                // size); slot `4 * j` of the block.
+                unsafe {
+                    let s = wbuf.add((oy * p.stride_h * ww + ox * p.stride_w) * c);
+                    gather_wide(col.add(4 * j), s, p.kernel_h, p.kernel_w * c, ww * c);
+                }
+            }
+            // SAFETY: pixels `pix..pix + valid` are in the output; the
+            // filter, bias and requantization hold `out_c` channels; `lean`:
+            // the first `out_c` table entries are written.
+            unsafe {
+                let o = out.add(pix * out_c);
+                if valid == 4 {
+                    lean_block_clamped(layer, f, r, col, taps, o, out_c);
+                    if fix {
+                        outliers.fix(layer, col, taps, o, out_c);
+                    }
+                } else {
+                    block_1x4(layer, col, k, o, out_c, valid, &mut buf, folded);
+                }
+            }
+            pix += 4;
+        }
+        return true;
+    }
     let mut pix = 0;
     while pix < pixels {
         let valid = (pixels - pix).min(n);
@@ -1134,7 +1528,7 @@ pub(crate) fn conv2d_s8_dsp(
                     lean_block::<false, false>(
                         layer,
                         lean_filter,
-                        rq_table.as_ptr() as *const FoldedRequant,
+                        rq_table.as_ptr(),
                         col,
                         k.taps,
                         o,
@@ -1182,7 +1576,7 @@ pub(crate) fn conv2d_s8_dsp(
                     lean_block::<false, false>(
                         layer,
                         lean_filter,
-                        rq_table.as_ptr() as *const FoldedRequant,
+                        rq_table.as_ptr(),
                         col,
                         k.taps,
                         o,
@@ -1215,20 +1609,10 @@ pub(crate) fn conv2d_s8_dsp(
             unsafe {
                 if lean && valid == 4 {
                     // `lean`: the first `out_c` entries are written.
-                    let (f, r) = (lean_filter, rq_table.as_ptr() as *const FoldedRequant);
-                    match (p.act_min != i8::MIN, p.act_max != i8::MAX) {
-                        (false, false) => {
-                            lean_block::<false, false>(layer, f, r, col, k.taps, o, out_c)
-                        }
-                        (true, false) => {
-                            lean_block::<true, false>(layer, f, r, col, k.taps, o, out_c)
-                        }
-                        (false, true) => {
-                            lean_block::<false, true>(layer, f, r, col, k.taps, o, out_c)
-                        }
-                        (true, true) => {
-                            lean_block::<true, true>(layer, f, r, col, k.taps, o, out_c)
-                        }
+                    let (f, r) = (lean_filter, rq_table.as_ptr());
+                    lean_block_clamped(layer, f, r, col, k.taps, o, out_c);
+                    if fix {
+                        outliers.fix(layer, col, k.taps, o, out_c);
                     }
                 } else {
                     block_1x4(layer, col, k, o, out_c, valid, &mut buf, folded);
@@ -1308,4 +1692,274 @@ unsafe fn dot_1x4_pair(w: *const i8, col: *const i16, k: Cols, b: i32) -> [i32; 
         }
     }
     [a0, a1]
+}
+
+/// The residual add fused into a conv's requantization: the conv's int8
+/// output `v` of each element is never stored; `t_conv[v] + t_short[s]`
+/// (the add's two input rescalings, tabulated as [`add_s8`] does, `s` the
+/// shortcut's element) is requantized by `out` and clamped below by `min`
+/// (the add's upper clamp is 127). Tables point at entry 128 of 256.
+///
+/// [`add_s8`]: crate::kernels::add_s8
+#[derive(Clone, Copy)]
+struct AddEpilogue {
+    t_conv: *const i32,
+    t_short: *const i32,
+    out: FoldedRequant,
+    min: i32,
+}
+
+impl AddEpilogue {
+    /// The add's output for the conv's int8 output `v` and the shortcut's
+    /// element `s`.
+    #[inline(always)]
+    fn apply<const ADD_MIN: bool>(&self, v: i32, s: i8) -> i8 {
+        debug_assert!((-128..=127).contains(&v));
+        // SAFETY: the tables hold entries -128..=127 around their pointers
+        // (they outlive every use: the kernel's stack frame); `v` and `s`
+        // are int8 values.
+        let (x, y) = unsafe {
+            (
+                *self.t_conv.offset(v as isize),
+                *self.t_short.offset(s as isize),
+            )
+        };
+        let mut r = self.out.scale_sat8(x.wrapping_add(y));
+        if ADD_MIN {
+            r = r.max(self.min);
+        }
+        r as i8
+    }
+
+    /// [`apply`](Self::apply) with the lower clamp tested here.
+    fn apply_any(&self, v: i32, s: i8) -> i8 {
+        if self.min > -128 {
+            self.apply::<true>(v, s)
+        } else {
+            self.apply::<false>(v, s)
+        }
+    }
+}
+
+/// [`block_1x4_folded`] with the residual add as its epilogue (the conv
+/// has no clamp; see [`AddEpilogue`]). `sc` points at the shortcut's
+/// elements of the block's 4 pixels (`out_c` apart), as `o` at the output's.
+///
+/// # Safety
+/// As [`block_1x4_folded`]; `sc ..+ 4 * out_c` is readable.
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_1x4_folded_add<const ADD_MIN: bool, const H4: bool, const H8: bool>(
+    layer: &Conv2d<'_>,
+    rq: *const FoldedRequant,
+    col: *const i16,
+    taps: usize,
+    o: *mut i8,
+    sc: *const i8,
+    out_c: usize,
+    e: &AddEpilogue,
+) {
+    let e = *e;
+    let mut w = layer.filter.as_ptr();
+    let mut b = layer.bias.as_ptr();
+    let (mut r, mut q, mut s) = (rq, o, sc);
+    // SAFETY: `out_c` channels.
+    let q_end = unsafe { o.add(out_c) };
+    while q < q_end {
+        // SAFETY: channel `q - o` of filter, bias, requantization, output
+        // and shortcut.
+        unsafe {
+            let a = dot_1x4_x16::<H4, H8>(w, col, taps, *b);
+            let f = *r;
+            *q = e.apply::<ADD_MIN>(f.scale_sat8(a[0]), *s);
+            *q.add(out_c) = e.apply::<ADD_MIN>(f.scale_sat8(a[1]), *s.add(out_c));
+            *q.add(2 * out_c) = e.apply::<ADD_MIN>(f.scale_sat8(a[2]), *s.add(2 * out_c));
+            *q.add(3 * out_c) = e.apply::<ADD_MIN>(f.scale_sat8(a[3]), *s.add(3 * out_c));
+            w = w.add(taps);
+            b = b.add(1);
+            r = r.add(1);
+            q = q.add(1);
+            s = s.add(1);
+        }
+    }
+}
+
+/// [`block_1x4_folded_add`] with the inner loop's heads for `taps` and the
+/// add's lower clamp.
+///
+/// # Safety
+/// As [`block_1x4_folded_add`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn lean_block_add(
+    layer: &Conv2d<'_>,
+    rq: *const FoldedRequant,
+    col: *const i16,
+    taps: usize,
+    o: *mut i8,
+    sc: *const i8,
+    out_c: usize,
+    e: &AddEpilogue,
+) {
+    macro_rules! go {
+        ($m:literal, $h4:literal, $h8:literal) => {
+            block_1x4_folded_add::<$m, $h4, $h8>(layer, rq, col, taps, o, sc, out_c, e)
+        };
+    }
+    // SAFETY: the caller's; the heads match `taps`.
+    unsafe {
+        match (e.min > -128, taps & 16 != 0, taps & 32 != 0) {
+            (false, false, false) => go!(false, false, false),
+            (false, true, false) => go!(false, true, false),
+            (false, false, true) => go!(false, false, true),
+            (false, true, true) => go!(false, true, true),
+            (true, false, false) => go!(true, false, false),
+            (true, true, false) => go!(true, true, false),
+            (true, false, true) => go!(true, false, true),
+            (true, true, true) => go!(true, true, true),
+        }
+    }
+}
+
+/// A conv followed by the residual add of its output and `shortcut`, in
+/// one pass: the conv's output tensor is never written. The conv's input is
+/// read completely (widened into the scratch) before the first output byte
+/// is written, so `output` may overlap `input` (not `shortcut`).
+///
+/// Returns `false`, having read and written nothing, unless the layer takes
+/// the widened-input lean path (every channel in [`FoldedRequant`]'s
+/// domain, taps a multiple of 16, a multiple of 4 input channels, a kernel
+/// larger than 1x1 with scratch for [`wide_len`] and the block, or a 1x1
+/// kernel without padding with scratch for the pixels it reads, packed,
+/// and the block) with no clamp
+/// on the conv, and the add's output requantization is in
+/// [`FoldedRequant`]'s domain with an upper clamp of 127. The caller then
+/// runs the conv and the add apart; the bytes are the same.
+///
+/// # Safety
+/// The caller has validated both layers' parameters and lengths (filter,
+/// bias, requantization for `output_dims.c` channels, output dims of the
+/// conv); `input ..+ input_dims.len()` is readable, `shortcut` and `output`
+/// hold `output_dims.len()` bytes, readable / writable, and do not
+/// overlap; none of them overlaps `scratch`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn conv2d_add_s8_dsp(
+    layer: &Conv2d<'_>,
+    add: &AddParams,
+    conv_is_input1: bool,
+    input: *const i8,
+    input_dims: Dims,
+    shortcut: *const i8,
+    output: *mut i8,
+    output_dims: Dims,
+    scratch: &mut [i16],
+) -> bool {
+    let p = &layer.params;
+    let taps = p.kernel_h * p.kernel_w * input_dims.c;
+    let out_c = output_dims.c;
+    let skip = scratch.as_ptr().align_offset(4);
+    let pixels = output_dims.h * output_dims.w;
+    // A 1x1 conv without padding (the downsampling shortcut): only the
+    // pixels it reads are widened, packed one after another.
+    let packed = p.kernel_h == 1 && p.kernel_w == 1 && p.pad_h == 0 && p.pad_w == 0;
+    let wlen = if packed {
+        pixels * input_dims.c
+    } else {
+        wide_len(input_dims, p)
+    };
+    let Some(out) = FoldedRequant::new(add.output_multiplier, add.output_shift, add.output_offset)
+    else {
+        return false;
+    };
+    let applies = skip <= 1
+        && scratch.len() >= skip + 4 * taps + wlen
+        && taps > 0
+        && taps.is_multiple_of(16)
+        && (packed || p.kernel_h * p.kernel_w > 1)
+        && input_dims.c.is_multiple_of(4)
+        && out_c <= LEAN_MAX_C
+        && layer.filter.as_ptr().align_offset(4) == 0
+        && p.act_min == i8::MIN
+        && p.act_max == i8::MAX
+        && add.act_max == i8::MAX;
+    let outliers = match Outliers::of(layer) {
+        Some(o) if applies => o,
+        _ => return false,
+    };
+    let col = scratch[skip..].as_mut_ptr();
+    let rq_table = outliers.table(layer);
+    let (mut t1, mut t2) = ([0i32; 256], [0i32; 256]);
+    input_tables(add, &mut t1, &mut t2);
+    let (tc, ts) = if conv_is_input1 {
+        (&t1, &t2)
+    } else {
+        (&t2, &t1)
+    };
+    let e = AddEpilogue {
+        // Entry 128: the tables are indexed by the int8 value itself.
+        t_conv: tc.as_ptr().wrapping_add(128),
+        t_short: ts.as_ptr().wrapping_add(128),
+        out,
+        min: add.act_min as i32,
+    };
+    let (c, ww) = (input_dims.c, input_dims.w + 2 * p.pad_w);
+    // SAFETY: the scratch holds the block and the widened input after it.
+    let wbuf = unsafe { col.add(4 * taps) };
+    if packed {
+        let off2 = (p.input_offset as u16 as u32) * 0x0001_0001;
+        for q in 0..pixels {
+            let (oy, ox) = (q / output_dims.w, q % output_dims.w);
+            // SAFETY: input pixel `(oy * stride_h, ox * stride_w)` is in the
+            // input (validated output size, no padding); `wbuf` holds
+            // `pixels * c` elements.
+            unsafe {
+                let s = input.add((oy * p.stride_h * input_dims.w + ox * p.stride_w) * c);
+                widen_run(wbuf.add(q * c) as *mut u32, s as *const u8, c, off2);
+            }
+        }
+    } else {
+        // SAFETY: `wbuf` holds `wide_len` elements; `input` holds
+        // `input_dims.len()` values.
+        unsafe { widen(wbuf, input, input_dims, p) };
+    }
+    // The input is not read again: the output may now overwrite it.
+    let mut pix = 0;
+    while pix < pixels {
+        let valid = (pixels - pix).min(4);
+        for j in 0..4 {
+            let q = pix + j.min(valid - 1);
+            let (oy, ox) = (q / output_dims.w, q % output_dims.w);
+            // SAFETY: as in `conv2d_s8_dsp`'s widened path; a packed input
+            // holds pixel `q` at `q * c`.
+            unsafe {
+                if packed {
+                    gather_wide(col.add(4 * j), wbuf.add(q * c), 1, c, c);
+                } else {
+                    let s = wbuf.add((oy * p.stride_h * ww + ox * p.stride_w) * c);
+                    gather_wide(col.add(4 * j), s, p.kernel_h, p.kernel_w * c, ww * c);
+                }
+            }
+        }
+        // SAFETY: pixels `pix..pix + valid` of the output and the shortcut;
+        // the first `out_c` table entries are written.
+        unsafe {
+            let (o, sc) = (output.add(pix * out_c), shortcut.add(pix * out_c));
+            if valid == 4 {
+                lean_block_add(layer, rq_table.as_ptr(), col, taps, o, sc, out_c, &e);
+                if outliers.n > 0 {
+                    outliers.fix_add(layer, col, taps, o, sc, out_c, &e);
+                }
+            } else {
+                for oc in 0..out_c {
+                    let (a, r) = Outliers::sums(layer, oc, col, taps);
+                    for (j, &aj) in a.iter().enumerate().take(valid) {
+                        let at = j * out_c + oc;
+                        *o.add(at) = e.apply_any(r.apply(aj) as i32, *sc.add(at));
+                    }
+                }
+            }
+        }
+        pix += 4;
+    }
+    true
 }

@@ -27,6 +27,8 @@ const _: () = assert!(
 pub const ARENA_LEN: usize = 20480;
 /// Conv scratch (`i16` elements) the model needs.
 pub const SCRATCH_LEN: usize = 2304;
+/// Conv scratch (`i16` elements, 4-byte aligned) for the fast kernels' fastest paths.
+pub const SCRATCH_LEN_FAST: usize = 6656;
 
 static BLOB_BYTES: Aligned<[u8; 1361972]> = Aligned(*include_bytes!("model.bin"));
 
