@@ -104,13 +104,11 @@ impl<'a> Engine<'a> {
         })
     }
 
-    /// Runs the step of the network that starts at layer `i` (after
-    /// [`load_input`](Self::load_input)) and returns how many layers it
-    /// covered: 2 for a conv fused with the residual add after it, else 1
-    /// ([`Model::run_step`]), for per-step measurements.
-    pub fn run_step(&mut self, i: u16) -> Result<u16, AppError> {
+    /// Runs layer `i` alone (after [`load_input`](Self::load_input)), for
+    /// per-layer measurements.
+    pub fn run_layer(&mut self, i: u16) -> Result<(), AppError> {
         self.model
-            .run_step(i, self.arena, self.scratch)
+            .run_layer(i, self.arena, self.scratch)
             .map_err(AppError::Model)
     }
 

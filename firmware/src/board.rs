@@ -325,42 +325,25 @@ fn process(engine: Option<&mut Engine<'_>>, words: &[u32]) {
     }
 }
 
-/// Once, on the first classified frame: DWT cycles of every step of the
-/// network (a layer, or a conv fused with its residual add), rerun on the
-/// same (already preprocessed) input.
+/// Once, on the first classified frame: DWT cycles of every layer, rerun
+/// on the same (already preprocessed) input.
 fn profile_layers(engine: &mut Engine<'_>) {
     if let Err(e) = engine.load_input() {
         warn!("layer profile skipped: {}", e);
         return;
     }
-    let mut i = 0;
-    while i < engine.model().layer_count() {
+    for i in 0..engine.model().layer_count() {
         let c0 = DWT::cycle_count();
-        let r = engine.run_step(i);
+        let r = engine.run_layer(i);
         let cycles = DWT::cycle_count().wrapping_sub(c0);
         let name = engine.model().layer(i).name;
-        let n = match r {
-            Ok(n) => n,
+        match r {
+            Ok(()) => info!("layer {} {} cycles={}", i, name, cycles),
             Err(e) => {
                 warn!("layer {} {} failed: {}", i, name, e);
                 return;
             }
-        };
-        if n == 1 {
-            info!("layer {} {} cycles={}", i, name, cycles);
-        } else {
-            // A conv fused with the residual add after it.
-            let last = engine.model().layer(i + n - 1).name;
-            info!(
-                "layers {}..={} {}+{} cycles={}",
-                i,
-                i + n - 1,
-                name,
-                last,
-                cycles
-            );
         }
-        i += n;
     }
 }
 

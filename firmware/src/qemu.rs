@@ -11,9 +11,7 @@
 //! * `SELFTEST <case> ok` per fast-kernel self-test case (`selftest.rs`)
 //! * `LOGITS <frame> <l0> … <l9>` (int8)
 //! * `INSN <frame> preprocess=<n> network=<n>` (instructions)
-//! * `LAYER <index> <name> <instructions>` for frame 0, one per step of
-//!   `Model::run` (a conv fused with the residual add after it is one step,
-//!   `<conv name>+<add name>`)
+//! * `LAYER <index> <name> <instructions>` for frame 0, one per layer
 //! * `DONE <frames>`, then semihosting exit 0; any error prints
 //!   `ERROR <what>` and exits 1.
 //!
@@ -228,22 +226,14 @@ fn main() -> ! {
             if engine.load_input().is_err() {
                 fail(&mut out, "load_input");
             }
-            // Per step, as `Model::run` runs them: a conv fused with the
-            // residual add after it is one step, named `<conv>+<add>`.
-            let mut i = 0;
-            while i < engine.model().layer_count() {
+            for i in 0..engine.model().layer_count() {
                 let a = clock.now();
-                let Ok(n) = engine.run_step(i) else {
-                    fail(&mut out, "run_step");
-                };
-                let b = clock.now();
-                let m = engine.model();
-                let _ = write!(out, "LAYER {i} {}", m.layer(i).name);
-                for j in i + 1..i + n {
-                    let _ = write!(out, "+{}", m.layer(j).name);
+                if engine.run_layer(i).is_err() {
+                    fail(&mut out, "run_layer");
                 }
-                let _ = writeln!(out, " {}", b - a);
-                i += n;
+                let b = clock.now();
+                let layer = engine.model().layer(i);
+                let _ = writeln!(out, "LAYER {i} {} {}", layer.name, b - a);
             }
         }
     }

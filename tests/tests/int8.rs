@@ -237,52 +237,6 @@ fn shipped_model_reference_equals_fast() {
     reference_equals_fast(&m, &inputs);
 }
 
-/// Every residual add of the shipped model is fused into the conv before
-/// it, and with the firmware's scratch the fused kernel takes every pair
-/// (rather than falling back to the two layers apart).
-#[test]
-fn shipped_model_fuses_every_residual_add() {
-    use shared::kernels::{conv2d_add_s8, AddInput, FusedTensors};
-    let m = shared::model::default_model().unwrap();
-    let adds: Vec<u16> = (0..m.layer_count())
-        .filter(|&i| matches!(m.layer(i).kind, LayerKind::Add(_)))
-        .collect();
-    assert_eq!(adds.len(), 16);
-    let mut arena = vec![0i8; m.arena_len()];
-    let mut scratch = vec![0i16; shared::model::SCRATCH_LEN_FAST];
-    assert_eq!(m.fast_scratch_len(), shared::model::SCRATCH_LEN_FAST);
-    for &a in &adds {
-        let (conv, add) = (m.layer(a - 1), m.layer(a));
-        assert!(m.fuses_with_next(a - 1), "{} + {}", conv.name, add.name);
-        let (LayerKind::Conv(c), LayerKind::Add(p)) = (conv.kind, add.kind) else {
-            panic!("{} is not a conv", conv.name);
-        };
-        let (which, short) = if add.input == conv.output {
-            (AddInput::First, add.input2)
-        } else {
-            (AddInput::Second, add.input)
-        };
-        let t = FusedTensors {
-            input: m.tensor(conv.input).offset,
-            input_dims: m.tensor(conv.input).dims,
-            shortcut: m.tensor(short).offset,
-            output: m.tensor(add.output).offset,
-            output_dims: m.tensor(add.output).dims,
-        };
-        let fused = conv2d_add_s8(&c, &p, which, &mut arena, &t, &mut scratch).unwrap();
-        assert!(
-            fused,
-            "{} + {} fell back to two layers",
-            conv.name, add.name
-        );
-    }
-    // Nothing else is fused.
-    let fused = (0..m.layer_count())
-        .filter(|&i| m.fuses_with_next(i))
-        .count();
-    assert_eq!(fused, adds.len());
-}
-
 /// Float evaluation of one layer of the traced graph, on NHWC f64 inputs.
 fn float_layer(g: &Graph, layer: &FLayer, inputs: &[Vec<f64>]) -> Vec<f64> {
     match layer {

@@ -27,14 +27,7 @@ const CLOCK_HZ: f64 = 480e6;
 
 /// The layer groups of the summary, with CMSIS-NN's figure for each.
 fn group_of(r: &LayerRow, k: Option<usize>) -> (&'static str, &'static str) {
-    const FUSED: &str = "(+80 /add el.)";
     match r.op {
-        "conv+add" if k == Some(1) => ("shortcut 1x1 s2 + add", FUSED),
-        "conv+add" if r.name.starts_with("layer1") => ("conv 3x3 + add, stage 1", FUSED),
-        "conv+add" if r.name.starts_with("layer2") => ("conv 3x3 + add, stage 2", FUSED),
-        "conv+add" if r.name.starts_with("layer3") => ("conv 3x3 + add, stage 3", FUSED),
-        "conv+add" if r.name.starts_with("layer4") => ("conv 3x3 + add, stage 4", FUSED),
-        "conv+add" => ("conv + add, other", FUSED),
         "conv" if r.name.starts_with("stem") => ("stem conv 3x3 (3 in)", "4.86"),
         "conv" if k == Some(1) => ("shortcut conv 1x1 s2", cmsis::SHORTCUT_PER_MAC),
         "conv" if r.name.starts_with("layer1") => ("conv 3x3, stage 1", cmsis::CONV_PER_MAC),
@@ -53,8 +46,6 @@ fn group_of(r: &LayerRow, k: Option<usize>) -> (&'static str, &'static str) {
 struct LayerRow {
     name: String,
     op: &'static str,
-    /// Kernel height of a conv.
-    k: Option<usize>,
     work: u64,
     unit: &'static str,
     insn: u64,
@@ -75,8 +66,6 @@ fn work_of(m: &Model<'_>, i: u16) -> (&'static str, u64, &'static str) {
 
 fn cmsis_figure(name: &str, op: &str, k: Option<usize>) -> String {
     match op {
-        "conv+add" if k == Some(1) => format!("{} +80/el", cmsis::SHORTCUT_PER_MAC),
-        "conv+add" => format!("{} +80/el", cmsis::CONV_PER_MAC),
         "conv" if name.starts_with("stem") => format!("{:.2}", cmsis::STEM_PER_MAC),
         "conv" if k == Some(1) => cmsis::SHORTCUT_PER_MAC.into(),
         "conv" => cmsis::CONV_PER_MAC.into(),
@@ -166,38 +155,18 @@ pub fn bench_mcu(json: bool, update_snapshot: bool) -> Result<(), String> {
 
     let mut rows = Vec::new();
     let mut total_macs = 0u64;
-    // Residual-add elements done inside a conv's epilogue.
-    let (mut fused_adds, mut fused_elements) = (0usize, 0u64);
-    for (name, insn) in &run.layers {
-        // One row per step of `Model::run`: a layer, or `conv+add` fused.
-        let index = |n: &str| {
-            (0..model.layer_count())
-                .find(|&i| model.layer(i).name == n)
-                .ok_or_else(|| format!("the firmware reported `{n}`, not a layer of the model"))
-        };
-        let parts: Vec<u16> = name.split('+').map(index).collect::<Result<_, _>>()?;
-        let i = parts[0];
-        let (mut op, work, unit) = work_of(&model, i);
+    for (i, (name, insn)) in run.layers.iter().enumerate() {
+        let (op, work, unit) = work_of(&model, i as u16);
         if unit == "MAC" {
             total_macs += work;
         }
-        if let [_, add] = parts[..] {
-            let (add_op, elements, _) = work_of(&model, add);
-            if op != "conv" || add_op != "add" {
-                return Err(format!("unexpected fused step `{name}`"));
-            }
-            op = "conv+add";
-            fused_adds += 1;
-            fused_elements += elements;
-        }
-        let k = match model.layer(i).kind {
+        let k = match model.layer(i as u16).kind {
             LayerKind::Conv(c) => Some(c.params.kernel_h),
             _ => None,
         };
         rows.push(LayerRow {
             name: name.clone(),
             op,
-            k,
             work,
             unit,
             insn: *insn,
@@ -214,10 +183,16 @@ pub fn bench_mcu(json: bool, update_snapshot: bool) -> Result<(), String> {
     // The firmware's scratch: the fast conv's fastest path everywhere.
     let scratch_bytes = shared::model::SCRATCH_LEN_FAST * 2;
     let per_mac = total as f64 / total_macs as f64;
+    let kernels: Vec<Option<usize>> = (0..rows.len())
+        .map(|i| match model.layer(i as u16).kind {
+            LayerKind::Conv(c) => Some(c.params.kernel_h),
+            _ => None,
+        })
+        .collect();
     // Per group: (name, CMSIS-NN per unit, unit, work, instructions).
     let mut groups: Vec<(&str, &str, &str, u64, u64)> = Vec::new();
-    for r in &rows {
-        let (g, c) = group_of(r, r.k);
+    for (r, &k) in rows.iter().zip(&kernels) {
+        let (g, c) = group_of(r, k);
         match groups.iter_mut().find(|x| x.0 == g) {
             Some(x) => {
                 x.3 += r.work;
@@ -262,8 +237,6 @@ pub fn bench_mcu(json: bool, update_snapshot: bool) -> Result<(), String> {
                 "arena_bytes": arena,
                 "scratch_bytes": scratch_bytes,
                 "peak_activation_bytes": arena + scratch_bytes,
-                "fused_adds": fused_adds,
-                "fused_add_elements": fused_elements,
                 "estimated_ms_at_480mhz_ipc1": (total + pre) as f64 / CLOCK_HZ * 1e3,
                 "layers": layers,
             }))
@@ -273,12 +246,12 @@ pub fn bench_mcu(json: bool, update_snapshot: bool) -> Result<(), String> {
     }
     println!("Mini-ResNet int8 on Cortex-M7 (QEMU mps2-an500, -icount shift=0, SysTick: exact to ±40 instructions)\n");
     println!(
-        "{:<28} {:<8} {:>10} {:>8} {:>12} {:>9} {:>10}",
+        "{:<16} {:<8} {:>10} {:>8} {:>12} {:>9} {:>10}",
         "layer", "op", "work", "unit", "instructions", "per unit", "CMSIS-NN"
     );
     for r in &rows {
         println!(
-            "{:<28} {:<8} {:>10} {:>8} {:>12} {:>9.2} {:>10}",
+            "{:<16} {:<8} {:>10} {:>8} {:>12} {:>9.2} {:>10}",
             r.name,
             r.op,
             r.work,
@@ -305,10 +278,6 @@ pub fn bench_mcu(json: bool, update_snapshot: bool) -> Result<(), String> {
             c
         );
     }
-    println!(
-        "residual adds: {fused_adds} fused into the epilogue of the conv before them \
-         ({fused_elements} elements; counted in the `+ add` rows, per MAC of the conv)"
-    );
     println!();
     println!(
         "network: {total} instructions per inference ({:.2} M), {per_mac:.2} per MAC over {:.2} M MACs",

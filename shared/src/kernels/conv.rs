@@ -78,26 +78,17 @@ pub const fn conv2d_s8_scratch_len(params: &Conv2dParams, input_channels: usize)
     IM2COL_COLUMNS * params.kernel_h * params.kernel_w * input_channels
 }
 
-/// Scratch `i16` elements (4-byte aligned) that let [`conv2d_s8`] and
-/// [`conv2d_add_s8`](super::conv2d_add_s8) take their fastest paths on
-/// `input` dims: a block of four im2col columns, plus, on a multiple of 4
-/// channels, the input converted once to `i16` (the "widened input", so
-/// each block is gathered by copying instead of converting): all of it with
-/// its padding for kernels larger than 1x1, the pixels it reads for a 1x1
-/// kernel without padding. Any scratch of at least
+/// Scratch `i16` elements (4-byte aligned) that let [`conv2d_s8`] take its
+/// fastest path on `input` dims: a block of four im2col columns, plus, for
+/// kernels larger than 1x1 on a multiple of 4 channels, the whole input
+/// converted once to `i16` with its padding (the "widened input": each
+/// block is then gathered by copying instead of converting, and border
+/// pixels need no checks). Any scratch of at least
 /// [`conv2d_s8_scratch_len`] gives the same bytes.
 pub const fn conv2d_s8_fast_scratch_len(params: &Conv2dParams, input: Dims) -> usize {
-    let p = params;
-    let taps = p.kernel_h * p.kernel_w * input.c;
-    let wide = if !input.c.is_multiple_of(4) {
-        0
-    } else if p.kernel_h * p.kernel_w > 1 {
-        super::dsp::conv::wide_len(input, p)
-    } else if p.pad_h == 0 && p.pad_w == 0 {
-        match p.output_dims(input, 1) {
-            Some(o) => o.h * o.w * input.c,
-            None => 0,
-        }
+    let taps = params.kernel_h * params.kernel_w * input.c;
+    let wide = if params.kernel_h * params.kernel_w > 1 && input.c.is_multiple_of(4) {
+        super::dsp::conv::wide_len(input, params)
     } else {
         0
     };

@@ -37,7 +37,6 @@ mod add;
 mod conv;
 pub mod dsp;
 mod fc;
-mod fused;
 mod pool;
 
 pub use add::{add_s8, add_s8_reference, AddParams};
@@ -46,7 +45,6 @@ pub use conv::{
     conv2d_s8_validate, Conv2d, Conv2dParams, IM2COL_COLUMNS,
 };
 pub use fc::{fc_s8, FullyConnected};
-pub use fused::{conv2d_add_s8, AddInput, FusedTensors};
 pub use pool::{avgpool_s8, maxpool_s8, maxpool_s8_reference, PoolParams};
 
 use crate::error::{check_len, check_param, Error};

@@ -70,8 +70,8 @@ use core::ops::Range;
 
 use crate::error::Error;
 use crate::kernels::{
-    add_s8, avgpool_s8, conv2d_add_s8, conv2d_s8, conv2d_s8_validate, fc_s8, maxpool_s8, AddInput,
-    AddParams, Conv2d, Conv2dParams, Dims, FullyConnected, FusedTensors, PoolParams, Requant,
+    add_s8, avgpool_s8, conv2d_s8, conv2d_s8_validate, fc_s8, maxpool_s8, AddParams, Conv2d,
+    Conv2dParams, Dims, FullyConnected, PoolParams, Requant,
 };
 use crate::preprocess::{INPUT_CHANNELS, INPUT_LEN, INPUT_SIZE};
 
@@ -323,13 +323,7 @@ pub struct Model<'a> {
     tensors_at: usize,
     layers_at: usize,
     data: Range<usize>,
-    /// Bit `i`: layer `i` is a conv whose output only the add at `i + 1`
-    /// reads (see [`fuses_with_next`](Model::fuses_with_next)).
-    fused: [u32; FUSE_WORDS],
 }
-
-/// Layers covered by the fusion bit set (later ones run unfused).
-const FUSE_WORDS: usize = 8;
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
@@ -418,7 +412,6 @@ impl<'a> Model<'a> {
             layers_at,
             data: span(u32_at(blob, 48) as usize, u32_at(blob, 52) as usize, total)
                 .ok_or(header("data"))?,
-            fused: [0; FUSE_WORDS],
         };
         span(tensors_at, n_tensors as usize * TENSOR_RECORD_LEN, total)
             .ok_or(header("tensor_table"))?;
@@ -440,39 +433,7 @@ impl<'a> Model<'a> {
             return Err(header("input_output"));
         }
         m.validate()?;
-        let mut m = m;
-        m.fused = m.plan_fusion();
         Ok(m)
-    }
-
-    /// The conv + add pairs [`run`](Self::run) may fuse: a conv at `i`, an
-    /// add at `i + 1` with the conv's output as exactly one of its inputs,
-    /// and no other reader of that output (nor is it the model's output).
-    /// Validated layers only.
-    fn plan_fusion(&self) -> [u32; FUSE_WORDS] {
-        let mut bits = [0u32; FUSE_WORDS];
-        let n = self.n_layers.min((FUSE_WORDS * 32) as u16);
-        for i in 0..n.saturating_sub(1) {
-            let (conv, add) = (self.layer(i), self.layer(i + 1));
-            if !matches!(conv.kind, LayerKind::Conv(_)) || !matches!(add.kind, LayerKind::Add(_)) {
-                continue;
-            }
-            let t = conv.output;
-            let reads = |l: &Layer<'_>| (l.input == t) as u32 + (l.input2 == t) as u32;
-            let later = ((i + 2)..self.n_layers).any(|j| reads(&self.layer(j)) > 0);
-            if reads(&add) == 1 && !later && t != self.output {
-                bits[i as usize / 32] |= 1 << (i % 32);
-            }
-        }
-        bits
-    }
-
-    /// `true` when layer `i` is a conv that [`run_step`](Self::run_step)
-    /// fuses with the residual add at `i + 1`: its output tensor is then
-    /// never written.
-    pub fn fuses_with_next(&self, i: u16) -> bool {
-        let i = i as usize;
-        i < FUSE_WORDS * 32 && self.fused[i / 32] & (1 << (i % 32)) != 0
     }
 
     fn validate(&self) -> Result<(), ModelError> {
@@ -844,49 +805,6 @@ impl<'a> Model<'a> {
         }
     }
 
-    /// Runs the step of the network that starts at layer `i` and returns
-    /// how many layers it covered: 2 for a conv fused with the residual add
-    /// after it ([`fuses_with_next`](Self::fuses_with_next): one pass of
-    /// [`conv2d_add_s8`], the conv's output never stored; when the fused
-    /// kernel does not apply to these layers or this scratch, the two
-    /// layers run apart, same bytes), else 1 ([`run_layer`](Self::run_layer)).
-    pub fn run_step(
-        &self,
-        i: u16,
-        arena: &mut [i8],
-        scratch: &mut [i16],
-    ) -> Result<u16, ModelError> {
-        if !self.fuses_with_next(i) {
-            self.run_layer(i, arena, scratch)?;
-            return Ok(1);
-        }
-        self.check_buffers(arena, scratch)?;
-        let (conv, add) = (self.layer(i), self.layer(i + 1));
-        if let (LayerKind::Conv(c), LayerKind::Add(a)) = (&conv.kind, &add.kind) {
-            let (which, shortcut) = if add.input == conv.output {
-                (AddInput::First, add.input2)
-            } else {
-                (AddInput::Second, add.input)
-            };
-            let (inp, out) = (self.tensor(conv.input), self.tensor(add.output));
-            let t = FusedTensors {
-                input: inp.offset,
-                input_dims: inp.dims,
-                shortcut: self.tensor(shortcut).offset,
-                output: out.offset,
-                output_dims: out.dims,
-            };
-            let done = conv2d_add_s8(c, a, which, arena, &t, scratch)
-                .map_err(|error| ModelError::Kernel { index: i, error })?;
-            if done {
-                return Ok(2);
-            }
-        }
-        self.run_layer(i, arena, scratch)?;
-        self.run_layer(i + 1, arena, scratch)?;
-        Ok(2)
-    }
-
     /// Runs the whole network on a preprocessed input (see
     /// [`crate::preprocess`]) and copies the int8 logits into `logits`.
     ///
@@ -909,9 +827,8 @@ impl<'a> Model<'a> {
             });
         }
         self.load_input(input, arena)?;
-        let mut i = 0;
-        while i < self.n_layers {
-            i += self.run_step(i, arena, scratch)?;
+        for i in 0..self.n_layers {
+            self.run_layer(i, arena, scratch)?;
         }
         logits.copy_from_slice(&arena[out.range()]);
         Ok(())

@@ -53,13 +53,14 @@ fn fill_table(
     }
 }
 
-/// The two input rescalings of `p` tabulated: `t[128 + v]` is input 1's
-/// (then input 2's) `MBQM((v + offset) << left_shift, multiplier, shift)`.
-pub(crate) fn input_tables(p: &AddParams, t1: &mut [i32; 256], t2: &mut [i32; 256]) {
+/// The table path of [`add_s8_dsp`], for any length.
+pub(crate) fn add_s8_tables(p: &AddParams, input1: &[i8], input2: &[i8], output: &mut [i8]) {
     let s1 = ChannelRequant::new(p.input1_multiplier, p.input1_shift, 0, i8::MIN, i8::MAX);
     let s2 = ChannelRequant::new(p.input2_multiplier, p.input2_shift, 0, i8::MIN, i8::MAX);
+    let mut t1 = [0i32; 256];
+    let mut t2 = [0i32; 256];
     fill_table(
-        t1,
+        &mut t1,
         &s1,
         p.input1_multiplier,
         p.input1_shift,
@@ -67,20 +68,13 @@ pub(crate) fn input_tables(p: &AddParams, t1: &mut [i32; 256], t2: &mut [i32; 25
         p.left_shift,
     );
     fill_table(
-        t2,
+        &mut t2,
         &s2,
         p.input2_multiplier,
         p.input2_shift,
         p.input2_offset,
         p.left_shift,
     );
-}
-
-/// The table path of [`add_s8_dsp`], for any length.
-pub(crate) fn add_s8_tables(p: &AddParams, input1: &[i8], input2: &[i8], output: &mut [i8]) {
-    let mut t1 = [0i32; 256];
-    let mut t2 = [0i32; 256];
-    input_tables(p, &mut t1, &mut t2);
     let out = ChannelRequant::new(
         p.output_multiplier,
         p.output_shift,

@@ -5,6 +5,17 @@
 //! pixels. Weights are read straight from the OHWI filter as words and
 //! unpacked with SXTB16 / SXTB16 ROR #8.
 //!
+//! With scratch for it ([`wide_len`]), a kernel larger than 1x1 first
+//! converts its whole input once into a padded `i16` copy already in column
+//! order (the "widened input"); each block is then gathered with LDRD/STRD
+//! copies (0.6 instructions per tap instead of 2, each input byte being
+//! read by up to 9 pixels), borders included, with no padding checks.
+//!
+//! Requantization in the lean channel loops is [`FoldedRequant`]; a layer
+//! with a few channels outside its domain (a nearly dead channel whose
+//! shift is below -21) still takes the lean loop, and those channels are
+//! recomputed exactly after each block ([`Outliers`]).
+//!
 //! **Column layout** for `n` pixels and `taps = kernel_h * kernel_w * in_c`,
 //! `full = taps & !3`: tap group `g` (taps `4g..4g + 4`) of pixel `j` sits at
 //! `i16` offset `4 * n * g + 4 * j`, in the order `t0, t2, t1, t3`: SXTB16 of
@@ -19,10 +30,8 @@
 //! wrapping addition is associative and commutative, so the bytes are
 //! identical.
 
-use super::add::input_tables;
 use super::isa::{load_u32, sadd16, smlad, sxtb16, sxtb16_ror8};
 use super::requant::{ChannelRequant, FoldedRequant};
-use crate::kernels::AddParams;
 use crate::kernels::{Conv2d, Conv2dParams, Dims};
 use core::mem::MaybeUninit;
 
@@ -1088,18 +1097,17 @@ impl Outliers {
         &self.idx[..self.n]
     }
 
-    /// The lean loops' requantization table: every channel folded, the
-    /// outliers as a placeholder.
-    fn table(&self, layer: &Conv2d<'_>) -> [FoldedRequant; LEAN_MAX_C] {
-        let mut t = [FoldedRequant::PLACEHOLDER; LEAN_MAX_C];
-        let out_c = layer.requant.multiplier.len();
-        for (oc, r) in t[..out_c].iter_mut().enumerate() {
-            let (m, s) = (layer.requant.multiplier[oc], layer.requant.shift[oc]);
-            if FoldedRequant::accepts(m, s) {
-                *r = FoldedRequant::new_unchecked(m, (-s) as u32, layer.params.output_offset);
-            }
+    /// Writes the lean loops' requantization table, `table[..out_c]`: every
+    /// channel folded, the outliers as a placeholder.
+    fn fill(&self, layer: &Conv2d<'_>, table: &mut [MaybeUninit<FoldedRequant>]) {
+        let requant = layer.requant.multiplier.iter().zip(layer.requant.shift);
+        for (r, (&m, &s)) in table.iter_mut().zip(requant) {
+            r.write(if FoldedRequant::accepts(m, s) {
+                FoldedRequant::new_unchecked(m, (-s) as u32, layer.params.output_offset)
+            } else {
+                FoldedRequant::PLACEHOLDER
+            });
         }
-        t
     }
 
     /// Channel `oc`'s four sums over the block `col` (lean rows) and its
@@ -1158,35 +1166,6 @@ impl Outliers {
                 let (a, r) = Self::sums(layer, oc, col, taps);
                 for (j, &aj) in a.iter().enumerate() {
                     *o.add(j * out_c + oc) = r.apply(aj);
-                }
-            }
-        }
-    }
-
-    /// [`fix`](Self::fix) for a block whose epilogue is the residual add.
-    ///
-    /// # Safety
-    /// As [`fix`](Self::fix); `sc` points at the shortcut's 4 pixels.
-    #[inline(never)]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn fix_add(
-        &self,
-        layer: &Conv2d<'_>,
-        col: *const i16,
-        taps: usize,
-        o: *mut i8,
-        sc: *const i8,
-        out_c: usize,
-        e: &AddEpilogue,
-    ) {
-        for &oc in self.channels() {
-            let oc = oc as usize;
-            // SAFETY: the caller's.
-            unsafe {
-                let (a, r) = Self::sums(layer, oc, col, taps);
-                for (j, &aj) in a.iter().enumerate() {
-                    let at = j * out_c + oc;
-                    *o.add(at) = e.apply_any(r.apply(aj) as i32, *sc.add(at));
                 }
             }
         }
@@ -1413,12 +1392,13 @@ pub(crate) fn conv2d_s8_dsp(
     // `out_c * 16 <= STEM_FILTER_MAX`: the stem's channels fit the table
     // (and, `folded`, it has no outliers).
     debug_assert!(!stem || (out_c <= LEAN_MAX_C && outliers.n == 0));
-    // The channels' folded requantizations, prepared once per layer.
-    let rq_table = if lean || stem {
-        outliers.table(layer)
-    } else {
-        [FoldedRequant::PLACEHOLDER; LEAN_MAX_C]
-    };
+    // The channels' folded requantizations, prepared once per layer
+    // (`table[..out_c]` is written and read only when `lean || stem`).
+    let mut table = [const { MaybeUninit::<FoldedRequant>::uninit() }; LEAN_MAX_C];
+    if lean || stem {
+        outliers.fill(layer, &mut table[..out_c]);
+    }
+    let rq_table = table.as_ptr() as *const FoldedRequant;
     let fix = outliers.n > 0;
     let (lean, lean_filter) = if stem {
         (true, stem_filter.as_ptr() as *const i8)
@@ -1467,7 +1447,7 @@ pub(crate) fn conv2d_s8_dsp(
         let wbuf = unsafe { col.add(4 * taps) };
         // SAFETY: `wbuf` holds `wide_len` elements; `c % 4 == 0`.
         unsafe { widen(wbuf, inp, input_dims, p) };
-        let (f, r) = (lean_filter, rq_table.as_ptr());
+        let (f, r) = (lean_filter, rq_table);
         let mut pix = 0;
         while pix < pixels {
             let valid = (pixels - pix).min(4);
@@ -1525,15 +1505,7 @@ pub(crate) fn conv2d_s8_dsp(
                 let o = unsafe { out.add(pix * out_c) };
                 // SAFETY: as the lean call below.
                 unsafe {
-                    lean_block::<false, false>(
-                        layer,
-                        lean_filter,
-                        rq_table.as_ptr(),
-                        col,
-                        k.taps,
-                        o,
-                        out_c,
-                    )
+                    lean_block::<false, false>(layer, lean_filter, rq_table, col, k.taps, o, out_c)
                 };
                 pix += n;
                 continue;
@@ -1573,15 +1545,7 @@ pub(crate) fn conv2d_s8_dsp(
                 let o = unsafe { out.add(pix * out_c) };
                 // SAFETY: as the lean call below (`block_rows` implies `lean`).
                 unsafe {
-                    lean_block::<false, false>(
-                        layer,
-                        lean_filter,
-                        rq_table.as_ptr(),
-                        col,
-                        k.taps,
-                        o,
-                        out_c,
-                    )
+                    lean_block::<false, false>(layer, lean_filter, rq_table, col, k.taps, o, out_c)
                 };
                 pix += n;
                 continue;
@@ -1609,7 +1573,7 @@ pub(crate) fn conv2d_s8_dsp(
             unsafe {
                 if lean && valid == 4 {
                     // `lean`: the first `out_c` entries are written.
-                    let (f, r) = (lean_filter, rq_table.as_ptr());
+                    let (f, r) = (lean_filter, rq_table);
                     lean_block_clamped(layer, f, r, col, k.taps, o, out_c);
                     if fix {
                         outliers.fix(layer, col, k.taps, o, out_c);
@@ -1692,274 +1656,4 @@ unsafe fn dot_1x4_pair(w: *const i8, col: *const i16, k: Cols, b: i32) -> [i32; 
         }
     }
     [a0, a1]
-}
-
-/// The residual add fused into a conv's requantization: the conv's int8
-/// output `v` of each element is never stored; `t_conv[v] + t_short[s]`
-/// (the add's two input rescalings, tabulated as [`add_s8`] does, `s` the
-/// shortcut's element) is requantized by `out` and clamped below by `min`
-/// (the add's upper clamp is 127). Tables point at entry 128 of 256.
-///
-/// [`add_s8`]: crate::kernels::add_s8
-#[derive(Clone, Copy)]
-struct AddEpilogue {
-    t_conv: *const i32,
-    t_short: *const i32,
-    out: FoldedRequant,
-    min: i32,
-}
-
-impl AddEpilogue {
-    /// The add's output for the conv's int8 output `v` and the shortcut's
-    /// element `s`.
-    #[inline(always)]
-    fn apply<const ADD_MIN: bool>(&self, v: i32, s: i8) -> i8 {
-        debug_assert!((-128..=127).contains(&v));
-        // SAFETY: the tables hold entries -128..=127 around their pointers
-        // (they outlive every use: the kernel's stack frame); `v` and `s`
-        // are int8 values.
-        let (x, y) = unsafe {
-            (
-                *self.t_conv.offset(v as isize),
-                *self.t_short.offset(s as isize),
-            )
-        };
-        let mut r = self.out.scale_sat8(x.wrapping_add(y));
-        if ADD_MIN {
-            r = r.max(self.min);
-        }
-        r as i8
-    }
-
-    /// [`apply`](Self::apply) with the lower clamp tested here.
-    fn apply_any(&self, v: i32, s: i8) -> i8 {
-        if self.min > -128 {
-            self.apply::<true>(v, s)
-        } else {
-            self.apply::<false>(v, s)
-        }
-    }
-}
-
-/// [`block_1x4_folded`] with the residual add as its epilogue (the conv
-/// has no clamp; see [`AddEpilogue`]). `sc` points at the shortcut's
-/// elements of the block's 4 pixels (`out_c` apart), as `o` at the output's.
-///
-/// # Safety
-/// As [`block_1x4_folded`]; `sc ..+ 4 * out_c` is readable.
-#[inline(never)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_1x4_folded_add<const ADD_MIN: bool, const H4: bool, const H8: bool>(
-    layer: &Conv2d<'_>,
-    rq: *const FoldedRequant,
-    col: *const i16,
-    taps: usize,
-    o: *mut i8,
-    sc: *const i8,
-    out_c: usize,
-    e: &AddEpilogue,
-) {
-    let e = *e;
-    let mut w = layer.filter.as_ptr();
-    let mut b = layer.bias.as_ptr();
-    let (mut r, mut q, mut s) = (rq, o, sc);
-    // SAFETY: `out_c` channels.
-    let q_end = unsafe { o.add(out_c) };
-    while q < q_end {
-        // SAFETY: channel `q - o` of filter, bias, requantization, output
-        // and shortcut.
-        unsafe {
-            let a = dot_1x4_x16::<H4, H8>(w, col, taps, *b);
-            let f = *r;
-            *q = e.apply::<ADD_MIN>(f.scale_sat8(a[0]), *s);
-            *q.add(out_c) = e.apply::<ADD_MIN>(f.scale_sat8(a[1]), *s.add(out_c));
-            *q.add(2 * out_c) = e.apply::<ADD_MIN>(f.scale_sat8(a[2]), *s.add(2 * out_c));
-            *q.add(3 * out_c) = e.apply::<ADD_MIN>(f.scale_sat8(a[3]), *s.add(3 * out_c));
-            w = w.add(taps);
-            b = b.add(1);
-            r = r.add(1);
-            q = q.add(1);
-            s = s.add(1);
-        }
-    }
-}
-
-/// [`block_1x4_folded_add`] with the inner loop's heads for `taps` and the
-/// add's lower clamp.
-///
-/// # Safety
-/// As [`block_1x4_folded_add`].
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn lean_block_add(
-    layer: &Conv2d<'_>,
-    rq: *const FoldedRequant,
-    col: *const i16,
-    taps: usize,
-    o: *mut i8,
-    sc: *const i8,
-    out_c: usize,
-    e: &AddEpilogue,
-) {
-    macro_rules! go {
-        ($m:literal, $h4:literal, $h8:literal) => {
-            block_1x4_folded_add::<$m, $h4, $h8>(layer, rq, col, taps, o, sc, out_c, e)
-        };
-    }
-    // SAFETY: the caller's; the heads match `taps`.
-    unsafe {
-        match (e.min > -128, taps & 16 != 0, taps & 32 != 0) {
-            (false, false, false) => go!(false, false, false),
-            (false, true, false) => go!(false, true, false),
-            (false, false, true) => go!(false, false, true),
-            (false, true, true) => go!(false, true, true),
-            (true, false, false) => go!(true, false, false),
-            (true, true, false) => go!(true, true, false),
-            (true, false, true) => go!(true, false, true),
-            (true, true, true) => go!(true, true, true),
-        }
-    }
-}
-
-/// A conv followed by the residual add of its output and `shortcut`, in
-/// one pass: the conv's output tensor is never written. The conv's input is
-/// read completely (widened into the scratch) before the first output byte
-/// is written, so `output` may overlap `input` (not `shortcut`).
-///
-/// Returns `false`, having read and written nothing, unless the layer takes
-/// the widened-input lean path (every channel in [`FoldedRequant`]'s
-/// domain, taps a multiple of 16, a multiple of 4 input channels, a kernel
-/// larger than 1x1 with scratch for [`wide_len`] and the block, or a 1x1
-/// kernel without padding with scratch for the pixels it reads, packed,
-/// and the block) with no clamp
-/// on the conv, and the add's output requantization is in
-/// [`FoldedRequant`]'s domain with an upper clamp of 127. The caller then
-/// runs the conv and the add apart; the bytes are the same.
-///
-/// # Safety
-/// The caller has validated both layers' parameters and lengths (filter,
-/// bias, requantization for `output_dims.c` channels, output dims of the
-/// conv); `input ..+ input_dims.len()` is readable, `shortcut` and `output`
-/// hold `output_dims.len()` bytes, readable / writable, and do not
-/// overlap; none of them overlaps `scratch`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn conv2d_add_s8_dsp(
-    layer: &Conv2d<'_>,
-    add: &AddParams,
-    conv_is_input1: bool,
-    input: *const i8,
-    input_dims: Dims,
-    shortcut: *const i8,
-    output: *mut i8,
-    output_dims: Dims,
-    scratch: &mut [i16],
-) -> bool {
-    let p = &layer.params;
-    let taps = p.kernel_h * p.kernel_w * input_dims.c;
-    let out_c = output_dims.c;
-    let skip = scratch.as_ptr().align_offset(4);
-    let pixels = output_dims.h * output_dims.w;
-    // A 1x1 conv without padding (the downsampling shortcut): only the
-    // pixels it reads are widened, packed one after another.
-    let packed = p.kernel_h == 1 && p.kernel_w == 1 && p.pad_h == 0 && p.pad_w == 0;
-    let wlen = if packed {
-        pixels * input_dims.c
-    } else {
-        wide_len(input_dims, p)
-    };
-    let Some(out) = FoldedRequant::new(add.output_multiplier, add.output_shift, add.output_offset)
-    else {
-        return false;
-    };
-    let applies = skip <= 1
-        && scratch.len() >= skip + 4 * taps + wlen
-        && taps > 0
-        && taps.is_multiple_of(16)
-        && (packed || p.kernel_h * p.kernel_w > 1)
-        && input_dims.c.is_multiple_of(4)
-        && out_c <= LEAN_MAX_C
-        && layer.filter.as_ptr().align_offset(4) == 0
-        && p.act_min == i8::MIN
-        && p.act_max == i8::MAX
-        && add.act_max == i8::MAX;
-    let outliers = match Outliers::of(layer) {
-        Some(o) if applies => o,
-        _ => return false,
-    };
-    let col = scratch[skip..].as_mut_ptr();
-    let rq_table = outliers.table(layer);
-    let (mut t1, mut t2) = ([0i32; 256], [0i32; 256]);
-    input_tables(add, &mut t1, &mut t2);
-    let (tc, ts) = if conv_is_input1 {
-        (&t1, &t2)
-    } else {
-        (&t2, &t1)
-    };
-    let e = AddEpilogue {
-        // Entry 128: the tables are indexed by the int8 value itself.
-        t_conv: tc.as_ptr().wrapping_add(128),
-        t_short: ts.as_ptr().wrapping_add(128),
-        out,
-        min: add.act_min as i32,
-    };
-    let (c, ww) = (input_dims.c, input_dims.w + 2 * p.pad_w);
-    // SAFETY: the scratch holds the block and the widened input after it.
-    let wbuf = unsafe { col.add(4 * taps) };
-    if packed {
-        let off2 = (p.input_offset as u16 as u32) * 0x0001_0001;
-        for q in 0..pixels {
-            let (oy, ox) = (q / output_dims.w, q % output_dims.w);
-            // SAFETY: input pixel `(oy * stride_h, ox * stride_w)` is in the
-            // input (validated output size, no padding); `wbuf` holds
-            // `pixels * c` elements.
-            unsafe {
-                let s = input.add((oy * p.stride_h * input_dims.w + ox * p.stride_w) * c);
-                widen_run(wbuf.add(q * c) as *mut u32, s as *const u8, c, off2);
-            }
-        }
-    } else {
-        // SAFETY: `wbuf` holds `wide_len` elements; `input` holds
-        // `input_dims.len()` values.
-        unsafe { widen(wbuf, input, input_dims, p) };
-    }
-    // The input is not read again: the output may now overwrite it.
-    let mut pix = 0;
-    while pix < pixels {
-        let valid = (pixels - pix).min(4);
-        for j in 0..4 {
-            let q = pix + j.min(valid - 1);
-            let (oy, ox) = (q / output_dims.w, q % output_dims.w);
-            // SAFETY: as in `conv2d_s8_dsp`'s widened path; a packed input
-            // holds pixel `q` at `q * c`.
-            unsafe {
-                if packed {
-                    gather_wide(col.add(4 * j), wbuf.add(q * c), 1, c, c);
-                } else {
-                    let s = wbuf.add((oy * p.stride_h * ww + ox * p.stride_w) * c);
-                    gather_wide(col.add(4 * j), s, p.kernel_h, p.kernel_w * c, ww * c);
-                }
-            }
-        }
-        // SAFETY: pixels `pix..pix + valid` of the output and the shortcut;
-        // the first `out_c` table entries are written.
-        unsafe {
-            let (o, sc) = (output.add(pix * out_c), shortcut.add(pix * out_c));
-            if valid == 4 {
-                lean_block_add(layer, rq_table.as_ptr(), col, taps, o, sc, out_c, &e);
-                if outliers.n > 0 {
-                    outliers.fix_add(layer, col, taps, o, sc, out_c, &e);
-                }
-            } else {
-                for oc in 0..out_c {
-                    let (a, r) = Outliers::sums(layer, oc, col, taps);
-                    for (j, &aj) in a.iter().enumerate().take(valid) {
-                        let at = j * out_c + oc;
-                        *o.add(at) = e.apply_any(r.apply(aj) as i32, *sc.add(at));
-                    }
-                }
-            }
-        }
-        pix += 4;
-    }
-    true
 }
