@@ -6,8 +6,8 @@
 //! multiple of 8); on the host it runs the emulation layer. No heap.
 
 use shared::kernels::{
-    add_s8, add_s8_reference, conv2d_s8, conv2d_s8_reference, maxpool_s8, maxpool_s8_reference,
-    AddParams, Conv2d, Conv2dParams, Dims, PoolParams, Requant,
+    add_s8, add_s8_reference, conv2d_s8, conv2d_s8_fast_scratch_len, conv2d_s8_reference,
+    maxpool_s8, maxpool_s8_reference, AddParams, Conv2d, Conv2dParams, Dims, PoolParams, Requant,
 };
 
 /// SplitMix64.
@@ -38,6 +38,8 @@ const MAX_OUT: usize = 8 * 8 * 8;
 const MAX_FILTER: usize = 8 * 9 * 16;
 const MAX_TAPS: usize = 9 * 16;
 const MAX_OC: usize = 8;
+/// Scratch for the widened input of the largest case (`conv2d_s8_fast_scratch_len`).
+const MAX_SCRATCH: usize = 1536;
 
 /// 4-byte aligned storage, as the model blob and the firmware's statics are.
 #[repr(C, align(4))]
@@ -88,6 +90,11 @@ fn conv_case(
         mult[oc] = rng.range(1 << 30, i32::MAX);
         shift[oc] = rng.range(-14, -6);
     }
+    if out_c == MAX_OC {
+        // A nearly dead channel's shift, outside the folded requantization:
+        // the lean loop recomputes it after each block.
+        shift[out_c - 1] = -24;
+    }
     let layer = Conv2d {
         params: p,
         filter: &filter.0[..out_c * taps],
@@ -98,7 +105,7 @@ fn conv_case(
         },
     };
     let input = &input[..id.len()];
-    let mut scratch = A4([0i16; 4 * MAX_TAPS + 16]);
+    let mut scratch = A4([0i16; MAX_SCRATCH + 16]);
     let mut want = [0i8; MAX_OUT];
     let need = 2 * taps;
     if conv2d_s8_reference(
@@ -114,13 +121,20 @@ fn conv_case(
         return false;
     }
     // (offset, length) of the scratch: minimal (2x2 tile), misaligned with
-    // and without a spare element, four and eight columns (1x4 tile).
+    // and without a spare element, four and eight columns (1x4 tile), and
+    // room for the widened input, aligned and not.
+    let fast = conv2d_s8_fast_scratch_len(&p, id);
+    if fast > MAX_SCRATCH {
+        return false;
+    }
     let shapes = [
         (0, need),
         (1, need + 1),
         (1, need),
         (0, 2 * need + 8),
         (1, 2 * need + 9),
+        (0, fast),
+        (1, fast + 1),
     ];
     let mut ok = true;
     for (off, len) in shapes {
@@ -209,6 +223,14 @@ pub fn run(mut report: impl FnMut(&str, bool)) -> bool {
         check(
             "conv-3x3-16ch",
             conv_case(&mut rng, (5, 4, 16), 4, 3, 1, 1, z, clamp),
+        );
+        check(
+            "conv-3x3-16ch-8oc-outlier",
+            conv_case(&mut rng, (4, 6, 16), 8, 3, 1, 1, z, clamp),
+        );
+        check(
+            "conv-3x3-s2-16ch",
+            conv_case(&mut rng, (5, 5, 16), 3, 3, 2, 1, z, clamp),
         );
         check(
             "conv-1x1-s2-12ch",

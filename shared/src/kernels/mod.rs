@@ -18,12 +18,13 @@
 //!   `[act_min, act_max]`.
 //! * **Errors, not panics.** Each kernel checks buffer lengths and parameter
 //!   ranges in O(1) (O(channels) for shifts) before it touches data, and
-//!   returns [`Error`](crate::Error) if they are wrong. Once the checks pass
+//!   returns [`Error`] if they are wrong. Once the checks pass
 //!   every index is in bounds and no arithmetic overflows.
 //! * **Scratch.** Kernels that need scratch memory take it as an argument and
 //!   say how much through a `*_scratch_len` function. Nothing is allocated.
 //!   [`conv2d_s8`] runs faster with more than the minimum (four im2col
-//!   columns instead of two; see `model::SCRATCH_LEN_FAST`) and with a
+//!   columns instead of two, and room for its input widened to `i16`:
+//!   [`conv2d_s8_fast_scratch_len`], `model::SCRATCH_LEN_FAST`) and with a
 //!   4-byte-aligned scratch, and gives the same bytes either way.
 //! * **Backends.** [`conv2d_s8`], [`maxpool_s8`] and [`add_s8`] are the fast
 //!   kernels of [`dsp`] (SMLAD / SXTB16 / SSUB8+SEL: real instructions on

@@ -959,6 +959,88 @@ unsafe fn dot_1x4_x16<const H4: bool, const H8: bool>(
     [a0, a1, a2, a3]
 }
 
+/// One output channel of the lean loops: its bias and folded
+/// requantization, in one 16-byte record (`asm!` reads the fields at
+/// offsets 0, 4, 8, 12).
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct LeanChannel {
+    bias: i32,
+    f: FoldedRequant,
+}
+
+/// The four folded requantizations (no clamp) and stores of one channel's
+/// sums `a` over a 4-pixel block, in one `asm!` block: 27 instructions.
+/// Returns nothing; writes `q`, `q + out_c`, `q + 2 * out_c`, `q + 3 * out_c`.
+///
+/// # Safety
+/// `r` is a valid [`LeanChannel`]; the four outputs are writable.
+#[cfg(armv7em)]
+#[inline(always)]
+unsafe fn store_4_folded(a: [i32; 4], r: *const LeanChannel, q: *mut i8, out_c: usize) {
+    let [a0, a1, a2, a3] = a;
+    macro_rules! requant {
+        ($a:literal) => {
+            concat!(
+                "qadd {",
+                $a,
+                "}, {",
+                $a,
+                "}, {",
+                $a,
+                "}\n",
+                "add {t}, {c}, {",
+                $a,
+                "}, asr #31\n",
+                "smmlar {",
+                $a,
+                "}, {",
+                $a,
+                "}, {m}, {t}\n",
+                "asr {",
+                $a,
+                "}, {",
+                $a,
+                "}, {e}\n",
+                "ssat {",
+                $a,
+                "}, #8, {",
+                $a,
+                "}\n",
+            )
+        };
+    }
+    // SAFETY: reads the 16-byte record at `r`, writes the four outputs;
+    // QADD/SSAT set only Q.
+    unsafe {
+        core::arch::asm!(
+            "ldrd {m}, {c}, [{r}, #4]",
+            "ldr {e}, [{r}, #12]",
+            requant!("a0"),
+            "strb {a0}, [{q}]",
+            requant!("a1"),
+            "strb {a1}, [{q}, {oc}]",
+            requant!("a2"),
+            "strb {a2}, [{q}, {oc}, lsl #1]",
+            requant!("a3"),
+            "add {t}, {oc}, {oc}, lsl #1",
+            "strb {a3}, [{q}, {t}]",
+            a0 = inout(reg) a0 => _,
+            a1 = inout(reg) a1 => _,
+            a2 = inout(reg) a2 => _,
+            a3 = inout(reg) a3 => _,
+            r = in(reg) r,
+            q = in(reg) q,
+            oc = in(reg) out_c,
+            m = out(reg) _,
+            c = out(reg) _,
+            e = out(reg) _,
+            t = out(reg) _,
+            options(nostack, preserves_flags),
+        );
+    }
+}
+
 /// Every output channel of a full 4-pixel block when every channel is in
 /// [`FoldedRequant`]'s domain and the rows are `taps` (a multiple of 16)
 /// aligned values: one pointer walk over filter, bias and requantization,
@@ -977,7 +1059,7 @@ unsafe fn block_1x4_folded<
 >(
     layer: &Conv2d<'_>,
     filter: *const i8,
-    rq: *const FoldedRequant,
+    rq: *const LeanChannel,
     col: *const i16,
     taps: usize,
     o: *mut i8,
@@ -986,7 +1068,6 @@ unsafe fn block_1x4_folded<
     let p = &layer.params;
     let (min, max) = (p.act_min as i32, p.act_max as i32);
     let mut w = filter;
-    let mut b = layer.bias.as_ptr();
     let mut r = rq;
     let mut q = o;
     // SAFETY: `out_c` channels.
@@ -994,8 +1075,16 @@ unsafe fn block_1x4_folded<
     while q < q_end {
         // SAFETY: channel `q - o` of filter, bias, requantization and output.
         unsafe {
-            let a = dot_1x4_x16::<H4, H8>(w, col, taps, *b);
-            let f = *r;
+            let a = dot_1x4_x16::<H4, H8>(w, col, taps, (*r).bias);
+            #[cfg(armv7em)]
+            if !CLAMP_MIN && !CLAMP_MAX {
+                store_4_folded(a, r, q, out_c);
+                w = w.add(taps);
+                r = r.add(1);
+                q = q.add(1);
+                continue;
+            }
+            let f = (*r).f;
             let req = |x: i32| -> i8 {
                 let mut v = f.scale_sat8(x);
                 if CLAMP_MIN {
@@ -1011,7 +1100,6 @@ unsafe fn block_1x4_folded<
             *q.add(2 * out_c) = req(a[2]);
             *q.add(3 * out_c) = req(a[3]);
             w = w.add(taps);
-            b = b.add(1);
             r = r.add(1);
             q = q.add(1);
         }
@@ -1026,7 +1114,7 @@ unsafe fn block_1x4_folded<
 unsafe fn lean_block<const CLAMP_MIN: bool, const CLAMP_MAX: bool>(
     layer: &Conv2d<'_>,
     filter: *const i8,
-    rq: *const FoldedRequant,
+    rq: *const LeanChannel,
     col: *const i16,
     taps: usize,
     o: *mut i8,
@@ -1099,14 +1187,15 @@ impl Outliers {
 
     /// Writes the lean loops' requantization table, `table[..out_c]`: every
     /// channel folded, the outliers as a placeholder.
-    fn fill(&self, layer: &Conv2d<'_>, table: &mut [MaybeUninit<FoldedRequant>]) {
+    fn fill(&self, layer: &Conv2d<'_>, table: &mut [MaybeUninit<LeanChannel>]) {
         let requant = layer.requant.multiplier.iter().zip(layer.requant.shift);
-        for (r, (&m, &s)) in table.iter_mut().zip(requant) {
-            r.write(if FoldedRequant::accepts(m, s) {
+        for ((r, (&m, &s)), &bias) in table.iter_mut().zip(requant).zip(layer.bias) {
+            let f = if FoldedRequant::accepts(m, s) {
                 FoldedRequant::new_unchecked(m, (-s) as u32, layer.params.output_offset)
             } else {
                 FoldedRequant::PLACEHOLDER
-            });
+            };
+            r.write(LeanChannel { bias, f });
         }
     }
 
@@ -1180,7 +1269,7 @@ impl Outliers {
 unsafe fn lean_block_clamped(
     layer: &Conv2d<'_>,
     filter: *const i8,
-    rq: *const FoldedRequant,
+    rq: *const LeanChannel,
     col: *const i16,
     taps: usize,
     o: *mut i8,
@@ -1394,11 +1483,11 @@ pub(crate) fn conv2d_s8_dsp(
     debug_assert!(!stem || (out_c <= LEAN_MAX_C && outliers.n == 0));
     // The channels' folded requantizations, prepared once per layer
     // (`table[..out_c]` is written and read only when `lean || stem`).
-    let mut table = [const { MaybeUninit::<FoldedRequant>::uninit() }; LEAN_MAX_C];
+    let mut table = [const { MaybeUninit::<LeanChannel>::uninit() }; LEAN_MAX_C];
     if lean || stem {
         outliers.fill(layer, &mut table[..out_c]);
     }
-    let rq_table = table.as_ptr() as *const FoldedRequant;
+    let rq_table = table.as_ptr() as *const LeanChannel;
     let fix = outliers.n > 0;
     let (lean, lean_filter) = if stem {
         (true, stem_filter.as_ptr() as *const i8)

@@ -189,6 +189,7 @@ impl ChannelRequant {
 /// reference and this saturate the int8 output the same way: `|y| >= 2^29`,
 /// `|y >> e| >= 256` for `e <= 21`, beyond any offset.
 #[derive(Debug, Clone, Copy)]
+#[repr(C)]
 pub struct FoldedRequant {
     multiplier: i32,
     /// `rnd + offset * 2^e`; the sign nudge subtracts 1 for `x < 0`.
