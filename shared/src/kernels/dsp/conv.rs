@@ -71,6 +71,45 @@ impl Cols {
     }
 }
 
+/// The asm text that converts word `{$x}` (four int8 channels) into the
+/// two column words `{e}` (`c0, c2`) and `{$x}` (`c1, c3`), offset `{off}`
+/// added to each halfword: SXTB16, SXTB16 ROR #8, two SADD16.
+#[cfg(armv7em)]
+macro_rules! widen_word {
+    ($x:literal) => {
+        concat!(
+            "sxtb16 {e}, {",
+            $x,
+            "}\n",
+            "sxtb16 {",
+            $x,
+            "}, {",
+            $x,
+            "}, ror #8\n",
+            "sadd16 {e}, {e}, {off}\n",
+            "sadd16 {",
+            $x,
+            "}, {",
+            $x,
+            "}, {off}\n",
+        )
+    };
+}
+
+/// The portable twin of [`widen_word!`]: writes the two column words of
+/// `x` at `d`.
+///
+/// # Safety
+/// `d ..+ 2` words are writable (4-byte aligned).
+#[inline(always)]
+unsafe fn put_word(d: *mut u32, x: u32, off2: u32) {
+    // SAFETY: the caller's.
+    unsafe {
+        d.write(sadd16(sxtb16(x), off2));
+        d.add(1).write(sadd16(sxtb16_ror8(x), off2));
+    }
+}
+
 /// Writes `len` taps from flat tap `base` of pixel `j`: zeros when `src` is
 /// `None`, else `src[i] + offset`.
 ///
@@ -112,10 +151,7 @@ unsafe fn put_taps(
                                 core::arch::asm!(
                                     "2:",
                                     "ldr {x}, [{s}], #4",
-                                    "sxtb16 {e}, {x}",
-                                    "sxtb16 {x}, {x}, ror #8",
-                                    "sadd16 {e}, {e}, {off}",
-                                    "sadd16 {x}, {x}, {off}",
+                                    widen_word!("x"),
                                     concat!("strd {e}, {x}, [{d}], #", $step),
                                     "cmp {s}, {end}",
                                     "blo 2b",
@@ -141,8 +177,7 @@ unsafe fn put_taps(
                     // SAFETY: as above.
                     unsafe {
                         let x = load_u32(s);
-                        d.write(sadd16(sxtb16(x), off2));
-                        d.add(1).write(sadd16(sxtb16_ror8(x), off2));
+                        put_word(d, x, off2);
                         s = s.add(4);
                         d = d.add(step);
                     }
@@ -198,10 +233,7 @@ unsafe fn gather_rows(
             "add {end}, {s}, {len}",
             "2:",
             "ldr {x}, [{s}], #4",
-            "sxtb16 {e}, {x}",
-            "sxtb16 {x}, {x}, ror #8",
-            "sadd16 {e}, {e}, {off}",
-            "sadd16 {x}, {x}, {off}",
+            widen_word!("x"),
             "strd {e}, {x}, [{d}], #32",
             "cmp {s}, {end}",
             "blo 2b",
@@ -371,15 +403,9 @@ unsafe fn widen_run(d: *mut u32, s: *const u8, len: usize, off2: u32) {
                 "2:",
                 "ldr {x}, [{s}], #4",
                 "ldr {y}, [{s}], #4",
-                "sxtb16 {e}, {x}",
-                "sxtb16 {x}, {x}, ror #8",
-                "sadd16 {e}, {e}, {off}",
-                "sadd16 {x}, {x}, {off}",
+                widen_word!("x"),
                 "strd {e}, {x}, [{d}], #8",
-                "sxtb16 {e}, {y}",
-                "sxtb16 {y}, {y}, ror #8",
-                "sadd16 {e}, {e}, {off}",
-                "sadd16 {y}, {y}, {off}",
+                widen_word!("y"),
                 "strd {e}, {y}, [{d}], #8",
                 "cmp {s}, {end}",
                 "blo 2b",
@@ -397,9 +423,7 @@ unsafe fn widen_run(d: *mut u32, s: *const u8, len: usize, off2: u32) {
     while s < end {
         // SAFETY: as above.
         unsafe {
-            let x = load_u32(s);
-            d.write(sadd16(sxtb16(x), off2));
-            d.add(1).write(sadd16(sxtb16_ror8(x), off2));
+            put_word(d, load_u32(s), off2);
             s = s.add(4);
             d = d.add(2);
         }
