@@ -204,7 +204,12 @@ fn reference_equals_fast(m: &Model<'_>, inputs: &[[i8; shared::preprocess::INPUT
             tensors[layer.output as usize] = y;
         }
         let want = &tensors[m.output_index() as usize];
-        for scratch_len in [m.scratch_len(), 2 * m.scratch_len(), m.fast_scratch_len()] {
+        // The widened input needs `fast_scratch_len()` after aligning the buffer.
+        for scratch_len in [
+            m.scratch_len(),
+            2 * m.scratch_len(),
+            m.fast_scratch_len() + 1,
+        ] {
             let mut arena = vec![0i8; m.arena_len()];
             let mut scratch = vec![0i16; scratch_len];
             let mut whole = vec![0i8; m.output().dims.len()];

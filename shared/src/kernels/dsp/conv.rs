@@ -993,6 +993,14 @@ struct LeanChannel {
     f: FoldedRequant,
 }
 
+// The offsets `store_4_folded` reads (`FoldedRequant` is `repr(C)`:
+// multiplier, c, e; checked in `requant.rs`).
+const _: () = assert!(
+    core::mem::offset_of!(LeanChannel, bias) == 0
+        && core::mem::offset_of!(LeanChannel, f) == 4
+        && core::mem::size_of::<LeanChannel>() == 16
+);
+
 /// The four folded requantizations (no clamp) and stores of one channel's
 /// sums `a` over a 4-pixel block, in one `asm!` block: 27 instructions.
 /// Returns nothing; writes `q`, `q + out_c`, `q + 2 * out_c`, `q + 3 * out_c`.

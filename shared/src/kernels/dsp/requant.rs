@@ -197,6 +197,15 @@ pub struct FoldedRequant {
     e: u32,
 }
 
+// `repr(C)` field order, which `asm!` in `dsp::conv` relies on: the
+// multiplier, then `c`, then `e`, 4 bytes each.
+const _: () = assert!(
+    core::mem::offset_of!(FoldedRequant, multiplier) == 0
+        && core::mem::offset_of!(FoldedRequant, c) == 4
+        && core::mem::offset_of!(FoldedRequant, e) == 8
+        && core::mem::size_of::<FoldedRequant>() == 12
+);
+
 impl FoldedRequant {
     /// A valid value to fill tables with before they are written.
     pub const PLACEHOLDER: Self = Self {
