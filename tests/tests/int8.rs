@@ -174,7 +174,8 @@ fn every_single_byte_corruption_and_truncation_is_rejected() {
 /// tensor in its own buffer (no arena, so no reliance on the exporter's
 /// memory plan), equals the whole-network `Model::run` (the fast kernels,
 /// through the DSP emulation on the host) bit for bit, with the minimum
-/// scratch (2x2 conv tile) and with four columns (1x4 tile, as the firmware).
+/// scratch (2x2 conv tile), with four columns (1x4 tile) and with room for
+/// the widened conv input (the firmware's `SCRATCH_LEN_FAST`).
 fn reference_equals_fast(m: &Model<'_>, inputs: &[[i8; shared::preprocess::INPUT_LEN]]) {
     use shared::kernels::{
         add_s8_reference, avgpool_s8, conv2d_s8_reference, conv2d_s8_scratch_len, fc_s8,
