@@ -633,40 +633,27 @@ mod tests {
         // loop; the 3-channel stem), every border, zero points, an upper
         // clamp below 127, and multipliers of exactly 2^30 (outside the
         // folded requantization's domain) mixed in.
-        let mut rng = Rng(11);
-        for &(h, w, cin, cout, k, s, pad) in &[
-            (16, 16, 16, 16, 3, 1, 1),
-            (16, 16, 16, 32, 3, 2, 1),
-            (8, 8, 32, 32, 3, 1, 1),
-            (8, 8, 16, 32, 1, 2, 0),
-            (4, 4, 64, 8, 3, 1, 1),
-            (32, 32, 3, 16, 3, 1, 1),
-            (9, 7, 3, 5, 3, 1, 1),
-        ] {
-            for &(zi, zo, max, exact) in &[
+        let sq =
+            |h, w, c, out_c, k, s, pad| (Dims::new(h, w, c), out_c, (k, k), (s, s), (pad, pad));
+        check_variants(
+            &mut Rng(11),
+            &[
+                sq(16, 16, 16, 16, 3, 1, 1),
+                sq(16, 16, 16, 32, 3, 2, 1),
+                sq(8, 8, 32, 32, 3, 1, 1),
+                sq(8, 8, 16, 32, 1, 2, 0),
+                sq(4, 4, 64, 8, 3, 1, 1),
+                sq(32, 32, 3, 16, 3, 1, 1),
+                sq(9, 7, 3, 5, 3, 1, 1),
+            ],
+            &[
                 (0, 0, 127, false),
                 (-128, -128, 127, false),
                 (127, 127, 100, false),
                 (3, -9, 5, false),
                 (-7, 20, 127, true),
-            ] {
-                let mut c = Case::random(
-                    &mut rng,
-                    Dims::new(h, w, cin),
-                    cout,
-                    (k, k),
-                    (s, s),
-                    (pad, pad),
-                    zi,
-                    zo,
-                );
-                c.p.act_max = max.max(c.p.act_min);
-                if exact {
-                    c.mult[0] = 1 << 30;
-                }
-                c.check();
-            }
-        }
+            ],
+        );
     }
 
     #[test]
@@ -675,29 +662,43 @@ mod tests {
         // multiple of 4 channels, kernels larger than 1x1): the last stage's
         // 2x2 output (a block across two rows), pixel counts that leave a
         // short last block, strides 2 and 3, non-square kernels and
-        // paddings, an upper clamp and a multiplier outside the folded
-        // domain (the per-channel path on the same gathered block).
-        let mut rng = Rng(29);
-        for &(h, w, cin, cout, k, s, pad) in &[
-            (2, 2, 128, 8, (3, 3), (1, 1), (1, 1)),
-            (4, 4, 64, 12, (3, 3), (2, 2), (1, 1)),
-            (5, 7, 16, 3, (3, 3), (2, 2), (1, 1)),
-            (3, 5, 8, 5, (2, 3), (1, 1), (1, 0)),
-            (6, 9, 4, 7, (4, 4), (3, 1), (0, 2)),
-            (7, 3, 16, 2, (3, 1), (1, 2), (1, 0)),
-        ] {
-            for &(zi, zo, max, exact) in &[
+        // paddings, an upper clamp and channels outside the folded domain
+        // (recomputed after each block, or the per-channel path on the same
+        // gathered block).
+        check_variants(
+            &mut Rng(29),
+            &[
+                (Dims::new(2, 2, 128), 8, (3, 3), (1, 1), (1, 1)),
+                (Dims::new(4, 4, 64), 12, (3, 3), (2, 2), (1, 1)),
+                (Dims::new(5, 7, 16), 3, (3, 3), (2, 2), (1, 1)),
+                (Dims::new(3, 5, 8), 5, (2, 3), (1, 1), (1, 0)),
+                (Dims::new(6, 9, 4), 7, (4, 4), (3, 1), (0, 2)),
+                (Dims::new(7, 3, 16), 2, (3, 1), (1, 2), (1, 0)),
+            ],
+            &[
                 (0, 0, 127, false),
                 (-128, 127, 127, false),
                 (127, -128, 90, false),
                 (5, -3, 127, true),
-            ] {
-                let mut c = Case::random(&mut rng, Dims::new(h, w, cin), cout, k, s, pad, zi, zo);
+            ],
+        );
+    }
+
+    /// A conv shape: input, output channels, kernel, stride, padding.
+    type Shape = (Dims, usize, (usize, usize), (usize, usize), (usize, usize));
+
+    /// Checks a random case of every shape in every variant `(input zero
+    /// point, output zero point, upper clamp, outliers)`. `outliers` gives
+    /// the last channel a multiplier of exactly 2^30 and the first a shift
+    /// of -24 (a nearly dead channel's), both outside the folded
+    /// requantization's domain.
+    fn check_variants(rng: &mut Rng, shapes: &[Shape], variants: &[(i32, i32, i8, bool)]) {
+        for &(id, out_c, k, s, pad) in shapes {
+            for &(zi, zo, max, outliers) in variants {
+                let mut c = Case::random(rng, id, out_c, k, s, pad, zi, zo);
                 c.p.act_max = max.max(c.p.act_min);
-                if exact {
-                    c.mult[cout - 1] = 1 << 30;
-                    // A nearly dead channel's shift, below the folded
-                    // requantization's -21.
+                if outliers {
+                    c.mult[out_c - 1] = 1 << 30;
                     c.shift[0] = -24;
                 }
                 c.check();

@@ -5,6 +5,8 @@
 //! construction: the tables hold exactly the reference's values.
 
 use super::isa::smmlar;
+#[cfg(armv7em)]
+use super::requant::folded_requant;
 use super::requant::{ChannelRequant, FoldedRequant};
 use crate::kernels::AddParams;
 
@@ -103,7 +105,21 @@ pub(crate) fn add_s8_tables(p: &AddParams, input1: &[i8], input2: &[i8], output:
             #[cfg(armv7em)]
             if min == -128 && max == 127 && n >= 2 {
                 // No clamp beyond int8 saturation: the loop below by hand,
-                // two elements per step, 12 instructions per element.
+                // two elements per step, 12 instructions per element: both
+                // table lookups, their sum, the folded requantization.
+                macro_rules! add_element {
+                    () => {
+                        concat!(
+                            "ldrsb {a}, [{x}], #1\n",
+                            "ldrsb {b}, [{y}], #1\n",
+                            "ldr {a}, [{t1}, {a}, lsl #2]\n",
+                            "ldr {b}, [{t2}, {b}, lsl #2]\n",
+                            "add {a}, {a}, {b}\n",
+                            folded_requant!("a", "b"),
+                            "strb {a}, [{o}], #1\n",
+                        )
+                    };
+                }
                 let (m, c, e) = f.parts();
                 let (mut xs, mut ys, mut os) = (x, y, o);
                 let end = o.add(n & !1);
@@ -112,28 +128,8 @@ pub(crate) fn add_s8_tables(p: &AddParams, input1: &[i8], input2: &[i8], output:
                 // at entry 128 of 256.
                 core::arch::asm!(
                     "2:",
-                    "ldrsb {a}, [{x}], #1",
-                    "ldrsb {b}, [{y}], #1",
-                    "ldr {a}, [{t1}, {a}, lsl #2]",
-                    "ldr {b}, [{t2}, {b}, lsl #2]",
-                    "add {a}, {a}, {b}",
-                    "qadd {a}, {a}, {a}",
-                    "add {b}, {c}, {a}, asr #31",
-                    "smmlar {a}, {a}, {m}, {b}",
-                    "asr {a}, {a}, {e}",
-                    "ssat {a}, #8, {a}",
-                    "strb {a}, [{o}], #1",
-                    "ldrsb {a}, [{x}], #1",
-                    "ldrsb {b}, [{y}], #1",
-                    "ldr {a}, [{t1}, {a}, lsl #2]",
-                    "ldr {b}, [{t2}, {b}, lsl #2]",
-                    "add {a}, {a}, {b}",
-                    "qadd {a}, {a}, {a}",
-                    "add {b}, {c}, {a}, asr #31",
-                    "smmlar {a}, {a}, {m}, {b}",
-                    "asr {a}, {a}, {e}",
-                    "ssat {a}, #8, {a}",
-                    "strb {a}, [{o}], #1",
+                    add_element!(),
+                    add_element!(),
                     "cmp {o}, {end}",
                     "blo 2b",
                     x = inout(reg) xs,

@@ -31,6 +31,8 @@
 //! identical.
 
 use super::isa::{load_u32, sadd16, smlad, sxtb16, sxtb16_ror8};
+#[cfg(armv7em)]
+use super::requant::folded_requant;
 use super::requant::{ChannelRequant, FoldedRequant};
 use crate::kernels::{Conv2d, Conv2dParams, Dims};
 use core::mem::MaybeUninit;
@@ -756,6 +758,42 @@ macro_rules! dot_1x4_asm {
     };
 }
 
+/// The 1 × 4 dot product over whole weight words, `pw..end`, in plain
+/// Rust on the emulated instructions (the host's twin of the `asm!` loops
+/// of [`dot_1x4`] and [`dot_1x4_x16`]).
+///
+/// # Safety
+/// `pw..end` is readable (a multiple of 4 bytes); `pc` holds one 4-pixel
+/// group (32 bytes, 4-byte aligned) per weight word.
+#[cfg(not(armv7em))]
+#[inline(always)]
+unsafe fn dot_1x4_words(
+    mut pw: *const u8,
+    mut pc: *const u8,
+    end: *const u8,
+    acc: [i32; 4],
+) -> [i32; 4] {
+    let [mut a0, mut a1, mut a2, mut a3] = acc;
+    while pw < end {
+        // SAFETY: one weight word and one 4-pixel group (32 bytes) per step.
+        unsafe {
+            let wv = load_u32(pw);
+            let (we, wo) = (sxtb16(wv), sxtb16_ror8(wv));
+            a0 = smlad(we, col_word(pc), a0);
+            a0 = smlad(wo, col_word(pc.add(4)), a0);
+            a1 = smlad(we, col_word(pc.add(8)), a1);
+            a1 = smlad(wo, col_word(pc.add(12)), a1);
+            a2 = smlad(we, col_word(pc.add(16)), a2);
+            a2 = smlad(wo, col_word(pc.add(20)), a2);
+            a3 = smlad(we, col_word(pc.add(24)), a3);
+            a3 = smlad(wo, col_word(pc.add(28)), a3);
+            pw = pw.add(4);
+            pc = pc.add(32);
+        }
+    }
+    [a0, a1, a2, a3]
+}
+
 /// One output channel (filter row `w`) × four pixels of the block `col`.
 ///
 /// # Safety
@@ -763,8 +801,9 @@ macro_rules! dot_1x4_asm {
 #[inline(always)]
 unsafe fn dot_1x4(w: *const i8, col: *const i16, k: Cols, acc: [i32; 4]) -> [i32; 4] {
     let [mut a0, mut a1, mut a2, mut a3] = acc;
-    let mut pw = w as *const u8;
-    let mut pc = col as *const u8;
+    // Advanced by the `asm!` loops (the host's loop takes copies).
+    #[cfg_attr(not(armv7em), allow(unused_mut))]
+    let (mut pw, mut pc) = (w as *const u8, col as *const u8);
     // SAFETY: `full` filter values.
     let end = unsafe { pw.add(k.full) };
     // Two groups per step with LDRD of two weight words: filter rows start
@@ -830,22 +869,9 @@ unsafe fn dot_1x4(w: *const i8, col: *const i16, k: Cols, acc: [i32; 4]) -> [i32
     #[cfg(armv7em)]
     let _ = (pw, pc);
     #[cfg(not(armv7em))]
-    while pw < end {
-        // SAFETY: one weight word and one 4-pixel group (32 bytes) per step.
-        unsafe {
-            let wv = load_u32(pw);
-            let (we, wo) = (sxtb16(wv), sxtb16_ror8(wv));
-            a0 = smlad(we, col_word(pc), a0);
-            a0 = smlad(wo, col_word(pc.add(4)), a0);
-            a1 = smlad(we, col_word(pc.add(8)), a1);
-            a1 = smlad(wo, col_word(pc.add(12)), a1);
-            a2 = smlad(we, col_word(pc.add(16)), a2);
-            a2 = smlad(wo, col_word(pc.add(20)), a2);
-            a3 = smlad(we, col_word(pc.add(24)), a3);
-            a3 = smlad(wo, col_word(pc.add(28)), a3);
-            pw = pw.add(4);
-            pc = pc.add(32);
-        }
+    {
+        // SAFETY: `full` filter bytes from `pw`, their 4-pixel groups from `pc`.
+        [a0, a1, a2, a3] = unsafe { dot_1x4_words(pw, pc, end, [a0, a1, a2, a3]) };
     }
     let tail = k.taps - k.full;
     for t in 0..tail {
@@ -936,8 +962,9 @@ unsafe fn dot_1x4_x16<const H4: bool, const H8: bool>(
     debug_assert!(full > 0 && full.is_multiple_of(16) && (w as usize).is_multiple_of(4));
     debug_assert!(H4 == (full & 16 != 0) && H8 == (full & 32 != 0));
     let (mut a0, mut a1, mut a2, mut a3) = (acc, acc, acc, acc);
-    let mut pw = w as *const u8;
-    let mut pc = col as *const u8;
+    // Advanced by the `asm!` loops (the host's loop takes copies).
+    #[cfg_attr(not(armv7em), allow(unused_mut))]
+    let (mut pw, mut pc) = (w as *const u8, col as *const u8);
     // SAFETY: `full` filter values.
     let end = unsafe { pw.add(full) };
     #[cfg(armv7em)]
@@ -963,22 +990,9 @@ unsafe fn dot_1x4_x16<const H4: bool, const H8: bool>(
         let _ = (pw, pc, end);
     }
     #[cfg(not(armv7em))]
-    while pw < end {
-        // SAFETY: one weight word and one 4-pixel group (32 bytes) per step.
-        unsafe {
-            let wv = load_u32(pw);
-            let (we, wo) = (sxtb16(wv), sxtb16_ror8(wv));
-            a0 = smlad(we, col_word(pc), a0);
-            a0 = smlad(wo, col_word(pc.add(4)), a0);
-            a1 = smlad(we, col_word(pc.add(8)), a1);
-            a1 = smlad(wo, col_word(pc.add(12)), a1);
-            a2 = smlad(we, col_word(pc.add(16)), a2);
-            a2 = smlad(wo, col_word(pc.add(20)), a2);
-            a3 = smlad(we, col_word(pc.add(24)), a3);
-            a3 = smlad(wo, col_word(pc.add(28)), a3);
-            pw = pw.add(4);
-            pc = pc.add(32);
-        }
+    {
+        // SAFETY: `full` filter bytes from `pw`, their 4-pixel groups from `pc`.
+        [a0, a1, a2, a3] = unsafe { dot_1x4_words(pw, pc, end, [a0, a1, a2, a3]) };
     }
     [a0, a1, a2, a3]
 }
@@ -1011,50 +1025,19 @@ const _: () = assert!(
 #[inline(always)]
 unsafe fn store_4_folded(a: [i32; 4], r: *const LeanChannel, q: *mut i8, out_c: usize) {
     let [a0, a1, a2, a3] = a;
-    macro_rules! requant {
-        ($a:literal) => {
-            concat!(
-                "qadd {",
-                $a,
-                "}, {",
-                $a,
-                "}, {",
-                $a,
-                "}\n",
-                "add {t}, {c}, {",
-                $a,
-                "}, asr #31\n",
-                "smmlar {",
-                $a,
-                "}, {",
-                $a,
-                "}, {m}, {t}\n",
-                "asr {",
-                $a,
-                "}, {",
-                $a,
-                "}, {e}\n",
-                "ssat {",
-                $a,
-                "}, #8, {",
-                $a,
-                "}\n",
-            )
-        };
-    }
     // SAFETY: reads the 16-byte record at `r`, writes the four outputs;
     // QADD/SSAT set only Q.
     unsafe {
         core::arch::asm!(
             "ldrd {m}, {c}, [{r}, #4]",
             "ldr {e}, [{r}, #12]",
-            requant!("a0"),
+            folded_requant!("a0", "t"),
             "strb {a0}, [{q}]",
-            requant!("a1"),
+            folded_requant!("a1", "t"),
             "strb {a1}, [{q}, {oc}]",
-            requant!("a2"),
+            folded_requant!("a2", "t"),
             "strb {a2}, [{q}, {oc}, lsl #1]",
-            requant!("a3"),
+            folded_requant!("a3", "t"),
             "add {t}, {oc}, {oc}, lsl #1",
             "strb {a3}, [{q}, {t}]",
             a0 = inout(reg) a0 => _,
@@ -1412,7 +1395,10 @@ unsafe fn block_1x4(
 /// [`conv2d_s8`](crate::kernels::conv2d_s8) validates: lengths of input,
 /// output, filter, bias, requantization, a scratch of at least two columns,
 /// and parameter ranges. With four columns of scratch
-/// (`4 * kernel_h * kernel_w * in_c`) it runs the 1 × 4 tile, else 2 × 2.
+/// (`4 * kernel_h * kernel_w * in_c`) it runs the 1 × 4 tile, else 2 × 2;
+/// with room for the widened input after the block as well
+/// ([`conv2d_s8_fast_scratch_len`](crate::kernels::conv2d_s8_fast_scratch_len)),
+/// a kernel larger than 1x1 gathers its blocks from that.
 /// Returns `false` (and does nothing) when the scratch is not 4-byte aligned
 /// and has no element to spare for aligning it, or a multiplier is
 /// `i32::MIN`; the caller then runs the reference kernel.

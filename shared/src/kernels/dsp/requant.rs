@@ -61,6 +61,50 @@ macro_rules! channel_requant_asm {
     }};
 }
 
+/// The asm text of [`FoldedRequant::scale_sat8`] on register `{$x}`, with
+/// scratch `{$t}` and the operands `{c}`, `{m}`, `{e}` of
+/// [`FoldedRequant::parts`]: `QADD` doubling, the sign nudge, `SMMLAR`,
+/// `ASR`, `SSAT` (5 instructions). Every kernel that inlines the folded
+/// requantization in its own `asm!` uses this text.
+#[cfg(armv7em)]
+macro_rules! folded_requant {
+    ($x:literal, $t:literal) => {
+        concat!(
+            "qadd {",
+            $x,
+            "}, {",
+            $x,
+            "}, {",
+            $x,
+            "}\n",
+            "add {",
+            $t,
+            "}, {c}, {",
+            $x,
+            "}, asr #31\n",
+            "smmlar {",
+            $x,
+            "}, {",
+            $x,
+            "}, {m}, {",
+            $t,
+            "}\n",
+            "asr {",
+            $x,
+            "}, {",
+            $x,
+            "}, {e}\n",
+            "ssat {",
+            $x,
+            "}, #8, {",
+            $x,
+            "}\n",
+        )
+    };
+}
+#[cfg(armv7em)]
+pub(crate) use folded_requant;
+
 /// One output channel's requantization, prepared.
 #[derive(Debug, Clone, Copy)]
 pub struct ChannelRequant {
@@ -251,11 +295,7 @@ impl FoldedRequant {
             // SAFETY: register-only arithmetic; QADD/SSAT set only Q.
             unsafe {
                 core::arch::asm!(
-                    "qadd {x}, {x}, {x}",
-                    "add {t}, {c}, {x}, asr #31",
-                    "smmlar {x}, {x}, {m}, {t}",
-                    "asr {x}, {x}, {e}",
-                    "ssat {x}, #8, {x}",
+                    folded_requant!("x", "t"),
                     x = inout(reg) acc => r,
                     c = in(reg) self.c,
                     t = out(reg) _,
