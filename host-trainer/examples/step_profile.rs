@@ -16,6 +16,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     host_trainer::ops::configure_threads(None)?;
+    host_trainer::ops::profile::enable(true);
     let dev = Device::Cpu;
     let arch = ArchConfig::seed();
     let t = Trainee::new(&arch, 0, &dev)?;
@@ -37,6 +38,12 @@ fn main() -> anyhow::Result<()> {
         let t2 = Instant::now();
         opt.step(&grads, 0.01)?;
         let t3 = Instant::now();
+        let phases = host_trainer::ops::profile::take();
+        if i == 11 {
+            for (p, s) in phases {
+                println!("  {}: {:.1} ms", p.name(), s * 1e3);
+            }
+        }
         if i >= 2 {
             f.push((t1 - t0).as_secs_f64());
             b.push((t2 - t1).as_secs_f64());

@@ -8,7 +8,8 @@
 //! head:   global average pool → FC 128→10
 //! ```
 //!
-//! Tensors are NCHW, f32. The input is `(pixel - 128) / 128`, the float
+//! The input is NCHW f32 (the stock ops keep that layout; the fast CPU ops turn
+//! it into NHWC once at the stem). The input is `(pixel - 128) / 128`, the float
 //! twin of `shared::preprocess` (scale 1/128, zero point 0).
 //!
 //! Variable names (checkpoints and the exporter rely on them):
@@ -278,7 +279,8 @@ impl BasicBlock {
 pub enum Backend {
     /// candle's own ops (any device; the reference for the fast ops).
     Stock,
-    /// The custom CPU ops of [`crate::ops`] (GEMM convs, fused BN).
+    /// The custom CPU ops of [`crate::ops`] (direct convs with fused BN on
+    /// NHWC activations).
     FastCpu,
 }
 
@@ -356,7 +358,12 @@ impl MiniResNet {
     /// Logits `(N, classes)` for a batch `(N, 3, H, W)`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let backend = self.backend;
-        let mut x = self.stem.forward_with(x, train, true, backend)?;
+        // The fast ops work on NHWC activations (see `crate::ops`).
+        let x = match backend {
+            Backend::Stock => x.clone(),
+            Backend::FastCpu => x.permute((0, 2, 3, 1))?.contiguous()?,
+        };
+        let mut x = self.stem.forward_with(&x, train, true, backend)?;
         if self.arch.maxpool {
             x = match backend {
                 Backend::Stock => maxpool_3x3_s2_p1(&x)?,
@@ -368,7 +375,11 @@ impl MiniResNet {
                 x = block.forward_with(&x, train, backend)?;
             }
         }
-        let x = x.mean(D::Minus1)?.mean(D::Minus1)?; // global average pool
+        // Global average pool.
+        let x = match backend {
+            Backend::Stock => x.mean(D::Minus1)?.mean(D::Minus1)?,
+            Backend::FastCpu => x.flatten(1, 2)?.mean(1)?,
+        };
         self.fc.forward(&x)
     }
 }

@@ -1,0 +1,779 @@
+//! Convolution + BatchNorm (+ ReLU) on NHWC tensors, as one candle op.
+//!
+//! Every product is [`kernel::product`] over views of NHWC data, with no
+//! im2col matrix:
+//!
+//! * **forward**: for each output row, `z[px][o] = Σ_tap Σ_c xpad[px·s + tap][c]
+//!   · W[tap][c][o]` (rows = pixels, A = the zero-padded input, B = the
+//!   weights packed `[tap][c][o]`);
+//! * **input gradient**, stride 1: the same product over the zero-padded
+//!   `dz` with the flipped, transposed weights `[tap][o][c]`; stride > 1:
+//!   each tap's `dz · Wᵀ` added into the padded input gradient at the
+//!   strided positions;
+//! * **weight gradient**: `dW[tap][c][o] = Σ_px xpad[px·s + tap][c] · dz[px][o]`
+//!   (rows = input channels, steps = pixels of a chunk of images).
+//!
+//! BN statistics are gathered per image while its output is in cache and
+//! combined in f64 in image order; the weight gradient is summed per chunk of
+//! images (a partition that depends only on the shape) and the chunks are
+//! added in order. So results do not depend on the thread count or on
+//! scheduling.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::kernel::{self, Isa, Tile};
+use super::{profile, read, slice, tensor, Phase, SyncPtr};
+
+/// Shape of one convolution (NHWC input, OIHW weight).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Geom {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub o: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub ho: usize,
+    pub wo: usize,
+}
+
+impl Geom {
+    pub fn new(x: &Shape, wt: &Shape, stride: usize, pad: usize) -> Result<Self> {
+        let (n, h, w, c) = x.dims4()?;
+        let (o, ci, k, k2) = wt.dims4()?;
+        if n == 0 || ci != c || k != k2 || stride == 0 || h + 2 * pad < k || w + 2 * pad < k {
+            bail!(
+                "conv2d: NHWC input {x:?} does not fit weight {wt:?} (stride {stride}, pad {pad})"
+            )
+        }
+        Ok(Self {
+            n,
+            h,
+            w,
+            c,
+            o,
+            k,
+            stride,
+            pad,
+            ho: (h + 2 * pad - k) / stride + 1,
+            wo: (w + 2 * pad - k) / stride + 1,
+        })
+    }
+    /// Padded input rows and columns.
+    fn hp(&self) -> usize {
+        self.h + 2 * self.pad
+    }
+    fn wp(&self) -> usize {
+        self.w + 2 * self.pad
+    }
+    /// Output pixels per image.
+    fn p(&self) -> usize {
+        self.ho * self.wo
+    }
+    /// Padding of `dz` for the stride-1 input gradient.
+    fn q(&self) -> usize {
+        self.k - 1 - self.pad
+    }
+    /// Whether the input gradient is a gather (stride 1, padding ≤ k − 1).
+    fn dx_gathers(&self) -> bool {
+        self.stride == 1 && self.pad < self.k
+    }
+    /// Images per chunk: about 192 KiB of padded input and output
+    /// gradient, at least one image, and at least four chunks for large
+    /// batches. Depends only on the shape.
+    fn chunk(&self) -> usize {
+        let per_image =
+            4 * (self.hp() * self.wp() * self.c + (self.ho + 2) * (self.wo + 2) * self.o);
+        (192 * 1024 / per_image.max(1)).clamp(1, self.n.div_ceil(4).max(1))
+    }
+    fn chunks(&self) -> Vec<(usize, usize)> {
+        let c = self.chunk();
+        (0..self.n)
+            .step_by(c)
+            .map(|n0| (n0, (n0 + c).min(self.n)))
+            .collect()
+    }
+    /// Tap offsets `(A offset, B offset)` of a forward-style product over a
+    /// padded image of width `wp` with `ch` channels and `b_tap` B elements
+    /// per tap.
+    fn taps(&self, wp: usize, ch: usize, b_tap: usize) -> Vec<(isize, isize)> {
+        (0..self.k * self.k)
+            .map(|t| {
+                let (ky, kx) = (t / self.k, t % self.k);
+                (((ky * wp + kx) * ch) as isize, (t * b_tap) as isize)
+            })
+            .collect()
+    }
+}
+
+/// Copies images `n0..n1` of `x` (NHWC) into `dst` with a zero border of
+/// `pad` (rows `h + 2·pad`, columns `w + 2·pad`).
+fn pad_images(x: &[f32], g: &Geom, (n0, n1): (usize, usize), dst: &mut [f32]) {
+    let (hp, wp, c, p) = (g.hp(), g.wp(), g.c, g.pad);
+    let img = g.h * g.w * c;
+    for (i, d) in dst.chunks_mut(hp * wp * c).take(n1 - n0).enumerate() {
+        let src = &x[(n0 + i) * img..][..img];
+        if p > 0 {
+            d.fill(0.0);
+        }
+        for y in 0..g.h {
+            d[((y + p) * wp + p) * c..][..g.w * c].copy_from_slice(&src[y * g.w * c..][..g.w * c]);
+        }
+    }
+}
+
+/// Weights OIHW → `[tap][c][o]`, each scaled by `scale[o]` if given.
+fn pack_forward(w: &[f32], g: &Geom, scale: Option<&[f32]>) -> Vec<f32> {
+    let (o, c, kk) = (g.o, g.c, g.k * g.k);
+    let mut out = vec![0f32; kk * c * o];
+    for oc in 0..o {
+        let s = scale.map_or(1.0, |s| s[oc]);
+        for ic in 0..c {
+            for t in 0..kk {
+                out[(t * c + ic) * o + oc] = w[(oc * c + ic) * kk + t] * s;
+            }
+        }
+    }
+    out
+}
+
+/// Weights OIHW → `[tap][o][c]`, taps flipped when `flip` (the stride-1
+/// input gradient) or as they are (the strided scatter).
+fn pack_backward(w: &[f32], g: &Geom, flip: bool) -> Vec<f32> {
+    let (o, c, kk) = (g.o, g.c, g.k * g.k);
+    let mut out = vec![0f32; kk * c * o];
+    for oc in 0..o {
+        for ic in 0..c {
+            for t in 0..kk {
+                let dst = if flip { kk - 1 - t } else { t };
+                out[(dst * o + oc) * c + ic] = w[(oc * c + ic) * kk + t];
+            }
+        }
+    }
+    out
+}
+
+/// Forward conv of images `n0..n1` (padded in `xpad`) into `z` (NHWC, the
+/// chunk's images only), weights packed `[tap][c][o]`.
+fn conv_chunk(isa: Isa, g: &Geom, xpad: &[f32], wf: &[f32], images: usize, z: &mut [f32]) {
+    let (wp, c, o) = (g.wp(), g.c, g.o);
+    let taps = g.taps(wp, c, c * o);
+    let img_in = g.hp() * wp * c;
+    for i in 0..images {
+        for oy in 0..g.ho {
+            let a = &xpad[i * img_in + oy * g.stride * wp * c..];
+            let out = &mut z[(i * g.p() + oy * g.wo) * o..][..g.wo * o];
+            let t = Tile {
+                a: a.as_ptr(),
+                a_rs: (g.stride * c) as isize,
+                a_ks: 1,
+                b: wf.as_ptr(),
+                b_ks: o as isize,
+                segs: &taps,
+                k: c,
+                out: out.as_mut_ptr(),
+                out_rs: o as isize,
+                accumulate: false,
+            };
+            // SAFETY: pixel r of the row reads xpad[(oy·s + ky)·wp + r·s + kx]
+            // < hp·wp (valid output), channels < c; B reads taps·c·o
+            // packed weights; out is the row's wo·o outputs.
+            unsafe { kernel::product(isa, &t, g.wo, o) };
+        }
+    }
+}
+
+/// Per-image channel mean and M2 (sum of squared deviations) of `z`.
+fn image_moments(z: &[f32], o: usize) -> (Vec<f32>, Vec<f32>) {
+    let p = z.len() / o;
+    let mut mean = vec![0f32; o];
+    for px in z.chunks(o) {
+        mean.iter_mut().zip(px).for_each(|(m, &v)| *m += v);
+    }
+    mean.iter_mut().for_each(|m| *m /= p as f32);
+    let mut m2 = vec![0f32; o];
+    for px in z.chunks(o) {
+        for ((s, &v), &m) in m2.iter_mut().zip(px).zip(&mean) {
+            *s += (v - m) * (v - m);
+        }
+    }
+    (mean, m2)
+}
+
+/// Statistics of one training-mode [`conv_bn_train`] call, per output channel.
+#[derive(Debug, Clone, Default)]
+pub struct BnStats {
+    /// Batch mean of the conv output.
+    pub mean: Vec<f32>,
+    /// Biased batch variance of the conv output.
+    pub var: Vec<f32>,
+    /// Elements per channel (N·Ho·Wo).
+    pub count: usize,
+}
+
+/// Chan's parallel combination of per-image moments (each over `p`
+/// elements), in image order, in f64.
+fn combine_moments(parts: &[(Vec<f32>, Vec<f32>)], p: usize, o: usize) -> BnStats {
+    let mut mean = vec![0f64; o];
+    let mut m2 = vec![0f64; o];
+    let mut count = 0f64;
+    for (pm, pm2) in parts {
+        let nb = p as f64;
+        let tot = count + nb;
+        for ch in 0..o {
+            let d = pm[ch] as f64 - mean[ch];
+            mean[ch] += d * nb / tot;
+            m2[ch] += pm2[ch] as f64 + d * d * count * nb / tot;
+        }
+        count = tot;
+    }
+    BnStats {
+        mean: mean.iter().map(|&m| m as f32).collect(),
+        var: m2.iter().map(|&s| (s / count) as f32).collect(),
+        count: count as usize,
+    }
+}
+
+/// `y = relu?(z·a + b)` per channel (NHWC: channels innermost).
+fn affine(z: &[f32], a: &[f32], b: &[f32], relu: bool, y: &mut [f32]) {
+    let o = a.len();
+    y.par_chunks_mut(o * 64)
+        .zip(z.par_chunks(o * 64))
+        .for_each(|(y, z)| {
+            for (y, z) in y.chunks_mut(o).zip(z.chunks(o)) {
+                for (((y, &z), &a), &b) in y.iter_mut().zip(z).zip(a).zip(b) {
+                    let v = z * a + b;
+                    *y = if relu { v.max(0.0) } else { v };
+                }
+            }
+        });
+}
+
+/// What the forward pass keeps for the backward pass.
+#[derive(Debug, Default)]
+struct Saved {
+    /// Conv output before BN (NHWC).
+    z: Vec<f32>,
+    /// Per-channel BN scale and shift as applied: y = relu?(z·a + b).
+    a: Vec<f32>,
+    b: Vec<f32>,
+    /// Per-channel batch mean and 1/sqrt(var + eps).
+    mean: Vec<f32>,
+    inv_std: Vec<f32>,
+    /// BN scale γ.
+    gamma: Vec<f32>,
+}
+
+/// Fused conv (no bias) + BatchNorm + optional ReLU on NHWC tensors.
+///
+/// Arguments: the input (N, H, W, C), the weight (O, C, k, k) and a (2, O)
+/// tensor: (γ, β) in training mode, the folded (scale, shift) in
+/// inference mode.
+#[derive(Debug, Clone)]
+struct ConvBnOp {
+    stride: usize,
+    pad: usize,
+    eps: f32,
+    relu: bool,
+    train: bool,
+    saved: Arc<Mutex<Saved>>,
+    stats: Arc<Mutex<BnStats>>,
+}
+
+impl ConvBnOp {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Saved> {
+        self.saved.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Conv of the whole batch; in inference mode with the affine and ReLU
+    /// applied per image (output `y`), in training mode the raw `z` and
+    /// each image's moments.
+    fn forward(
+        &self,
+        g: &Geom,
+        x: &[f32],
+        w: &[f32],
+        gb: &[f32],
+    ) -> (Vec<f32>, Vec<(Vec<f32>, Vec<f32>)>) {
+        let isa = Isa::detect();
+        let wf = pack_forward(w, g, (!self.train).then(|| &gb[..g.o]));
+        let (p, o) = (g.p(), g.o);
+        let mut z = vec![0f32; g.n * p * o];
+        let zp = SyncPtr(z.as_mut_ptr());
+        let per_chunk: Vec<Vec<(Vec<f32>, Vec<f32>)>> = g
+            .chunks()
+            .into_par_iter()
+            .map(|(n0, n1)| {
+                let mut xpad = vec![0f32; (n1 - n0) * g.hp() * g.wp() * g.c];
+                pad_images(x, g, (n0, n1), &mut xpad);
+                // SAFETY: images n0..n1 of z belong to this chunk only.
+                let zc = unsafe {
+                    std::slice::from_raw_parts_mut(zp.ptr().add(n0 * p * o), (n1 - n0) * p * o)
+                };
+                conv_chunk(isa, g, &xpad, &wf, n1 - n0, zc);
+                if self.train {
+                    zc.chunks(p * o).map(|zi| image_moments(zi, o)).collect()
+                } else {
+                    let b = &gb[o..];
+                    for px in zc.chunks_mut(o) {
+                        for (v, &b) in px.iter_mut().zip(b) {
+                            let y = *v + b;
+                            *v = if self.relu { y.max(0.0) } else { y };
+                        }
+                    }
+                    Vec::new()
+                }
+            })
+            .collect();
+        (z, per_chunk.into_iter().flatten().collect())
+    }
+}
+
+impl CustomOp3 for ConvBnOp {
+    fn name(&self) -> &'static str {
+        "fast-conv-bn-nhwc"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l1.shape(), l2.shape(), self.stride, self.pad)?;
+        let x = slice(s1, l1, "conv_bn")?;
+        let w = slice(s2, l2, "conv_bn")?;
+        let gb = slice(s3, l3, "conv_bn")?;
+        if gb.len() != 2 * g.o {
+            bail!(
+                "conv_bn: {} output channels but BN parameters {:?}",
+                g.o,
+                l3.shape()
+            )
+        }
+        let shape = Shape::from((g.n, g.ho, g.wo, g.o));
+        let t0 = Instant::now();
+        let (z, moments) = self.forward(&g, x, w, gb);
+        profile::add(Phase::Conv, t0);
+        if !self.train {
+            return Ok((CpuStorage::F32(z), shape));
+        }
+        let t0 = Instant::now();
+        let st = combine_moments(&moments, g.p(), g.o);
+        let (gamma, beta) = (&gb[..g.o], &gb[g.o..]);
+        let inv_std: Vec<f32> = st.var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+        let a: Vec<f32> = gamma.iter().zip(&inv_std).map(|(g, i)| g * i).collect();
+        let b: Vec<f32> = (0..g.o).map(|c| beta[c] - st.mean[c] * a[c]).collect();
+        let mut y = vec![0f32; z.len()];
+        affine(&z, &a, &b, self.relu, &mut y);
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = st.clone();
+        *self.lock() = Saved {
+            z,
+            a,
+            b,
+            mean: st.mean,
+            inv_std,
+            gamma: gamma.to_vec(),
+        };
+        profile::add(Phase::Bn, t0);
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        gb: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if !self.train {
+            bail!("conv_bn: no backward pass in inference mode")
+        }
+        let g = Geom::new(x.shape(), w.shape(), self.stride, self.pad)?;
+        let saved = std::mem::take(&mut *self.lock());
+        if saved.z.len() != g.n * g.p() * g.o {
+            bail!("conv_bn: backward pass without a forward pass (or run twice)")
+        }
+        let t0 = Instant::now();
+        let bn = read(dy, "conv_bn backward", |dy| {
+            Ok(bn_backward(&saved, dy, &g, self.relu))
+        })?;
+        profile::add(Phase::Bn, t0);
+        let t0 = Instant::now();
+        let need_dx = x.track_op();
+        let (dx, dw) = read(x, "conv_bn backward", |x| {
+            read(w, "conv_bn backward", |w| {
+                read(dy, "conv_bn backward", |dy| {
+                    Ok(conv_backward(&g, x, w, dy, &saved, &bn, self.relu, need_dx))
+                })
+            })
+        })?;
+        profile::add(Phase::Conv, t0);
+        let dx = if need_dx {
+            Some(tensor(dx, x.shape())?)
+        } else {
+            None
+        };
+        let dgb: Vec<f32> = bn.dgamma.iter().chain(&bn.dbeta).copied().collect();
+        Ok((
+            dx,
+            Some(tensor(dw, w.shape())?),
+            Some(tensor(dgb, gb.shape())?),
+        ))
+    }
+}
+
+/// BN (+ ReLU) backward as per-channel coefficients:
+/// `dz = c1·dy' + c2 + c3·z` with `dy' = dy` where the output was positive
+/// (or everywhere without ReLU).
+#[derive(Debug)]
+struct BnBackward {
+    dgamma: Vec<f32>,
+    dbeta: Vec<f32>,
+    c1: Vec<f32>,
+    c2: Vec<f32>,
+    c3: Vec<f32>,
+}
+
+/// `dy` where the output `z·a + b` was positive (or everywhere without ReLU).
+#[inline(always)]
+fn masked(dy: f32, z: f32, a: f32, b: f32, relu: bool) -> f32 {
+    if relu && z * a + b <= 0.0 {
+        0.0
+    } else {
+        dy
+    }
+}
+
+/// Adds one image's `Σdy'` and `Σdy'·(z − mean)` per channel into `s1`, `s2`.
+fn bn_sums(dy: &[f32], z: &[f32], s: &Saved, relu: bool, s1: &mut [f32], s2: &mut [f32]) {
+    let o = s1.len();
+    let (a, b, mean, s2) = (&s.a[..o], &s.b[..o], &s.mean[..o], &mut s2[..o]);
+    for (dy, z) in dy.chunks_exact(o).zip(z.chunks_exact(o)) {
+        for ch in 0..o {
+            let d = masked(dy[ch], z[ch], a[ch], b[ch], relu);
+            s1[ch] += d;
+            s2[ch] += d * (z[ch] - mean[ch]);
+        }
+    }
+}
+
+fn bn_backward(s: &Saved, dy: &[f32], g: &Geom, relu: bool) -> BnBackward {
+    let (o, img) = (g.o, g.p() * g.o);
+    // Per image Σdy' and Σdy'·(z − mean), then summed in image order.
+    let parts: Vec<(Vec<f32>, Vec<f32>)> = dy
+        .par_chunks(img)
+        .zip(s.z.par_chunks(img))
+        .map(|(dy, z)| {
+            let (mut s1, mut s2) = (vec![0f32; o], vec![0f32; o]);
+            if relu {
+                bn_sums(dy, z, s, true, &mut s1, &mut s2);
+            } else {
+                bn_sums(dy, z, s, false, &mut s1, &mut s2);
+            }
+            (s1, s2)
+        })
+        .collect();
+    let (mut sdy, mut sdyz) = (vec![0f64; o], vec![0f64; o]);
+    for (p1, p2) in &parts {
+        for ch in 0..o {
+            sdy[ch] += p1[ch] as f64;
+            sdyz[ch] += p2[ch] as f64;
+        }
+    }
+    let m = (g.n * g.p()) as f32;
+    let mut r = BnBackward {
+        dgamma: vec![0.0; o],
+        dbeta: vec![0.0; o],
+        c1: vec![0.0; o],
+        c2: vec![0.0; o],
+        c3: vec![0.0; o],
+    };
+    for ch in 0..o {
+        let inv = s.inv_std[ch];
+        // dγ = Σ dy·x̂, dβ = Σ dy, dz = γ·inv/M · (M·dy − dβ − x̂·dγ).
+        let (dbeta, dgamma) = (sdy[ch] as f32, sdyz[ch] as f32 * inv);
+        let kf = s.gamma[ch] * inv / m;
+        r.dgamma[ch] = dgamma;
+        r.dbeta[ch] = dbeta;
+        r.c1[ch] = kf * m;
+        r.c3[ch] = -kf * dgamma * inv;
+        r.c2[ch] = -kf * dbeta - r.c3[ch] * s.mean[ch];
+    }
+    r
+}
+
+/// `dz` of images `n0..n1` into `dst`, whose image `i` pixel (y, x) is at
+/// `(i·(ho + 2q) + y + q)·(wo + 2q) + x + q` (a zero border of `q`).
+#[allow(clippy::too_many_arguments)]
+fn dz_chunk(
+    g: &Geom,
+    dy: &[f32],
+    s: &Saved,
+    bn: &BnBackward,
+    relu: bool,
+    (n0, n1): (usize, usize),
+    q: usize,
+    dst: &mut [f32],
+) {
+    let (o, p) = (g.o, g.p());
+    let (hq, wq) = (g.ho + 2 * q, g.wo + 2 * q);
+    if q > 0 {
+        dst.fill(0.0);
+    }
+    for i in 0..n1 - n0 {
+        for y in 0..g.ho {
+            let src = ((n0 + i) * p + y * g.wo) * o;
+            let d0 = ((i * hq + y + q) * wq + q) * o;
+            let (dy, z) = (&dy[src..][..g.wo * o], &s.z[src..][..g.wo * o]);
+            let d = &mut dst[d0..][..g.wo * o];
+            if relu {
+                dz_pixels(d, dy, z, s, bn, true);
+            } else {
+                dz_pixels(d, dy, z, s, bn, false);
+            }
+        }
+    }
+}
+
+/// `dz = c1·dy' + c2 + c3·z` for whole pixels (`o` channels each).
+#[inline(always)]
+fn dz_pixels(d: &mut [f32], dy: &[f32], z: &[f32], s: &Saved, bn: &BnBackward, relu: bool) {
+    let o = bn.c1.len();
+    let (a, b) = (&s.a[..o], &s.b[..o]);
+    let (c1, c2, c3) = (&bn.c1[..o], &bn.c2[..o], &bn.c3[..o]);
+    for ((d, dy), z) in d
+        .chunks_exact_mut(o)
+        .zip(dy.chunks_exact(o))
+        .zip(z.chunks_exact(o))
+    {
+        for ch in 0..o {
+            let m = masked(dy[ch], z[ch], a[ch], b[ch], relu);
+            d[ch] = c1[ch] * m + c2[ch] + c3[ch] * z[ch];
+        }
+    }
+}
+
+/// Weight gradient of one chunk, `[tap][c][o]`, from its padded input and
+/// its `dz` (border `q`).
+fn dw_chunk(isa: Isa, g: &Geom, xpad: &[f32], dz: &[f32], images: usize, q: usize) -> Vec<f32> {
+    let (c, o, wp) = (g.c, g.o, g.wp());
+    let (hq, wq) = (g.ho + 2 * q, g.wo + 2 * q);
+    let segs: Vec<(isize, isize)> = (0..images)
+        .flat_map(|i| (0..g.ho).map(move |y| (i, y)))
+        .map(|(i, y)| {
+            let a = (i * g.hp() + y * g.stride) * wp * c;
+            let b = ((i * hq + y + q) * wq + q) * o;
+            (a as isize, b as isize)
+        })
+        .collect();
+    let mut dw = vec![0f32; g.k * g.k * c * o];
+    for t in 0..g.k * g.k {
+        let (ky, kx) = (t / g.k, t % g.k);
+        let tile = Tile {
+            a: xpad[(ky * wp + kx) * c..].as_ptr(),
+            a_rs: 1,
+            a_ks: (g.stride * c) as isize,
+            b: dz.as_ptr(),
+            b_ks: o as isize,
+            segs: &segs,
+            k: g.wo,
+            out: dw[t * c * o..].as_mut_ptr(),
+            out_rs: o as isize,
+            accumulate: false,
+        };
+        // SAFETY: row r (channel) of step x in segment (i, y) reads
+        // xpad[i][y·s + ky][x·s + kx][r], inside the padded chunk; B reads
+        // dz[i][y + q][x + q][0..o]; out is the tap's c×o block.
+        unsafe { kernel::product(isa, &tile, c, o) };
+    }
+    dw
+}
+
+/// Input gradient of one chunk into `dx` (the chunk's images, NHWC).
+fn dx_chunk(isa: Isa, g: &Geom, wb: &[f32], dz: &[f32], images: usize, dx: &mut [f32]) {
+    let (c, o) = (g.c, g.o);
+    if g.dx_gathers() {
+        let q = g.q();
+        let (hq, wq) = (g.ho + 2 * q, g.wo + 2 * q);
+        let taps = g.taps(wq, o, o * c);
+        for i in 0..images {
+            for iy in 0..g.h {
+                let a = &dz[(i * hq + iy) * wq * o..];
+                let out = &mut dx[(i * g.h + iy) * g.w * c..][..g.w * c];
+                let t = Tile {
+                    a: a.as_ptr(),
+                    a_rs: o as isize,
+                    a_ks: 1,
+                    b: wb.as_ptr(),
+                    b_ks: c as isize,
+                    segs: &taps,
+                    k: o,
+                    out: out.as_mut_ptr(),
+                    out_rs: c as isize,
+                    accumulate: false,
+                };
+                // SAFETY: pixel r reads dzpad[i][iy + ty][r + tx] with
+                // iy + ty < h + k − 1 ≤ ho + 2q (stride 1); out is the row.
+                unsafe { kernel::product(isa, &t, g.w, c) };
+            }
+        }
+        return;
+    }
+    // Strided: scatter each tap of dz·Wᵀ into a padded gradient.
+    let (hp, wp) = (g.hp(), g.wp());
+    let mut dpad = vec![0f32; hp * wp * c];
+    for i in 0..images {
+        dpad.fill(0.0);
+        for oy in 0..g.ho {
+            let a = &dz[(i * g.p() + oy * g.wo) * o..];
+            for t in 0..g.k * g.k {
+                let (ky, kx) = (t / g.k, t % g.k);
+                let seg = [(0isize, (t * o * c) as isize)];
+                let out = &mut dpad[((oy * g.stride + ky) * wp + kx) * c..];
+                let tile = Tile {
+                    a: a.as_ptr(),
+                    a_rs: o as isize,
+                    a_ks: 1,
+                    b: wb.as_ptr(),
+                    b_ks: c as isize,
+                    segs: &seg,
+                    k: o,
+                    out: out.as_mut_ptr(),
+                    out_rs: (g.stride * c) as isize,
+                    accumulate: true,
+                };
+                // SAFETY: output pixel (oy·s + ky, x·s + kx) of the padded
+                // gradient is inside it for every valid output x.
+                unsafe { kernel::product(isa, &tile, g.wo, c) };
+            }
+        }
+        let img = &mut dx[i * g.h * g.w * c..][..g.h * g.w * c];
+        for y in 0..g.h {
+            img[y * g.w * c..][..g.w * c]
+                .copy_from_slice(&dpad[((y + g.pad) * wp + g.pad) * c..][..g.w * c]);
+        }
+    }
+}
+
+/// Input and weight gradients of the whole batch, chunk by chunk.
+#[allow(clippy::too_many_arguments)]
+fn conv_backward(
+    g: &Geom,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    s: &Saved,
+    bn: &BnBackward,
+    relu: bool,
+    need_dx: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let isa = Isa::detect();
+    let wb = pack_backward(w, g, g.dx_gathers());
+    let q = if need_dx && g.dx_gathers() { g.q() } else { 0 };
+    let img_in = g.h * g.w * g.c;
+    let mut dx = vec![0f32; if need_dx { g.n * img_in } else { 0 }];
+    let dxp = SyncPtr(dx.as_mut_ptr());
+    let parts: Vec<Vec<f32>> = g
+        .chunks()
+        .into_par_iter()
+        .map(|(n0, n1)| {
+            let images = n1 - n0;
+            let mut xpad = vec![0f32; images * g.hp() * g.wp() * g.c];
+            pad_images(x, g, (n0, n1), &mut xpad);
+            let mut dz = vec![0f32; images * (g.ho + 2 * q) * (g.wo + 2 * q) * g.o];
+            dz_chunk(g, dy, s, bn, relu, (n0, n1), q, &mut dz);
+            let dw = dw_chunk(isa, g, &xpad, &dz, images, q);
+            if need_dx {
+                // SAFETY: images n0..n1 of dx belong to this chunk only.
+                let dxc = unsafe {
+                    std::slice::from_raw_parts_mut(dxp.ptr().add(n0 * img_in), images * img_in)
+                };
+                dx_chunk(isa, g, &wb, &dz, images, dxc);
+            }
+            dw
+        })
+        .collect();
+    // Sum the chunks in order, then [tap][c][o] → OIHW.
+    let mut acc = parts[0].clone();
+    for part in &parts[1..] {
+        acc.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+    }
+    let (kk, c, o) = (g.k * g.k, g.c, g.o);
+    let mut dw = vec![0f32; o * c * kk];
+    for t in 0..kk {
+        for ic in 0..c {
+            for oc in 0..o {
+                dw[(oc * c + ic) * kk + t] = acc[(t * c + ic) * o + oc];
+            }
+        }
+    }
+    (dx, dw)
+}
+
+/// Training-mode conv (no bias, zero padding `pad`, stride `stride`) of `x`
+/// (N, H, W, C) with `w` (O, C, k, k), then BatchNorm with batch
+/// statistics, scale `gamma` and shift `beta`, then a ReLU when `relu`.
+/// Returns the (N, Ho, Wo, O) output and the batch statistics (for the
+/// running averages).
+#[allow(clippy::too_many_arguments)]
+pub fn conv_bn_train(
+    x: &Tensor,
+    w: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    stride: usize,
+    pad: usize,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, BnStats)> {
+    let stats = Arc::new(Mutex::new(BnStats::default()));
+    let op = ConvBnOp {
+        stride,
+        pad,
+        eps: eps as f32,
+        relu,
+        train: true,
+        saved: Arc::default(),
+        stats: stats.clone(),
+    };
+    let gb = Tensor::stack(&[gamma, beta], 0)?;
+    let y = x.contiguous()?.apply_op3(&w.contiguous()?, &gb, op)?;
+    let s = std::mem::take(&mut *stats.lock().unwrap_or_else(|e| e.into_inner()));
+    Ok((y, s))
+}
+
+/// Inference-mode conv + per-channel affine `relu?(conv(x, w)·scale + shift)`
+/// on NHWC tensors (BatchNorm with running statistics folded into `scale`
+/// and `shift`; the scale is folded into the weights). No gradient.
+pub fn conv_affine_eval(
+    x: &Tensor,
+    w: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+    stride: usize,
+    pad: usize,
+    relu: bool,
+) -> Result<Tensor> {
+    let op = ConvBnOp {
+        stride,
+        pad,
+        eps: 0.0,
+        relu,
+        train: false,
+        saved: Arc::default(),
+        stats: Arc::default(),
+    };
+    let gb = Tensor::stack(&[scale, shift], 0)?;
+    x.contiguous()?.apply_op3_no_bwd(&w.contiguous()?, &gb, &op)
+}

@@ -1,0 +1,198 @@
+//! Fast CPU training ops for candle, as custom ops with their own backward
+//! passes. candle's autograd stays the framework: these are nodes in its
+//! graph like any other op.
+//!
+//! All activations are **NHWC** f32 on the CPU (channels innermost, so every
+//! per-channel operation is a vector operation and a 1x1 convolution is a
+//! plain matrix product); weights keep candle's OIHW layout.
+//!
+//! * [`conv_bn_train`]: conv + BatchNorm (batch statistics) + optional ReLU
+//!   as one op, with no im2col matrix (see `conv.rs`); the products run on
+//!   one register-blocked kernel with runtime ISA dispatch (`kernel.rs`:
+//!   AVX-512F, AVX2+FMA or portable).
+//! * [`conv_affine_eval`]: the inference twin, with the running statistics
+//!   folded into the weights and a shift.
+//! * [`add_relu`]: the residual `relu(a + b)` with a one-pass backward.
+//! * [`maxpool_3x3_s2_p1`]: max pool with padding and a backward pass.
+//!
+//! Work is split over rayon's pool (`RAYON_NUM_THREADS`, default one thread
+//! per core) by chunks of images that depend only on the shape, and partial
+//! sums are combined in chunk order: the results do not depend on the
+//! thread count. Every op is checked against the stock candle op and by
+//! finite differences in `tests.rs`.
+
+mod conv;
+pub mod kernel;
+mod pool;
+pub mod profile;
+#[cfg(test)]
+mod tests;
+
+pub use conv::{conv_affine_eval, conv_bn_train, BnStats};
+pub use kernel::Isa;
+pub use pool::maxpool_3x3_s2_p1;
+use profile::Phase;
+
+use std::time::Instant;
+
+use candle_core::{bail, CpuStorage, CustomOp2, Device, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+// ---------------------------------------------------------------------------
+// Threads
+
+/// Sets up threads for CPU training; call once at start-up, before any
+/// candle op. Returns the worker count.
+///
+/// The custom ops run on rayon's global pool with `threads` workers
+/// (default: `$RAYON_NUM_THREADS`, else one per core). candle's own
+/// elementwise pool (sized from `$RAYON_NUM_THREADS` too) is kept to the
+/// calling thread: its main thread spins while it waits for its workers,
+/// which on a 2-core machine fights the rayon workers for the cores (17%
+/// of a step measured). Only the small ops (loss, FC, optimizer, gradient
+/// sums) still run through candle's pool.
+pub fn configure_threads(threads: Option<usize>) -> anyhow::Result<usize> {
+    let n = threads
+        .or_else(|| std::env::var("RAYON_NUM_THREADS").ok()?.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    keep_freed_memory();
+    // Must happen before candle reads it; nothing else runs yet.
+    std::env::set_var("RAYON_NUM_THREADS", "1");
+    if rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .is_err()
+    {
+        // Already built (e.g. called twice): keep what exists.
+        return Ok(rayon::current_num_threads());
+    }
+    Ok(n)
+}
+
+/// Keeps freed blocks in the process instead of returning them to the
+/// system (glibc's default for blocks of 128 KiB and more): a training step
+/// allocates and frees tens of MB of activations, and fresh pages cost a
+/// page fault and a kernel zero-fill each, every step.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; called before the
+    // worker threads exist.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw access helpers
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        bail!("{op}: expects f32 tensors")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("{op}: expects contiguous tensors"),
+    }
+}
+
+/// Runs `f` on the f32 data of a CPU tensor (made contiguous first).
+fn read<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    match &*st {
+        Storage::Cpu(s) => f(slice(s, l, op)?),
+        _ => bail!("{op}: CPU tensors only"),
+    }
+}
+
+fn tensor(v: Vec<f32>, shape: impl Into<Shape>) -> Result<Tensor> {
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+/// A pointer shared by threads that write disjoint elements.
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+// SAFETY: every use below writes disjoint index sets from different threads
+// and the pointee outlives the parallel section.
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+impl SyncPtr {
+    /// The pointer (a method, so closures capture the `Sync` wrapper).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Residual add + ReLU
+
+#[derive(Debug, Clone, Copy)]
+struct AddReluOp;
+
+impl CustomOp2 for AddReluOp {
+    fn name(&self) -> &'static str {
+        "fast-add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            bail!(
+                "add_relu: shapes {:?} and {:?} differ",
+                l1.shape(),
+                l2.shape()
+            )
+        }
+        let t0 = Instant::now();
+        let (a, b) = (slice(s1, l1, "add_relu")?, slice(s2, l2, "add_relu")?);
+        let mut y = vec![0f32; a.len()];
+        y.par_chunks_mut(4096)
+            .zip(a.par_chunks(4096).zip(b.par_chunks(4096)))
+            .for_each(|(d, (a, b))| {
+                for ((d, &a), &b) in d.iter_mut().zip(a).zip(b) {
+                    *d = (a + b).max(0.0);
+                }
+            });
+        profile::add(Phase::Elementwise, t0);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        _b: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let t0 = Instant::now();
+        let g = read(y, "add_relu backward", |y| {
+            read(dy, "add_relu backward", |dy| {
+                let mut g = vec![0f32; y.len()];
+                g.par_chunks_mut(4096)
+                    .zip(y.par_chunks(4096).zip(dy.par_chunks(4096)))
+                    .for_each(|(g, (y, dy))| {
+                        for ((g, &y), &d) in g.iter_mut().zip(y).zip(dy) {
+                            *g = if y > 0.0 { d } else { 0.0 };
+                        }
+                    });
+                Ok(g)
+            })
+        })?;
+        let g = tensor(g, y.shape())?;
+        profile::add(Phase::Elementwise, t0);
+        Ok((Some(g.clone()), Some(g)))
+    }
+}
+
+/// `relu(a + b)` for two tensors of the same shape.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.contiguous()?.apply_op2(&b.contiguous()?, AddReluOp)
+}
