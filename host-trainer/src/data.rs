@@ -309,6 +309,21 @@ fn append_records(bytes: &[u8], out: &mut Dataset) -> Result<()> {
     Ok(())
 }
 
+/// `ds` in the official binary format: per image, the label byte, then the
+/// R, G and B planes (32x32 row-major each): the inverse of the reader, so
+/// a `test_batch.bin` written from it loads back as `ds`.
+pub fn to_binary_records(ds: &Dataset) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ds.len() * RECORD_BYTES);
+    for i in 0..ds.len() {
+        out.push(ds.labels[i]);
+        let img = ds.image(i);
+        for c in 0..3 {
+            out.extend(img.iter().skip(c).step_by(3));
+        }
+    }
+    out
+}
+
 /// The folder that actually holds the `.bin` files: `dir` itself if it has
 /// any, else `dir/cifar-10-batches-bin` if that is a folder, else `dir`.
 fn binary_batch_dir(dir: &Path) -> Result<PathBuf> {
@@ -697,6 +712,17 @@ mod tests {
             ));
         }
         out
+    }
+
+    #[test]
+    fn binary_records_are_the_readers_inverse() {
+        let bytes = batch(&[(3, 7), (9, 200)]);
+        let mut ds = Dataset::default();
+        append_records(&bytes, &mut ds).unwrap();
+        assert_eq!(ds.labels, [3, 9]);
+        assert_eq!(ds.image(1), expected_image(200).as_slice());
+        assert_eq!(to_binary_records(&ds), bytes);
+        assert!(to_binary_records(&Dataset::default()).is_empty());
     }
 
     fn write_batches(dir: &Path) {

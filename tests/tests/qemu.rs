@@ -6,33 +6,28 @@
 //! export) is measured; and the instructions per inference may not grow by
 //! more than 2% over `tests/snapshots/mcu-instructions.json`.
 //!
-//! Needs `qemu-system-arm` (`cargo xtask ci` installs it) and the data set
-//! at `../shared/data/cifar10-jpeg` (or `$MINI_RESNET_DATA`).
-
-use std::path::PathBuf;
+//! Needs `qemu-system-arm` (`cargo xtask ci` installs it). The images are
+//! the subset shipped in `tests/data/cifar10-test-200/` (the 200 test
+//! images of the float reference; `tests/tests/test_subset.rs` checks it
+//! against the full data set when that is present), so the test needs no
+//! data set beside the workspace.
 
 use host_trainer::data::{self, Split};
 use host_trainer::export::{argmax, image_hash, read_float_reference, REFERENCE_IMAGES};
 use shared::preprocess::{preprocess, Frame, PixelFormat, INPUT_LEN};
+use tests::data::subset_dir;
 use tests::qemu::{
     build_qemu_image, camera_frame, run_qemu, workspace_root, write_frames, FrameFormat,
 };
 use tests::snapshot::Snapshot;
 
-fn data_dir() -> PathBuf {
-    std::env::var_os("MINI_RESNET_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("../shared/data/cifar10-jpeg"))
-}
-
 #[test]
 fn qemu_firmware_is_bit_exact_with_host() {
     let model = shared::model::default_model().expect("the model committed in shared is invalid");
-    let dir = data_dir();
-    let src = data::detect(&dir)
-        .unwrap_or_else(|e| panic!("CIFAR-10 test images needed at {}: {e:#}", dir.display()));
-    let test = data::load(&src, Split::Test).expect("loading the test set");
-    let images = test.subsample(REFERENCE_IMAGES);
+    let dir = subset_dir();
+    let src = data::detect(&dir).expect("the shipped test subset");
+    let images = data::load(&src, Split::Test).expect("reading the shipped test subset");
+    assert_eq!(images.len(), REFERENCE_IMAGES);
     let (w, h) = (160, 120);
     let frames: Vec<Vec<u8>> = (0..images.len())
         .map(|i| camera_frame(images.image(i), w, h, FrameFormat::Rgb565Be))
