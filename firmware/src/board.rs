@@ -336,7 +336,7 @@ fn profile_layers(engine: &mut Engine<'_>) {
         let c0 = DWT::cycle_count();
         let r = engine.run_layer(i);
         let cycles = DWT::cycle_count().wrapping_sub(c0);
-        let name = engine.model().layer(i).name;
+        let name = engine.model().layer(i).map_or("?", |l| l.name);
         match r {
             Ok(()) => info!("layer {} {} cycles={}", i, name, cycles),
             Err(e) => {

@@ -232,8 +232,8 @@ fn main() -> ! {
                     fail(&mut out, "run_layer");
                 }
                 let b = clock.now();
-                let layer = engine.model().layer(i);
-                let _ = writeln!(out, "LAYER {i} {} {}", layer.name, b - a);
+                let name = engine.model().layer(i).map_or("?", |l| l.name);
+                let _ = writeln!(out, "LAYER {i} {name} {}", b - a);
             }
         }
     }

@@ -24,8 +24,8 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Module, Tensor, D};
 use shared::kernels::{AddParams, Dims};
 use shared::model::{
-    crc32, Model, Op, FORMAT_VERSION, HEADER_LEN, LAYER_RECORD_LEN, MAGIC, NAME_LEN, NO_TENSOR,
-    TENSOR_RECORD_LEN,
+    crc32, Model, Op, FORMAT_VERSION, HEADER_LEN, LAYER_RECORD_LEN, MAGIC, MAX_ARENA_LEN,
+    MAX_LAYERS, MAX_SCRATCH_LEN, MAX_TENSORS, NAME_LEN, NO_TENSOR, TENSOR_RECORD_LEN,
 };
 use shared::quant::quantize_multiplier;
 
@@ -486,9 +486,15 @@ pub fn plan_arena(sizes: &[usize], life: &[(usize, usize)]) -> (Vec<usize>, usiz
 /// (`key=value` lines).
 pub fn build_blob(graph: &Graph, q: &TensorQuant, meta: &str) -> Result<Vec<u8>> {
     let n_t = graph.tensors.len();
+    // The reader's limits (`shared::model`), so every blob written parses.
     ensure!(
-        n_t < NO_TENSOR as usize && graph.layers.len() < u16::MAX as usize,
-        "graph too large"
+        n_t <= MAX_TENSORS,
+        "{n_t} tensors: the blob format allows at most {MAX_TENSORS}"
+    );
+    ensure!(
+        (1..=MAX_LAYERS).contains(&graph.layers.len()),
+        "{} layers: the blob format allows 1 to {MAX_LAYERS}",
+        graph.layers.len()
     );
     // Lifetimes in layer steps; the input is alive from step 0.
     let mut life: Vec<(usize, usize)> = vec![(usize::MAX, 0); n_t];
@@ -609,6 +615,14 @@ pub fn build_blob(graph: &Graph, q: &TensorQuant, meta: &str) -> Result<Vec<u8>>
         records.push(rec);
     }
     data.align();
+    ensure!(
+        arena <= MAX_ARENA_LEN,
+        "the activation arena needs {arena} bytes, more than the {MAX_ARENA_LEN} the blob format allows"
+    );
+    ensure!(
+        scratch <= MAX_SCRATCH_LEN,
+        "the conv scratch needs {scratch} i16, more than the {MAX_SCRATCH_LEN} the blob format allows"
+    );
 
     // Layout: header, meta (padded), tensor table, layer table, data.
     let mut meta_bytes = meta.as_bytes().to_vec();
@@ -668,6 +682,8 @@ pub fn build_blob(graph: &Graph, q: &TensorQuant, meta: &str) -> Result<Vec<u8>>
     ensure!(blob.len() == total, "internal error: blob layout");
     let crc = crc32(&blob[16..]);
     blob[12..16].copy_from_slice(&crc.to_le_bytes());
+    // Writer and reader agree: what is written here is what `parse` accepts.
+    OwnedModel::new(&blob).context("the written blob fails shared's validation")?;
     Ok(blob)
 }
 
@@ -767,6 +783,75 @@ mod tests {
         assert!((s[0] - 1.0 / 127.0).abs() < 1e-12 && (s[1] - 2.0 / 127.0).abs() < 1e-12);
         let (q, s) = quantize_weights(&[0.0, 0.0], 1);
         assert_eq!((q, s), (vec![0, 0], vec![1.0]));
+    }
+
+    /// Input 32x32x3 → 1x1 conv to `width` channels → global average pool →
+    /// FC to 10 logits.
+    fn tiny_graph(width: usize) -> (Graph, TensorQuant) {
+        let t = |h, w, c, same| FTensor {
+            dims: Dims::new(h, w, c),
+            same_quant_as: same,
+        };
+        let graph = Graph {
+            tensors: vec![
+                t(32, 32, 3, None),
+                t(32, 32, width, None),
+                t(1, 1, width, Some(1)),
+                t(1, 1, 10, None),
+            ],
+            layers: vec![
+                FLayer::Conv {
+                    name: "conv".into(),
+                    io: (0, 1),
+                    w: (0..3 * width).map(|i| (i % 7) as f32 * 0.1 - 0.3).collect(),
+                    b: vec![0.01; width],
+                    k: 1,
+                    stride: 1,
+                    relu: true,
+                },
+                FLayer::Gap { io: (1, 2) },
+                FLayer::Fc {
+                    io: (2, 3),
+                    w: (0..10 * width)
+                        .map(|i| (i % 5) as f32 * 0.2 - 0.4)
+                        .collect(),
+                    b: vec![0.0; 10],
+                },
+            ],
+        };
+        let q = vec![(1.0 / 128.0, 0), (0.02, -128), (0.02, -128), (0.05, 3)];
+        (graph, q)
+    }
+
+    /// The writer refuses what the reader would refuse, with the limit in
+    /// the message, and what it writes parses.
+    #[test]
+    fn writer_enforces_the_readers_limits() {
+        let (g, q) = tiny_graph(8);
+        let blob = build_blob(&g, &q, "model=tiny\n").unwrap();
+        let owned = OwnedModel::new(&blob).unwrap();
+        assert_eq!(owned.model().unwrap().layer_count(), 3);
+
+        // 1024 channels at 32x32: a 1 MiB tensor beside the input.
+        let (g, q) = tiny_graph(1024);
+        let err = format!("{:#}", build_blob(&g, &q, "").unwrap_err());
+        assert!(err.contains(&MAX_ARENA_LEN.to_string()), "{err}");
+
+        let (mut g, mut q) = tiny_graph(8);
+        while g.tensors.len() <= MAX_TENSORS {
+            g.tensors.push(FTensor {
+                dims: Dims::new(1, 1, 1),
+                same_quant_as: None,
+            });
+            q.push((1.0, 0));
+        }
+        let err = format!("{:#}", build_blob(&g, &q, "").unwrap_err());
+        assert!(err.contains(&format!("at most {MAX_TENSORS}")), "{err}");
+
+        let (mut g, q) = tiny_graph(8);
+        g.layers.clear();
+        let err = format!("{:#}", build_blob(&g, &q, "").unwrap_err());
+        assert!(err.contains(&format!("1 to {MAX_LAYERS}")), "{err}");
     }
 
     #[test]

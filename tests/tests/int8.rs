@@ -183,11 +183,14 @@ fn reference_equals_fast(m: &Model<'_>, inputs: &[[i8; shared::preprocess::INPUT
     };
     for (i, input) in inputs.iter().enumerate() {
         let mut tensors: Vec<Vec<i8>> = (0..m.tensor_count())
-            .map(|t| vec![0; m.tensor(t).dims.len()])
+            .map(|t| vec![0; m.tensor(t).unwrap().dims.len()])
             .collect();
         tensors[m.input_index() as usize].copy_from_slice(input);
         for layer in m.layers() {
-            let (din, dout) = (m.tensor(layer.input).dims, m.tensor(layer.output).dims);
+            let (din, dout) = (
+                m.tensor(layer.input).unwrap().dims,
+                m.tensor(layer.output).unwrap().dims,
+            );
             let x = tensors[layer.input as usize].clone();
             let mut y = vec![0i8; dout.len()];
             match &layer.kind {
@@ -358,14 +361,14 @@ fn per_layer_error_is_within_scale_derived_bounds() {
         let mut scratch = vec![0i16; m.scratch_len()];
         m.load_input(&input, &mut arena).unwrap();
         let deq = |arena: &[i8], t: u16| -> Vec<f64> {
-            let info = m.tensor(t);
+            let info = m.tensor(t).unwrap();
             arena[info.range()]
                 .iter()
                 .map(|&q| (q as i32 - info.zero_point) as f64 * info.scale as f64)
                 .collect()
         };
         for (li, fl) in g.layers.iter().enumerate() {
-            let layer = m.layer(li as u16);
+            let layer = m.layer(li as u16).unwrap();
             let mut ins = vec![deq(&arena, layer.input)];
             if let LayerKind::Add(_) = layer.kind {
                 ins.push(deq(&arena, layer.input2));
@@ -373,7 +376,7 @@ fn per_layer_error_is_within_scale_derived_bounds() {
             let want = float_layer(&g, fl, &ins);
             m.run_layer(li as u16, &mut arena, &mut scratch).unwrap();
             let got = deq(&arena, layer.output);
-            let out = m.tensor(layer.output);
+            let out = m.tensor(layer.output).unwrap();
             let s_out = out.scale as f64;
             let lo = (-128 - out.zero_point) as f64 * s_out;
             let hi = (127 - out.zero_point) as f64 * s_out;
@@ -381,7 +384,7 @@ fn per_layer_error_is_within_scale_derived_bounds() {
             let extra: Vec<f64> = match (&layer.kind, fl) {
                 (LayerKind::Conv(c), FLayer::Conv { io, k, stride, .. }) => {
                     let (id, od) = (g.tensors[io.0].dims, g.tensors[io.1].dims);
-                    let s_in = m.tensor(layer.input).scale as f64;
+                    let s_in = m.tensor(layer.input).unwrap().scale as f64;
                     let taps = k * k * id.c;
                     let mut e = vec![0f64; od.len()];
                     for oy in 0..od.h {
@@ -428,7 +431,7 @@ fn per_layer_error_is_within_scale_derived_bounds() {
                     e
                 }
                 (LayerKind::FullyConnected(fc), FLayer::Fc { .. }) => {
-                    let s_in = m.tensor(layer.input).scale as f64;
+                    let s_in = m.tensor(layer.input).unwrap().scale as f64;
                     let mag: f64 = ins[0].iter().map(|v| v.abs()).sum();
                     (0..fc.bias.len())
                         .map(|o| {

@@ -52,16 +52,22 @@ struct LayerRow {
     cmsis: String,
 }
 
-fn work_of(m: &Model<'_>, i: u16) -> (&'static str, u64, &'static str) {
-    let l = m.layer(i);
-    let (inp, out) = (m.tensor(l.input).dims, m.tensor(l.output).dims);
-    match l.kind {
+fn work_of(m: &Model<'_>, i: u16) -> Result<(&'static str, u64, &'static str), String> {
+    let l = m
+        .layer(i)
+        .ok_or_else(|| format!("QEMU reported layer {i}; the model has {}", m.layer_count()))?;
+    // Both indices were validated by `Model::parse`.
+    let (inp, out) = match (m.tensor(l.input), m.tensor(l.output)) {
+        (Some(a), Some(b)) => (a.dims, b.dims),
+        _ => return Err(format!("layer {i}: tensor index out of range")),
+    };
+    Ok(match l.kind {
         LayerKind::Conv(c) => ("conv", c.params.macs(inp, out) as u64, "MAC"),
         LayerKind::FullyConnected(_) => ("fc", (inp.len() * out.len()) as u64, "MAC"),
         LayerKind::Add(_) => ("add", out.len() as u64, "element"),
         LayerKind::MaxPool(_) => ("maxpool", out.len() as u64, "output"),
         LayerKind::AvgPool(_) => ("avgpool", inp.len() as u64, "input"),
-    }
+    })
 }
 
 fn cmsis_figure(name: &str, op: &str, k: Option<usize>) -> String {
@@ -156,12 +162,12 @@ pub fn bench_mcu(json: bool, update_snapshot: bool) -> Result<(), String> {
     let mut rows = Vec::new();
     let mut total_macs = 0u64;
     for (i, (name, insn)) in run.layers.iter().enumerate() {
-        let (op, work, unit) = work_of(&model, i as u16);
+        let (op, work, unit) = work_of(&model, i as u16)?;
         if unit == "MAC" {
             total_macs += work;
         }
-        let k = match model.layer(i as u16).kind {
-            LayerKind::Conv(c) => Some(c.params.kernel_h),
+        let k = match model.layer(i as u16).map(|l| l.kind) {
+            Some(LayerKind::Conv(c)) => Some(c.params.kernel_h),
             _ => None,
         };
         rows.push(LayerRow {
@@ -184,8 +190,8 @@ pub fn bench_mcu(json: bool, update_snapshot: bool) -> Result<(), String> {
     let scratch_bytes = shared::model::SCRATCH_LEN_FAST * 2;
     let per_mac = total as f64 / total_macs as f64;
     let kernels: Vec<Option<usize>> = (0..rows.len())
-        .map(|i| match model.layer(i as u16).kind {
-            LayerKind::Conv(c) => Some(c.params.kernel_h),
+        .map(|i| match model.layer(i as u16).map(|l| l.kind) {
+            Some(LayerKind::Conv(c)) => Some(c.params.kernel_h),
             _ => None,
         })
         .collect();

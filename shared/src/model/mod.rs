@@ -38,11 +38,26 @@
 //! output_shift, output_offset`).
 //!
 //! Every tensor has a fixed place in one activation arena, planned by the
-//! exporter; [`Model::parse`] checks that no layer's output overlaps its
-//! inputs, that every layer reads tensors already written, and that every
-//! kernel's parameters are valid. After that, [`Model::run`] cannot fail.
+//! exporter. [`Model::parse`] validates everything `run` relies on, with a
+//! valid CRC or not (see `validate.rs`): the header and every table within
+//! the blob and within the limits below (which the exporter enforces too);
+//! every tensor inside the arena, with a positive finite scale and an int8
+//! zero point; the **dataflow**: every layer reads tensors already written
+//! (the input, or one earlier layer's output: each tensor is written once)
+//! and not overwritten in the arena since, and the logits survive the last
+//! layer; no layer's output overlaps its inputs; every kernel's parameters in
+//! their documented ranges (requantization multipliers in `[2^30, 2^31)` or
+//! 0, shifts in `-31..=30`), shapes that agree between producer and
+//! consumer, and offsets that agree with the tensors' zero points. A bad
+//! blob is an error naming the layer (or tensor) and field. After that,
+//! [`Model::run`] cannot fail.
+//!
+//! Limits (reader and writer): at most [`MAX_TENSORS`] tensors and
+//! [`MAX_LAYERS`] layers, an arena of at most [`MAX_ARENA_LEN`] bytes and a
+//! scratch of at most [`MAX_SCRATCH_LEN`] `i16` elements.
 
 mod generated;
+mod validate;
 
 pub use generated::{ARENA_LEN, BLOB, SCRATCH_LEN, SCRATCH_LEN_FAST};
 
@@ -70,10 +85,10 @@ use core::ops::Range;
 
 use crate::error::Error;
 use crate::kernels::{
-    add_s8, avgpool_s8, conv2d_s8, conv2d_s8_validate, fc_s8, maxpool_s8, AddParams, Conv2d,
-    Conv2dParams, Dims, FullyConnected, PoolParams, Requant,
+    add_s8, avgpool_s8, conv2d_s8, fc_s8, maxpool_s8, AddParams, Conv2d, Conv2dParams, Dims,
+    FullyConnected, PoolParams, Requant,
 };
-use crate::preprocess::{INPUT_CHANNELS, INPUT_LEN, INPUT_SIZE};
+use crate::preprocess::INPUT_LEN;
 
 #[cfg(target_endian = "big")]
 compile_error!("the model blob is little-endian and is viewed in place");
@@ -98,6 +113,15 @@ pub const LAYER_RECORD_LEN: usize = 64;
 pub const NAME_LEN: usize = 16;
 /// "No tensor" in a layer record.
 pub const NO_TENSOR: u16 = 0xFFFF;
+/// Most tensors a blob may have (the exporter refuses more).
+pub const MAX_TENSORS: usize = 1024;
+/// Most layers a blob may have (the exporter refuses more).
+pub const MAX_LAYERS: usize = 1024;
+/// Largest activation arena, in bytes: the STM32H743's 1 MiB of SRAM (no
+/// buffer larger than that exists on the target).
+pub const MAX_ARENA_LEN: usize = 1 << 20;
+/// Largest conv scratch, in `i16` elements (1 MiB, as [`MAX_ARENA_LEN`]).
+pub const MAX_SCRATCH_LEN: usize = 1 << 19;
 
 /// CRC-32 (IEEE 802.3, as zlib) of `bytes`.
 pub fn crc32(bytes: &[u8]) -> u32 {
@@ -166,6 +190,28 @@ pub enum ModelError {
         /// The field.
         field: &'static str,
     },
+    /// A layer reads a tensor that neither the network input nor an earlier
+    /// layer wrote.
+    Unwritten {
+        /// Layer index.
+        layer: u16,
+        /// The layer's field naming the tensor (`"input"`, `"input2"`).
+        field: &'static str,
+        /// Tensor index.
+        tensor: u16,
+    },
+    /// A tensor is overwritten in the arena (by a layer writing an
+    /// overlapping tensor) between being written and being read.
+    Overwritten {
+        /// The reading layer, or `None` for the logits read after the network.
+        layer: Option<u16>,
+        /// The reader's field naming the tensor (`"input"`, `"input2"`, `"output"`).
+        field: &'static str,
+        /// Tensor index.
+        tensor: u16,
+        /// The layer whose output overwrites it.
+        by: u16,
+    },
     /// A layer's parameters fail the kernel's own validation.
     Kernel {
         /// Layer index.
@@ -206,6 +252,18 @@ impl core::fmt::Display for ModelError {
             ModelError::Header { field } => write!(f, "model header field `{field}` is invalid"),
             ModelError::Tensor { index, field } => write!(f, "tensor {index}: field `{field}` is invalid"),
             ModelError::Layer { index, field } => write!(f, "layer {index}: field `{field}` is invalid"),
+            ModelError::Unwritten { layer, field, tensor } => write!(
+                f,
+                "layer {layer}: `{field}` reads tensor {tensor}, which no earlier layer writes"
+            ),
+            ModelError::Overwritten { layer: Some(layer), field, tensor, by } => write!(
+                f,
+                "layer {layer}: `{field}` reads tensor {tensor}, which layer {by} overwrites in the arena before"
+            ),
+            ModelError::Overwritten { layer: None, field, tensor, by } => write!(
+                f,
+                "model `{field}`: the logits (tensor {tensor}) are overwritten in the arena by layer {by}"
+            ),
             ModelError::Kernel { index, error } => write!(f, "layer {index}: {error}"),
             ModelError::Buffer { buffer, needed, actual } => {
                 write!(f, "`{buffer}` has {actual} elements, the model needs {needed}")
@@ -319,7 +377,7 @@ pub struct Model<'a> {
     n_layers: u16,
     input: u16,
     output: u16,
-    meta: Range<usize>,
+    meta: &'a str,
     tensors_at: usize,
     layers_at: usize,
     data: Range<usize>,
@@ -398,16 +456,34 @@ impl<'a> Model<'a> {
         let n_layers = u16_at(blob, 26);
         let tensors_at = u32_at(blob, 40) as usize;
         let layers_at = u32_at(blob, 44) as usize;
+        let arena_len = u32_at(blob, 16) as usize;
+        let scratch_len = u32_at(blob, 20) as usize;
+        if arena_len > MAX_ARENA_LEN {
+            return Err(header("arena_len"));
+        }
+        if scratch_len > MAX_SCRATCH_LEN {
+            return Err(header("scratch_len"));
+        }
+        if n_tensors as usize > MAX_TENSORS {
+            return Err(header("tensor_count"));
+        }
+        if n_layers == 0 || n_layers as usize > MAX_LAYERS {
+            return Err(header("layer_count"));
+        }
+        if blob[56..HEADER_LEN].iter().any(|&b| b != 0) {
+            return Err(header("reserved"));
+        }
+        let meta = span(u32_at(blob, 32) as usize, u32_at(blob, 36) as usize, total)
+            .ok_or(header("meta"))?;
         let m = Model {
             blob,
-            arena_len: u32_at(blob, 16) as usize,
-            scratch_len: u32_at(blob, 20) as usize,
+            arena_len,
+            scratch_len,
             n_tensors,
             n_layers,
             input: u16_at(blob, 28),
             output: u16_at(blob, 30),
-            meta: span(u32_at(blob, 32) as usize, u32_at(blob, 36) as usize, total)
-                .ok_or(header("meta"))?,
+            meta: core::str::from_utf8(&blob[meta]).map_err(|_| header("meta"))?,
             tensors_at,
             layers_at,
             data: span(u32_at(blob, 48) as usize, u32_at(blob, 52) as usize, total)
@@ -423,12 +499,6 @@ impl<'a> Model<'a> {
         {
             return Err(header("alignment"));
         }
-        if core::str::from_utf8(&blob[m.meta.clone()]).is_err() {
-            return Err(header("meta"));
-        }
-        if n_layers == 0 {
-            return Err(header("layer_count"));
-        }
         if m.input >= n_tensors || m.output >= n_tensors || m.input == m.output {
             return Err(header("input_output"));
         }
@@ -436,93 +506,9 @@ impl<'a> Model<'a> {
         Ok(m)
     }
 
-    fn validate(&self) -> Result<(), ModelError> {
-        for t in 0..self.n_tensors {
-            let info = self.tensor(t);
-            let bad = |field| ModelError::Tensor { index: t, field };
-            if info.dims.is_empty() {
-                return Err(bad("dims"));
-            }
-            span(info.offset, info.dims.len(), self.arena_len).ok_or(bad("offset"))?;
-            if !(-128..=127).contains(&info.zero_point) {
-                return Err(bad("zero_point"));
-            }
-        }
-        let input = self.tensor(self.input).dims;
-        if input != Dims::new(INPUT_SIZE, INPUT_SIZE, INPUT_CHANNELS) {
-            return Err(ModelError::Header {
-                field: "input_dims",
-            });
-        }
-        let out = self.tensor(self.output).dims;
-        if out.h != 1 || out.w != 1 {
-            return Err(ModelError::Header {
-                field: "output_dims",
-            });
-        }
-        // Dataflow: a tensor may be read only after it is written. Track
-        // which tensors are written (at most 64 Ki of them, as u16 indices).
-        let mut written_upto = [false; 256];
-        if self.n_tensors as usize > written_upto.len() {
-            return Err(ModelError::Header {
-                field: "tensor_count",
-            });
-        }
-        written_upto[self.input as usize] = true;
-        for i in 0..self.n_layers {
-            let layer = self.decode_layer(i)?;
-            let bad = |field| ModelError::Layer { index: i, field };
-            let kernel = |error| ModelError::Kernel { index: i, error };
-            let in0 = self.tensor_checked(layer.input).ok_or(bad("input"))?;
-            let out = self.tensor_checked(layer.output).ok_or(bad("output"))?;
-            if !written_upto[layer.input as usize] {
-                return Err(bad("input"));
-            }
-            if overlaps(&in0.range(), &out.range()) || layer.output == self.input {
-                return Err(bad("output"));
-            }
-            match &layer.kind {
-                LayerKind::Conv(conv) => {
-                    conv2d_s8_validate(conv, in0.dims, out.dims).map_err(kernel)?;
-                    let need = crate::kernels::conv2d_s8_scratch_len(&conv.params, in0.dims.c);
-                    if need > self.scratch_len {
-                        return Err(bad("scratch"));
-                    }
-                }
-                LayerKind::MaxPool(p) | LayerKind::AvgPool(p) => {
-                    p.validate_dims(in0.dims, out.dims).map_err(kernel)?;
-                }
-                LayerKind::Add(p) => {
-                    p.validate().map_err(kernel)?;
-                    let in1 = self.tensor_checked(layer.input2).ok_or(bad("input2"))?;
-                    if !written_upto[layer.input2 as usize] {
-                        return Err(bad("input2"));
-                    }
-                    if in1.dims != in0.dims || out.dims != in0.dims {
-                        return Err(bad("dims"));
-                    }
-                    if overlaps(&in1.range(), &out.range()) {
-                        return Err(bad("output"));
-                    }
-                }
-                LayerKind::FullyConnected(fc) => {
-                    fc.validate(in0.dims.len()).map_err(kernel)?;
-                    if out.dims.len() != fc.bias.len() {
-                        return Err(bad("dims"));
-                    }
-                }
-            }
-            written_upto[layer.output as usize] = true;
-        }
-        if !written_upto[self.output as usize] {
-            return Err(ModelError::Header { field: "output" });
-        }
-        Ok(())
-    }
-
     /// Provenance text (`key=value` lines): recipe, data set, accuracy, …
     pub fn meta(&self) -> &'a str {
-        core::str::from_utf8(&self.blob[self.meta.clone()]).unwrap_or("")
+        self.meta
     }
 
     /// The value of provenance key `key`.
@@ -553,7 +539,7 @@ impl<'a> Model<'a> {
             .filter_map(|l| match l.kind {
                 LayerKind::Conv(c) => Some(crate::kernels::conv2d_s8_fast_scratch_len(
                     &c.params,
-                    self.tensor(l.input).dims,
+                    self.tensor_at(l.input).dims,
                 )),
                 _ => None,
             })
@@ -582,16 +568,24 @@ impl<'a> Model<'a> {
 
     /// The input tensor.
     pub fn input(&self) -> TensorInfo {
-        self.tensor(self.input)
+        self.tensor_at(self.input)
     }
 
     /// The output (logits) tensor.
     pub fn output(&self) -> TensorInfo {
-        self.tensor(self.output)
+        self.tensor_at(self.output)
     }
 
-    /// Tensor `i` (`i < tensor_count()`).
-    pub fn tensor(&self, i: u16) -> TensorInfo {
+    /// Tensor `i`, or `None` unless `i < tensor_count()`.
+    pub fn tensor(&self, i: u16) -> Option<TensorInfo> {
+        (i < self.n_tensors).then(|| self.tensor_at(i))
+    }
+
+    /// Tensor `i`, for an index checked by `parse` (the input, the output,
+    /// a layer's tensors) or by the caller. Reads the record at `i` without
+    /// comparing `i` with the tensor count (the slice index still checks it
+    /// against the blob).
+    fn tensor_at(&self, i: u16) -> TensorInfo {
         let at = self.tensors_at + i as usize * TENSOR_RECORD_LEN;
         let b = self.blob;
         TensorInfo {
@@ -606,25 +600,16 @@ impl<'a> Model<'a> {
         }
     }
 
-    fn tensor_checked(&self, i: u16) -> Option<TensorInfo> {
-        (i < self.n_tensors).then(|| self.tensor(i))
+    /// Layer `i`, decoded, or `None` unless `i < layer_count()`.
+    pub fn layer(&self, i: u16) -> Option<Layer<'a>> {
+        // `parse` decoded every layer, so this fails only on the index.
+        self.decode_layer(i).ok()
     }
 
-    /// Layer `i` (`i < layer_count()`), decoded.
-    pub fn layer(&self, i: u16) -> Layer<'a> {
-        // Validated in `parse`, so decoding cannot fail here.
-        self.decode_layer(i).unwrap_or(Layer {
-            name: "",
-            input: 0,
-            input2: NO_TENSOR,
-            output: 0,
-            kind: LayerKind::MaxPool(PoolParams::global(1, 1)),
-        })
-    }
-
-    /// The layers in execution order.
+    /// The layers in execution order: all [`layer_count`](Self::layer_count)
+    /// of them (`parse` decoded each).
     pub fn layers(&self) -> impl Iterator<Item = Layer<'a>> + '_ {
-        (0..self.n_layers).map(|i| self.layer(i))
+        (0..self.n_layers).filter_map(|i| self.layer(i))
     }
 
     /// An `i8` array of `len` at data offset `off`.
@@ -675,7 +660,7 @@ impl<'a> Model<'a> {
             u32_at(rec, 40) as usize,
             u32_at(rec, 44) as usize,
         );
-        let out_c = self.tensor_checked(output).ok_or(bad("output"))?.dims.c;
+        let out_c = self.tensor(output).ok_or(bad("output"))?.dims.c;
         let kind = match op {
             Op::Conv => LayerKind::Conv(Conv2d {
                 params: Conv2dParams {
@@ -758,10 +743,11 @@ impl<'a> Model<'a> {
                 actual: input.len(),
             });
         }
+        let actual = arena.len();
         let dst = arena.get_mut(t.range()).ok_or(ModelError::Buffer {
             buffer: "arena",
             needed: self.arena_len,
-            actual: 0,
+            actual,
         })?;
         dst.copy_from_slice(input);
         Ok(())
@@ -778,7 +764,7 @@ impl<'a> Model<'a> {
         self.check_buffers(arena, scratch)?;
         let layer = self.decode_layer(i)?;
         let kernel = |error| ModelError::Kernel { index: i, error };
-        let (in0, out) = (self.tensor(layer.input), self.tensor(layer.output));
+        let (in0, out) = (self.tensor_at(layer.input), self.tensor_at(layer.output));
         let (lo, rest) = arena.split_at_mut(out.offset);
         let (dst, hi) = rest.split_at_mut(out.dims.len());
         let (lo, hi): (&[i8], &[i8]) = (lo, hi);
@@ -799,7 +785,7 @@ impl<'a> Model<'a> {
             LayerKind::MaxPool(p) => maxpool_s8(p, src, in0.dims, dst, out.dims).map_err(kernel),
             LayerKind::AvgPool(p) => avgpool_s8(p, src, in0.dims, dst, out.dims).map_err(kernel),
             LayerKind::Add(p) => {
-                add_s8(p, src, view(self.tensor(layer.input2)), dst).map_err(kernel)
+                add_s8(p, src, view(self.tensor_at(layer.input2)), dst).map_err(kernel)
             }
             LayerKind::FullyConnected(fc) => fc_s8(fc, src, dst).map_err(kernel),
         }

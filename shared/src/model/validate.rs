@@ -1,0 +1,848 @@
+//! Validation of a parsed blob: everything [`Model::run`] relies on, so
+//! that `run` cannot fail and the kernels see only parameters in their
+//! documented ranges. Called once by [`Model::parse`] after the header and
+//! table bounds are checked; it allocates nothing.
+//!
+//! Lengths are computed in `u64` before any `usize` product, so a blob
+//! cannot overflow the 32-bit target's arithmetic.
+
+use super::{
+    overlaps, span, u16_at, u32_at, Layer, LayerKind, Model, ModelError, LAYER_RECORD_LEN,
+    TENSOR_RECORD_LEN,
+};
+use crate::kernels::{conv2d_s8_validate, Dims, IM2COL_COLUMNS};
+use crate::preprocess::{INPUT_CHANNELS, INPUT_SIZE};
+
+/// Whether `m` is a valid requantization multiplier: `[2^30, 2^31)` or 0
+/// (what `quant::quantize_multiplier` returns for a non-negative scale).
+fn multiplier_ok(m: i32) -> bool {
+    m == 0 || m >= 1 << 30
+}
+
+/// Where a read tensor's contents come from.
+enum Source {
+    /// Still what its producer (or the network input) wrote.
+    Live,
+    /// Nobody wrote it before the reader.
+    Unwritten,
+    /// This layer's output overwrote it in the arena after it was written.
+    Overwritten(u16),
+}
+
+impl Model<'_> {
+    pub(super) fn validate(&self) -> Result<(), ModelError> {
+        for t in 0..self.n_tensors {
+            self.validate_tensor(t)?;
+        }
+        if self.tensor_at(self.input).dims != Dims::new(INPUT_SIZE, INPUT_SIZE, INPUT_CHANNELS) {
+            return Err(ModelError::Header {
+                field: "input_dims",
+            });
+        }
+        let out = self.tensor_at(self.output).dims;
+        if out.h != 1 || out.w != 1 {
+            return Err(ModelError::Header {
+                field: "output_dims",
+            });
+        }
+        for i in 0..self.n_layers {
+            let layer = self.decode_layer(i)?;
+            self.validate_layer(i, &layer)?;
+            self.validate_dataflow(i, &layer)?;
+        }
+        // The logits are read after the last layer.
+        match self.source(self.n_layers, self.output) {
+            Source::Live => Ok(()),
+            Source::Unwritten => Err(ModelError::Header { field: "output" }),
+            Source::Overwritten(by) => Err(ModelError::Overwritten {
+                layer: None,
+                field: "output",
+                tensor: self.output,
+                by,
+            }),
+        }
+    }
+
+    fn validate_tensor(&self, t: u16) -> Result<(), ModelError> {
+        let bad = |field| ModelError::Tensor { index: t, field };
+        let at = self.tensors_at + t as usize * TENSOR_RECORD_LEN;
+        let b = self.blob;
+        if u16_at(b, at + 6) != 0 || u32_at(b, at + 12) != 0 {
+            return Err(bad("reserved"));
+        }
+        let info = self.tensor_at(t);
+        let Dims { h, w, c } = info.dims;
+        if h == 0 || w == 0 || c == 0 {
+            return Err(bad("dims"));
+        }
+        // Each dimension is a u16, so this product cannot overflow a u64.
+        let len = h as u64 * w as u64 * c as u64;
+        if len > self.arena_len as u64 {
+            return Err(bad("dims"));
+        }
+        span(info.offset, len as usize, self.arena_len).ok_or(bad("offset"))?;
+        if !(info.scale.is_finite() && info.scale > 0.0) {
+            return Err(bad("scale"));
+        }
+        if !(-128..=127).contains(&info.zero_point) {
+            return Err(bad("zero_point"));
+        }
+        Ok(())
+    }
+
+    /// Parameters and shapes of layer `i` (its tensor indices are checked
+    /// here; dataflow in [`validate_dataflow`](Self::validate_dataflow)).
+    fn validate_layer(&self, i: u16, layer: &Layer<'_>) -> Result<(), ModelError> {
+        let bad = |field| ModelError::Layer { index: i, field };
+        let kernel = |error| ModelError::Kernel { index: i, error };
+        let rec = &self.blob[self.layers_at + i as usize * LAYER_RECORD_LEN..];
+        if rec[9..12].iter().chain(&rec[18..20]).any(|&x| x != 0) {
+            return Err(bad("reserved"));
+        }
+        let in0 = self.tensor(layer.input).ok_or(bad("input"))?;
+        let out = self.tensor(layer.output).ok_or(bad("output"))?;
+        if layer.output == self.input || overlaps(&in0.range(), &out.range()) {
+            return Err(bad("output"));
+        }
+        let offsets = |input: i32, output: i32| {
+            if input != -in0.zero_point {
+                Err(bad("input_offset"))
+            } else if output != out.zero_point {
+                Err(bad("output_offset"))
+            } else {
+                Ok(())
+            }
+        };
+        let multipliers = |m: &[i32]| {
+            if m.iter().all(|&m| multiplier_ok(m)) {
+                Ok(())
+            } else {
+                Err(bad("multiplier"))
+            }
+        };
+        match &layer.kind {
+            LayerKind::Conv(conv) => {
+                let p = &conv.params;
+                let taps = p.kernel_h as u64 * p.kernel_w as u64 * in0.dims.c as u64;
+                if taps * out.dims.c as u64 != conv.filter.len() as u64 {
+                    return Err(bad("filter"));
+                }
+                if taps * IM2COL_COLUMNS as u64 > self.scratch_len as u64 {
+                    return Err(bad("scratch"));
+                }
+                // The fast kernel sizes its widened input from the padding:
+                // keep that product within 32 bits.
+                let wide = (in0.dims.h as u64 + 2 * p.pad_h as u64)
+                    * (in0.dims.w as u64 + 2 * p.pad_w as u64)
+                    * in0.dims.c as u64;
+                if wide > u32::MAX as u64 / 4 {
+                    return Err(bad("padding"));
+                }
+                conv2d_s8_validate(conv, in0.dims, out.dims).map_err(kernel)?;
+                multipliers(conv.requant.multiplier)?;
+                offsets(p.input_offset, p.output_offset)
+            }
+            LayerKind::MaxPool(p) | LayerKind::AvgPool(p) => {
+                p.validate_dims(in0.dims, out.dims).map_err(kernel)?;
+                // Pools keep their input's quantization.
+                if out.zero_point != in0.zero_point {
+                    return Err(bad("zero_point"));
+                }
+                if out.scale.to_bits() != in0.scale.to_bits() {
+                    return Err(bad("scale"));
+                }
+                Ok(())
+            }
+            LayerKind::Add(p) => {
+                p.validate().map_err(kernel)?;
+                let in1 = self.tensor(layer.input2).ok_or(bad("input2"))?;
+                if in1.dims != in0.dims || out.dims != in0.dims {
+                    return Err(bad("dims"));
+                }
+                if overlaps(&in1.range(), &out.range()) {
+                    return Err(bad("output"));
+                }
+                for (m, field) in [
+                    (p.input1_multiplier, "input1_multiplier"),
+                    (p.input2_multiplier, "input2_multiplier"),
+                    (p.output_multiplier, "output_multiplier"),
+                ] {
+                    if !multiplier_ok(m) {
+                        return Err(bad(field));
+                    }
+                }
+                if p.input1_offset != -in0.zero_point {
+                    return Err(bad("input1_offset"));
+                }
+                if p.input2_offset != -in1.zero_point {
+                    return Err(bad("input2_offset"));
+                }
+                if p.output_offset != out.zero_point {
+                    return Err(bad("output_offset"));
+                }
+                Ok(())
+            }
+            LayerKind::FullyConnected(fc) => {
+                if in0.dims.len() as u64 * out.dims.len() as u64 != fc.filter.len() as u64 {
+                    return Err(bad("filter"));
+                }
+                fc.validate(in0.dims.len()).map_err(kernel)?;
+                if out.dims.len() != fc.bias.len() {
+                    return Err(bad("dims"));
+                }
+                multipliers(fc.requant.multiplier)?;
+                offsets(fc.input_offset, fc.output_offset)
+            }
+        }
+    }
+
+    /// Layer `i` writes a tensor nobody else writes, and reads tensors that
+    /// still hold what was written to them.
+    fn validate_dataflow(&self, i: u16, layer: &Layer<'_>) -> Result<(), ModelError> {
+        if (0..i).any(|j| self.output_of(j) == layer.output) {
+            return Err(ModelError::Layer {
+                index: i,
+                field: "output",
+            });
+        }
+        let reads = [(layer.input, "input"), (layer.input2, "input2")];
+        let n = if matches!(layer.kind, LayerKind::Add(_)) {
+            2
+        } else {
+            1
+        };
+        for &(tensor, field) in &reads[..n] {
+            match self.source(i, tensor) {
+                Source::Live => {}
+                Source::Unwritten => {
+                    return Err(ModelError::Unwritten {
+                        layer: i,
+                        field,
+                        tensor,
+                    })
+                }
+                Source::Overwritten(by) => {
+                    return Err(ModelError::Overwritten {
+                        layer: Some(i),
+                        field,
+                        tensor,
+                        by,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Where tensor `t` read by layer `reader` (or, for `reader ==
+    /// layer_count()`, after the network) comes from: scanning back from
+    /// the reader to its producer, no layer in between may write over its
+    /// bytes. Layers before `reader` are already validated.
+    fn source(&self, reader: u16, t: u16) -> Source {
+        let bytes = self.tensor_at(t).range();
+        for j in (0..reader).rev() {
+            let out = self.output_of(j);
+            if out == t {
+                return Source::Live;
+            }
+            if overlaps(&self.tensor_at(out).range(), &bytes) {
+                return Source::Overwritten(j);
+            }
+        }
+        if t == self.input {
+            Source::Live
+        } else {
+            Source::Unwritten
+        }
+    }
+
+    /// The output tensor index of layer `j` (a validated layer).
+    fn output_of(&self, j: u16) -> u16 {
+        u16_at(
+            self.blob,
+            self.layers_at + j as usize * LAYER_RECORD_LEN + 16,
+        )
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    //! `parse` on small hand-built blobs: a valid residual network, and
+    //! each defect a CRC-valid blob can carry, one at a time.
+
+    use super::super::*;
+    use crate::kernels::testutil::{ref_clamp, ref_requant};
+    use crate::kernels::{AddParams, IM2COL_COLUMNS};
+
+    struct T {
+        dims: [u16; 3],
+        offset: u32,
+        scale: f32,
+        zp: i32,
+    }
+
+    struct L {
+        op: Op,
+        geom: [u8; 6],
+        act: (i8, i8),
+        io: (u16, u16, u16),
+        offsets: (i32, i32),
+        /// Data offsets: filter, filter length, bias, multipliers, shifts.
+        data: [u32; 5],
+    }
+
+    /// A blob under construction: `bytes` lays it out and computes its CRC,
+    /// so every defect below comes with a valid checksum.
+    pub(in crate::model) struct Blob {
+        arena: u32,
+        scratch: u32,
+        input: u16,
+        output: u16,
+        tensors: Vec<T>,
+        layers: Vec<L>,
+        data: Vec<u8>,
+    }
+
+    impl Blob {
+        fn push_i8(&mut self, v: &[i8]) -> u32 {
+            while !self.data.len().is_multiple_of(4) {
+                self.data.push(0);
+            }
+            let at = self.data.len() as u32;
+            self.data.extend(v.iter().map(|&x| x as u8));
+            at
+        }
+
+        fn push_i32(&mut self, v: &[i32]) -> u32 {
+            let bytes: Vec<i8> = v
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .map(|b| b as i8)
+                .collect();
+            self.push_i8(&bytes)
+        }
+
+        fn set_i32(&mut self, at: u32, k: usize, v: i32) {
+            let at = at as usize + 4 * k;
+            self.data[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        }
+
+        fn get_i32(&self, at: u32, k: usize) -> i32 {
+            let at = at as usize + 4 * k;
+            i32::from_le_bytes(self.data[at..at + 4].try_into().unwrap())
+        }
+
+        pub(in crate::model) fn bytes(&self) -> Vec<u8> {
+            let meta = b"model=hand-built\n";
+            let meta_at = HEADER_LEN;
+            let tensors_at = (meta_at + meta.len()).next_multiple_of(4);
+            let layers_at = tensors_at + self.tensors.len() * TENSOR_RECORD_LEN;
+            let data_at = layers_at + self.layers.len() * LAYER_RECORD_LEN;
+            let total = data_at + self.data.len();
+            let mut b = Vec::with_capacity(total);
+            b.extend_from_slice(&MAGIC);
+            b.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+            b.extend_from_slice(&(HEADER_LEN as u16).to_le_bytes());
+            b.extend_from_slice(&(total as u32).to_le_bytes());
+            b.extend_from_slice(&0u32.to_le_bytes());
+            b.extend_from_slice(&self.arena.to_le_bytes());
+            b.extend_from_slice(&self.scratch.to_le_bytes());
+            for v in [
+                self.tensors.len() as u16,
+                self.layers.len() as u16,
+                self.input,
+                self.output,
+            ] {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+            let (data_len, meta_len) = (self.data.len(), meta.len());
+            for v in [
+                meta_at, meta_len, tensors_at, layers_at, data_at, data_len, 0, 0,
+            ] {
+                b.extend_from_slice(&(v as u32).to_le_bytes());
+            }
+            b.extend_from_slice(meta);
+            b.resize(tensors_at, 0);
+            for t in &self.tensors {
+                for v in [t.dims[0], t.dims[1], t.dims[2], 0] {
+                    b.extend_from_slice(&v.to_le_bytes());
+                }
+                b.extend_from_slice(&t.offset.to_le_bytes());
+                b.extend_from_slice(&0u32.to_le_bytes());
+                b.extend_from_slice(&t.scale.to_bits().to_le_bytes());
+                b.extend_from_slice(&t.zp.to_le_bytes());
+            }
+            for l in &self.layers {
+                let mut r = [0u8; LAYER_RECORD_LEN];
+                r[0] = l.op as u8;
+                r[1..7].copy_from_slice(&l.geom);
+                (r[7], r[8]) = (l.act.0 as u8, l.act.1 as u8);
+                r[12..14].copy_from_slice(&l.io.0.to_le_bytes());
+                r[14..16].copy_from_slice(&l.io.1.to_le_bytes());
+                r[16..18].copy_from_slice(&l.io.2.to_le_bytes());
+                r[20..24].copy_from_slice(&l.offsets.0.to_le_bytes());
+                r[24..28].copy_from_slice(&l.offsets.1.to_le_bytes());
+                for (k, v) in l.data.iter().enumerate() {
+                    r[28 + 4 * k..32 + 4 * k].copy_from_slice(&v.to_le_bytes());
+                }
+                r[48..52].copy_from_slice(b"test");
+                b.extend_from_slice(&r);
+            }
+            b.extend_from_slice(&self.data);
+            assert_eq!(b.len(), total);
+            let crc = crc32(&b[16..]);
+            b[12..16].copy_from_slice(&crc.to_le_bytes());
+            b
+        }
+    }
+
+    /// A deterministic byte pattern.
+    pub(in crate::model) fn pattern(n: usize, seed: u32) -> Vec<i8> {
+        (0..n as u32)
+            .map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(40_503)) >> 13) as i8)
+            .collect()
+    }
+
+    const ADD_SCALES: [(f64, i32); 3] = [(0.05, -10), (0.04, 0), (0.08, -20)];
+
+    /// A residual network on the 32x32x3 input:
+    /// `t1 = conv(t0); t2 = conv(t1); t3 = conv(t2); t4 = t1 + t3;
+    /// t5 = avgpool(t4); t6 = fc(t5)` (1x1 convs, 4 channels, 10 logits),
+    /// with an arena plan that reuses memory: t3 over the dead input, t4
+    /// over the dead t2.
+    pub(in crate::model) fn residual() -> Blob {
+        let t = |dims, offset, (scale, zp): (f64, i32)| T {
+            dims,
+            offset,
+            scale: scale as f32,
+            zp,
+        };
+        let mut b = Blob {
+            arena: 12288,
+            scratch: (IM2COL_COLUMNS * 4) as u32,
+            input: 0,
+            output: 6,
+            tensors: vec![
+                t([32, 32, 3], 0, (1.0 / 128.0, 0)),
+                t([32, 32, 4], 4096, ADD_SCALES[0]),
+                t([32, 32, 4], 8192, (0.05, 5)),
+                t([32, 32, 4], 0, ADD_SCALES[1]),
+                t([32, 32, 4], 8192, ADD_SCALES[2]),
+                t([1, 1, 4], 0, ADD_SCALES[2]),
+                t([1, 1, 10], 16, (0.1, 3)),
+            ],
+            layers: Vec::new(),
+            data: Vec::new(),
+        };
+        let channelwise = |b: &mut Blob, n_in: usize, n_out: usize, seed: u32| {
+            let filter = b.push_i8(&pattern(n_in * n_out, seed));
+            let bias: Vec<i32> = (0..n_out as i32).map(|o| 37 * o - 50).collect();
+            let mult: Vec<i32> = (0..n_out as i32)
+                .map(|o| (1 << 30) + 7_777_777 * o)
+                .collect();
+            let shift: Vec<i32> = (0..n_out as i32).map(|o| -6 - o % 3).collect();
+            let bias = b.push_i32(&bias);
+            let mult = b.push_i32(&mult);
+            let shift = b.push_i32(&shift);
+            [filter, (n_in * n_out) as u32, bias, mult, shift]
+        };
+        let zp = |b: &Blob, t: u16| b.tensors[t as usize].zp;
+        let conv = |b: &mut Blob, i: u16, o: u16, relu: bool, data| L {
+            op: Op::Conv,
+            geom: [1, 1, 1, 1, 0, 0],
+            act: (if relu { zp(b, o) as i8 } else { -128 }, 127),
+            io: (i, NO_TENSOR, o),
+            offsets: (-zp(b, i), zp(b, o)),
+            data,
+        };
+        let d = channelwise(&mut b, 3, 4, 1);
+        let l = conv(&mut b, 0, 1, true, d);
+        b.layers.push(l);
+        let d = channelwise(&mut b, 4, 4, 2);
+        let l = conv(&mut b, 1, 2, false, d);
+        b.layers.push(l);
+        let d = channelwise(&mut b, 4, 4, 3);
+        let l = conv(&mut b, 2, 3, true, d);
+        b.layers.push(l);
+        let p = AddParams::from_scales(ADD_SCALES[0], ADD_SCALES[1], ADD_SCALES[2], false);
+        let at = b.push_i32(&p.to_array());
+        b.layers.push(L {
+            op: Op::Add,
+            geom: [0; 6],
+            act: (p.act_min, p.act_max),
+            io: (1, 3, 4),
+            offsets: (0, 0),
+            data: [0, 0, at, 0, 0],
+        });
+        b.layers.push(L {
+            op: Op::AvgPool,
+            geom: [32, 32, 1, 1, 0, 0],
+            act: (-128, 127),
+            io: (4, NO_TENSOR, 5),
+            offsets: (0, 0),
+            data: [0; 5],
+        });
+        let d = channelwise(&mut b, 4, 10, 4);
+        b.layers.push(L {
+            op: Op::FullyConnected,
+            geom: [0; 6],
+            act: (-128, 127),
+            io: (5, NO_TENSOR, 6),
+            offsets: (-zp(&b, 5), zp(&b, 6)),
+            data: d,
+        });
+        b
+    }
+
+    /// Parses `bytes` from 4-byte aligned memory and hands the result to `f`.
+    fn with_model<R>(bytes: &[u8], f: impl FnOnce(Result<Model<'_>, ModelError>) -> R) -> R {
+        let mut words = vec![0u32; bytes.len().div_ceil(4)];
+        bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+        f(Model::parse(&bytemuck::cast_slice(&words)[..bytes.len()]))
+    }
+
+    fn parse_err(b: &Blob) -> Option<ModelError> {
+        with_model(&b.bytes(), |r| r.err())
+    }
+
+    /// A 1x1 conv or FC layer's output from its record, in plain i64 with
+    /// the independent requantization reference.
+    fn ref_channelwise(b: &Blob, l: &L, input: &[i8], pixels: usize) -> Vec<i8> {
+        let n_out = b.tensors[l.io.2 as usize].dims[2] as usize;
+        let n_in = input.len() / pixels;
+        let mut out = Vec::new();
+        for p in 0..pixels {
+            for o in 0..n_out {
+                let mut acc = b.get_i32(l.data[2], o) as i64;
+                for k in 0..n_in {
+                    let w = b.data[l.data[0] as usize + o * n_in + k] as i8;
+                    acc += (input[p * n_in + k] as i64 + l.offsets.0 as i64) * w as i64;
+                }
+                let (m, s) = (b.get_i32(l.data[3], o), b.get_i32(l.data[4], o));
+                let y = ref_requant(acc, m, s) + l.offsets.1 as i64;
+                out.push(ref_clamp(y, l.act.0, l.act.1));
+            }
+        }
+        out
+    }
+
+    /// TFLM's int8 ADD of one element, from its definition.
+    fn ref_add(p: &AddParams, x1: i8, x2: i8) -> i8 {
+        let side = |x: i8, off: i32, m: i32, s: i32| {
+            ref_requant(
+                ((x as i64 + off as i64) << p.left_shift) as i32 as i64,
+                m,
+                s,
+            )
+        };
+        let sum = side(x1, p.input1_offset, p.input1_multiplier, p.input1_shift)
+            + side(x2, p.input2_offset, p.input2_multiplier, p.input2_shift);
+        let y = ref_requant(sum, p.output_multiplier, p.output_shift) + p.output_offset as i64;
+        ref_clamp(y, p.act_min, p.act_max)
+    }
+
+    #[test]
+    fn hand_built_residual_network_parses_and_runs_as_its_reference() {
+        let b = residual();
+        let bytes = b.bytes();
+        with_model(&bytes, |m| {
+            let m = m.unwrap();
+            assert_eq!((m.layer_count(), m.tensor_count()), (6, 7));
+            assert_eq!(m.layers().count(), 6);
+            assert_eq!(m.meta_value("model"), Some("hand-built"));
+            assert!(m.layer(5).is_some() && m.layer(6).is_none());
+            assert_eq!(m.tensor(6).unwrap().dims, Dims::new(1, 1, 10));
+            assert!(m.tensor(7).is_none());
+            let input = pattern(INPUT_LEN, 9);
+            let (mut arena, mut scratch) = (vec![0i8; 12288], vec![0i16; m.scratch_len()]);
+            let mut logits = [0i8; 10];
+            m.run(&input, &mut arena, &mut scratch, &mut logits)
+                .unwrap();
+            assert_eq!(
+                m.run_layer(6, &mut arena, &mut scratch),
+                Err(ModelError::Layer {
+                    index: 6,
+                    field: "index"
+                })
+            );
+
+            // The same network, each tensor in its own buffer.
+            let px = 32 * 32;
+            let t1 = ref_channelwise(&b, &b.layers[0], &input, px);
+            let t2 = ref_channelwise(&b, &b.layers[1], &t1, px);
+            let t3 = ref_channelwise(&b, &b.layers[2], &t2, px);
+            let LayerKind::Add(p) = m.layer(3).unwrap().kind else {
+                panic!("layer 3 is the add")
+            };
+            let t4: Vec<i8> = t1
+                .iter()
+                .zip(&t3)
+                .map(|(&x, &y)| ref_add(&p, x, y))
+                .collect();
+            // Average with rounding half away from zero (TFLM's AVERAGE_POOL).
+            let t5: Vec<i8> = (0..4)
+                .map(|c| {
+                    let s: i64 = (0..px).map(|i| t4[i * 4 + c] as i64).sum();
+                    let n = px as i64;
+                    let q = if s >= 0 {
+                        (s + n / 2) / n
+                    } else {
+                        (s - n / 2) / n
+                    };
+                    q as i8
+                })
+                .collect();
+            let want = ref_channelwise(&b, &b.layers[5], &t5, 1);
+            assert_eq!(logits.as_slice(), want.as_slice());
+            assert!(
+                want.iter().any(|&v| v != want[0]),
+                "degenerate logits {want:?}"
+            );
+        });
+    }
+
+    #[test]
+    fn residual_shortcut_overwritten_by_the_arena_plan() {
+        let mut b = residual();
+        // t3 (conv output) placed over t1, which the add still reads.
+        b.tensors[3].offset = 4096;
+        assert_eq!(
+            parse_err(&b),
+            Some(ModelError::Overwritten {
+                layer: Some(3),
+                field: "input",
+                tensor: 1,
+                by: 2
+            })
+        );
+    }
+
+    #[test]
+    fn reading_a_tensor_no_earlier_layer_wrote() {
+        let mut b = residual();
+        b.layers[1].io.0 = 3; // written by layer 2, after
+        b.layers[1].offsets.0 = 0;
+        assert_eq!(
+            parse_err(&b),
+            Some(ModelError::Unwritten {
+                layer: 1,
+                field: "input",
+                tensor: 3
+            })
+        );
+        let mut b = residual();
+        b.arena = 16384;
+        b.tensors.push(T {
+            dims: [32, 32, 4],
+            offset: 12288, // bytes no layer writes
+            scale: 0.04,
+            zp: 0,
+        });
+        b.layers[3].io.1 = 7; // never written
+        assert_eq!(
+            parse_err(&b),
+            Some(ModelError::Unwritten {
+                layer: 3,
+                field: "input2",
+                tensor: 7
+            })
+        );
+    }
+
+    #[test]
+    fn a_tensor_written_twice() {
+        let mut b = residual();
+        b.layers[3].io.2 = 2; // the add writes layer 1's output again
+        b.tensors[2].zp = -20;
+        b.tensors[2].scale = 0.08;
+        b.layers[1].offsets.1 = -20;
+        b.layers[2].offsets.0 = 20;
+        let err = parse_err(&b);
+        assert_eq!(
+            err,
+            Some(ModelError::Layer {
+                index: 3,
+                field: "output"
+            })
+        );
+    }
+
+    #[test]
+    fn requantization_multipliers_outside_their_range() {
+        let layer = |i: u16, field| Some(ModelError::Layer { index: i, field });
+        for bad in [-5, -(1 << 30), 1, (1 << 30) - 1, i32::MIN] {
+            let mut b = residual();
+            let at = b.layers[0].data[3];
+            b.set_i32(at, 2, bad);
+            assert_eq!(
+                parse_err(&b),
+                layer(0, "multiplier"),
+                "conv multiplier {bad}"
+            );
+            let mut b = residual();
+            let at = b.layers[5].data[3];
+            b.set_i32(at, 9, bad);
+            assert_eq!(parse_err(&b), layer(5, "multiplier"), "fc multiplier {bad}");
+            for (k, field) in [
+                (1, "input1_multiplier"),
+                (4, "input2_multiplier"),
+                (7, "output_multiplier"),
+            ] {
+                let mut b = residual();
+                let at = b.layers[3].data[2];
+                b.set_i32(at, k, bad);
+                assert_eq!(parse_err(&b), layer(3, field), "add {field} {bad}");
+            }
+        }
+        // The range's ends and 0 are valid.
+        for good in [0, 1 << 30, i32::MAX] {
+            let mut b = residual();
+            let at = b.layers[0].data[3];
+            b.set_i32(at, 2, good);
+            assert_eq!(parse_err(&b), None, "multiplier {good}");
+        }
+    }
+
+    #[test]
+    fn scales_that_are_not_positive_and_finite() {
+        for t in [3usize, 6] {
+            for bad in [f32::NAN, -1.0, 0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut b = residual();
+                b.tensors[t].scale = bad;
+                assert_eq!(
+                    parse_err(&b),
+                    Some(ModelError::Tensor {
+                        index: t as u16,
+                        field: "scale"
+                    }),
+                    "tensor {t} scale {bad}"
+                );
+            }
+        }
+        // A pool must keep its input's quantization.
+        let mut b = residual();
+        b.tensors[5].scale = 0.07;
+        assert_eq!(
+            parse_err(&b),
+            Some(ModelError::Layer {
+                index: 4,
+                field: "scale"
+            })
+        );
+    }
+
+    #[test]
+    fn absurd_arena_and_scratch_lengths() {
+        let header = |field| Some(ModelError::Header { field });
+        for (arena, want) in [
+            (u32::MAX, header("arena_len")),
+            (MAX_ARENA_LEN as u32 + 1, header("arena_len")),
+            (MAX_ARENA_LEN as u32, None),
+            (
+                12287,
+                Some(ModelError::Tensor {
+                    index: 2,
+                    field: "offset",
+                }),
+            ),
+        ] {
+            let mut b = residual();
+            b.arena = arena;
+            assert_eq!(parse_err(&b), want, "arena {arena}");
+        }
+        for (scratch, want) in [
+            (u32::MAX, header("scratch_len")),
+            (MAX_SCRATCH_LEN as u32 + 1, header("scratch_len")),
+            (MAX_SCRATCH_LEN as u32, None),
+            (
+                7,
+                Some(ModelError::Layer {
+                    index: 1,
+                    field: "scratch",
+                }),
+            ),
+        ] {
+            let mut b = residual();
+            b.scratch = scratch;
+            assert_eq!(parse_err(&b), want, "scratch {scratch}");
+        }
+    }
+
+    #[test]
+    fn tables_over_the_limits() {
+        let mut b = residual();
+        while b.tensors.len() <= MAX_TENSORS {
+            b.tensors.push(T {
+                dims: [1, 1, 1],
+                offset: 0,
+                scale: 1.0,
+                zp: 0,
+            });
+        }
+        assert_eq!(
+            parse_err(&b),
+            Some(ModelError::Header {
+                field: "tensor_count"
+            })
+        );
+        let mut b = residual();
+        b.tensors.truncate(MAX_TENSORS);
+        b.layers.clear();
+        assert_eq!(
+            parse_err(&b),
+            Some(ModelError::Header {
+                field: "layer_count"
+            })
+        );
+    }
+
+    #[test]
+    fn offsets_that_disagree_with_zero_points() {
+        let layer = |i: u16, field| Some(ModelError::Layer { index: i, field });
+        let mut b = residual();
+        b.layers[0].offsets.1 += 1;
+        assert_eq!(parse_err(&b), layer(0, "output_offset"));
+        let mut b = residual();
+        b.layers[5].offsets.0 -= 1;
+        assert_eq!(parse_err(&b), layer(5, "input_offset"));
+        let mut b = residual();
+        let at = b.layers[3].data[2];
+        b.set_i32(at, 3, 1); // input2_offset
+        assert_eq!(parse_err(&b), layer(3, "input2_offset"));
+        let mut b = residual();
+        b.tensors[5].zp += 1;
+        assert_eq!(parse_err(&b), layer(4, "zero_point"));
+    }
+
+    #[test]
+    fn sizes_that_overflow_32_bits_and_reserved_bytes() {
+        // 255x255 kernel over 4 channels: the filter length no longer matches.
+        let mut b = residual();
+        b.layers[1].geom = [255, 255, 1, 1, 127, 127];
+        assert_eq!(
+            parse_err(&b),
+            Some(ModelError::Layer {
+                index: 1,
+                field: "filter"
+            })
+        );
+        // A tensor of 65535^3 elements.
+        let mut b = residual();
+        b.tensors[2].dims = [u16::MAX; 3];
+        assert_eq!(
+            parse_err(&b),
+            Some(ModelError::Tensor {
+                index: 2,
+                field: "dims"
+            })
+        );
+        let mut bytes = residual().bytes();
+        bytes[60] = 1;
+        let crc = crc32(&bytes[16..]);
+        bytes[12..16].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            with_model(&bytes, |r| r.err()),
+            Some(ModelError::Header { field: "reserved" })
+        );
+    }
+}
