@@ -56,6 +56,8 @@
 //! [`MAX_LAYERS`] layers, an arena of at most [`MAX_ARENA_LEN`] bytes and a
 //! scratch of at most [`MAX_SCRATCH_LEN`] `i16` elements.
 
+#[cfg(test)]
+mod fuzz;
 mod generated;
 mod validate;
 
