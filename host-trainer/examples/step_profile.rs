@@ -16,6 +16,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     host_trainer::ops::configure_threads(None)?;
+    host_trainer::ops::on_worker(profile)
+}
+
+fn profile() -> anyhow::Result<()> {
     host_trainer::ops::profile::enable(true);
     let dev = Device::Cpu;
     let arch = ArchConfig::seed();
@@ -50,6 +54,23 @@ fn main() -> anyhow::Result<()> {
             o.push((t3 - t2).as_secs_f64());
         }
     }
+    let mut inf = vec![];
+    for i in 0..12 {
+        let t0 = Instant::now();
+        let _ = t.model.forward_t(&x, false)?.to_vec2::<f32>()?;
+        let phases = host_trainer::ops::profile::take();
+        if i >= 2 {
+            inf.push(t0.elapsed().as_secs_f64());
+        }
+        if i == 11 {
+            println!("inference, last batch:");
+            for (p, s) in phases {
+                println!("  {}: {:.1} ms", p.name(), s * 1e3);
+            }
+        }
+    }
+    let inf = median(inf);
+    println!("inference {:.1} ms = {:.0} images/s", inf * 1e3, 64.0 / inf);
     let (f, b, o) = (median(f), median(b), median(o));
     println!(
         "forward {:.1} ms, backward {:.1} ms, optimizer {:.1} ms, total {:.1} ms = {:.0} images/s",

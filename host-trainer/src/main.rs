@@ -241,7 +241,7 @@ fn main() -> Result<()> {
         _ => None,
     };
     host_trainer::ops::configure_threads(threads)?;
-    match cli.command {
+    host_trainer::ops::on_worker(|| match cli.command {
         None => match Cli::parse_from(["host-trainer", "train"]).command {
             Some(Command::Train(a)) => run_train(a),
             _ => anyhow::bail!("internal error: default `train` arguments did not parse"),
@@ -251,7 +251,7 @@ fn main() -> Result<()> {
         Some(Command::Bench(a)) => run_bench(a),
         Some(Command::Export(a)) => run_export(a),
         Some(Command::Classify(a)) => run_classify(a),
-    }
+    })
 }
 
 /// The data source for `--data`, or the default chain.

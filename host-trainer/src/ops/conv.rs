@@ -25,8 +25,8 @@ use std::time::Instant;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::kernel::{self, Isa, Tile};
-use super::{profile, read, slice, tensor, Phase, SyncPtr};
+use super::kernel::{self, Epilogue, Isa, Tile};
+use super::{profile, read, slice, tensor, Aligned, Phase, SyncPtr};
 
 /// Shape of one convolution (NHWC input, OIHW weight).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,63 +129,71 @@ fn pad_images(x: &[f32], g: &Geom, (n0, n1): (usize, usize), dst: &mut [f32]) {
 }
 
 /// Weights OIHW → `[tap][c][o]`, each scaled by `scale[o]` if given.
-fn pack_forward(w: &[f32], g: &Geom, scale: Option<&[f32]>) -> Vec<f32> {
+fn pack_forward(w: &[f32], g: &Geom, scale: Option<&[f32]>) -> Aligned {
     let (o, c, kk) = (g.o, g.c, g.k * g.k);
-    let mut out = vec![0f32; kk * c * o];
-    for oc in 0..o {
-        let s = scale.map_or(1.0, |s| s[oc]);
-        for ic in 0..c {
-            for t in 0..kk {
-                out[(t * c + ic) * o + oc] = w[(oc * c + ic) * kk + t] * s;
+    let mut out = Aligned::zeros(kk * c * o);
+    // One tap per task; each writes its contiguous [c][o] block.
+    out.par_chunks_mut(c * o).enumerate().for_each(|(t, blk)| {
+        for (ic, row) in blk.chunks_mut(o).enumerate() {
+            for (oc, d) in row.iter_mut().enumerate() {
+                *d = w[(oc * c + ic) * kk + t] * scale.map_or(1.0, |s| s[oc]);
             }
         }
-    }
+    });
     out
 }
 
 /// Weights OIHW → `[tap][o][c]`, taps flipped when `flip` (the stride-1
 /// input gradient) or as they are (the strided scatter).
-fn pack_backward(w: &[f32], g: &Geom, flip: bool) -> Vec<f32> {
+fn pack_backward(w: &[f32], g: &Geom, flip: bool) -> Aligned {
     let (o, c, kk) = (g.o, g.c, g.k * g.k);
-    let mut out = vec![0f32; kk * c * o];
-    for oc in 0..o {
-        for ic in 0..c {
-            for t in 0..kk {
-                let dst = if flip { kk - 1 - t } else { t };
-                out[(dst * o + oc) * c + ic] = w[(oc * c + ic) * kk + t];
+    let mut out = Aligned::zeros(kk * c * o);
+    out.par_chunks_mut(o * c).enumerate().for_each(|(dst, blk)| {
+        let t = if flip { kk - 1 - dst } else { dst };
+        for (oc, row) in blk.chunks_mut(c).enumerate() {
+            for (ic, d) in row.iter_mut().enumerate() {
+                *d = w[(oc * c + ic) * kk + t];
             }
         }
-    }
+    });
     out
 }
 
 /// Forward conv of images `n0..n1` (padded in `xpad`) into `z` (NHWC, the
-/// chunk's images only), weights packed `[tap][c][o]`.
-fn conv_chunk(isa: Isa, g: &Geom, xpad: &[f32], wf: &[f32], images: usize, z: &mut [f32]) {
+/// chunk's images only), weights packed `[tap][c][o]`, through `epilogue`.
+fn conv_chunk(
+    isa: Isa,
+    g: &Geom,
+    (xpad, wf): (&[f32], &[f32]),
+    images: usize,
+    z: &mut [f32],
+    epilogue: Epilogue,
+) {
     let (wp, c, o) = (g.wp(), g.c, g.o);
     let taps = g.taps(wp, c, c * o);
     let img_in = g.hp() * wp * c;
     for i in 0..images {
-        for oy in 0..g.ho {
-            let a = &xpad[i * img_in + oy * g.stride * wp * c..];
-            let out = &mut z[(i * g.p() + oy * g.wo) * o..][..g.wo * o];
-            let t = Tile {
-                a: a.as_ptr(),
-                a_rs: (g.stride * c) as isize,
-                a_ks: 1,
-                b: wf.as_ptr(),
-                b_ks: o as isize,
-                segs: &taps,
-                k: c,
-                out: out.as_mut_ptr(),
-                out_rs: o as isize,
-                accumulate: false,
-            };
-            // SAFETY: pixel r of the row reads xpad[(oy·s + ky)·wp + r·s + kx]
-            // < hp·wp (valid output), channels < c; B reads taps·c·o
-            // packed weights; out is the row's wo·o outputs.
-            unsafe { kernel::product(isa, &t, g.wo, o) };
-        }
+        let out = &mut z[i * g.p() * o..][..g.p() * o];
+        let t = Tile {
+            a: xpad[i * img_in..].as_ptr(),
+            a_rs: (g.stride * c) as isize,
+            rw: g.wo,
+            a_gs: (g.stride * wp * c) as isize,
+            a_ks: 1,
+            b: wf.as_ptr(),
+            b_ks: o as isize,
+            segs: &taps,
+            k: c,
+            out: out.as_mut_ptr(),
+            out_rs: o as isize,
+            out_gs: (g.wo * o) as isize,
+            accumulate: false,
+            epilogue,
+        };
+        // SAFETY: output pixel (y, x) reads xpad[i][y·s + ky][x·s + kx][0..c],
+        // inside the padded image for every valid output; B reads the
+        // k·k·c·o packed weights; out is the image's p·o outputs.
+        unsafe { kernel::product(isa, &t, g.p(), o) };
     }
 }
 
@@ -316,17 +324,19 @@ impl ConvBnOp {
                 let zc = unsafe {
                     std::slice::from_raw_parts_mut(zp.ptr().add(n0 * p * o), (n1 - n0) * p * o)
                 };
-                conv_chunk(isa, g, &xpad, &wf, n1 - n0, zc);
+                let epilogue = if self.train {
+                    Epilogue::NONE
+                } else {
+                    Epilogue {
+                        bias: gb[o..].as_ptr(),
+                        res: std::ptr::null(),
+                        relu: self.relu,
+                    }
+                };
+                conv_chunk(isa, g, (&xpad, &wf), n1 - n0, zc, epilogue);
                 if self.train {
                     zc.chunks(p * o).map(|zi| image_moments(zi, o)).collect()
                 } else {
-                    let b = &gb[o..];
-                    for px in zc.chunks_mut(o) {
-                        for (v, &b) in px.iter_mut().zip(b) {
-                            let y = *v + b;
-                            *v = if self.relu { y.max(0.0) } else { y };
-                        }
-                    }
                     Vec::new()
                 }
             })
@@ -566,7 +576,7 @@ fn dz_pixels(d: &mut [f32], dy: &[f32], z: &[f32], s: &Saved, bn: &BnBackward, r
 
 /// Weight gradient of one chunk, `[tap][c][o]`, from its padded input and
 /// its `dz` (border `q`).
-fn dw_chunk(isa: Isa, g: &Geom, xpad: &[f32], dz: &[f32], images: usize, q: usize) -> Vec<f32> {
+fn dw_chunk(isa: Isa, g: &Geom, xpad: &[f32], dz: &[f32], images: usize, q: usize) -> Aligned {
     let (c, o, wp) = (g.c, g.o, g.wp());
     let (hq, wq) = (g.ho + 2 * q, g.wo + 2 * q);
     let segs: Vec<(isize, isize)> = (0..images)
@@ -577,21 +587,21 @@ fn dw_chunk(isa: Isa, g: &Geom, xpad: &[f32], dz: &[f32], images: usize, q: usiz
             (a as isize, b as isize)
         })
         .collect();
-    let mut dw = vec![0f32; g.k * g.k * c * o];
+    let mut dw = Aligned::zeros(g.k * g.k * c * o);
     for t in 0..g.k * g.k {
         let (ky, kx) = (t / g.k, t % g.k);
-        let tile = Tile {
-            a: xpad[(ky * wp + kx) * c..].as_ptr(),
-            a_rs: 1,
-            a_ks: (g.stride * c) as isize,
-            b: dz.as_ptr(),
-            b_ks: o as isize,
-            segs: &segs,
-            k: g.wo,
-            out: dw[t * c * o..].as_mut_ptr(),
-            out_rs: o as isize,
-            accumulate: false,
-        };
+        let tile = Tile::flat(
+            xpad[(ky * wp + kx) * c..].as_ptr(),
+            1,
+            (g.stride * c) as isize,
+            dz.as_ptr(),
+            o as isize,
+            &segs,
+            g.wo,
+            dw[t * c * o..].as_mut_ptr(),
+            o as isize,
+            false,
+        );
         // SAFETY: row r (channel) of step x in segment (i, y) reads
         // xpad[i][y·s + ky][x·s + kx][r], inside the padded chunk; B reads
         // dz[i][y + q][x + q][0..o]; out is the tap's c×o block.
@@ -608,55 +618,56 @@ fn dx_chunk(isa: Isa, g: &Geom, wb: &[f32], dz: &[f32], images: usize, dx: &mut 
         let (hq, wq) = (g.ho + 2 * q, g.wo + 2 * q);
         let taps = g.taps(wq, o, o * c);
         for i in 0..images {
-            for iy in 0..g.h {
-                let a = &dz[(i * hq + iy) * wq * o..];
-                let out = &mut dx[(i * g.h + iy) * g.w * c..][..g.w * c];
-                let t = Tile {
-                    a: a.as_ptr(),
-                    a_rs: o as isize,
-                    a_ks: 1,
-                    b: wb.as_ptr(),
-                    b_ks: c as isize,
-                    segs: &taps,
-                    k: o,
-                    out: out.as_mut_ptr(),
-                    out_rs: c as isize,
-                    accumulate: false,
-                };
-                // SAFETY: pixel r reads dzpad[i][iy + ty][r + tx] with
-                // iy + ty < h + k − 1 ≤ ho + 2q (stride 1); out is the row.
-                unsafe { kernel::product(isa, &t, g.w, c) };
-            }
+            let out = &mut dx[i * g.h * g.w * c..][..g.h * g.w * c];
+            let t = Tile {
+                a: dz[i * hq * wq * o..].as_ptr(),
+                a_rs: o as isize,
+                rw: g.w,
+                a_gs: (wq * o) as isize,
+                a_ks: 1,
+                b: wb.as_ptr(),
+                b_ks: c as isize,
+                segs: &taps,
+                k: o,
+                out: out.as_mut_ptr(),
+                out_rs: c as isize,
+                out_gs: (g.w * c) as isize,
+                accumulate: false,
+                epilogue: Epilogue::NONE,
+            };
+            // SAFETY: input pixel (y, x) reads dzpad[i][y + ty][x + tx] with
+            // y + ty < h + k − 1 ≤ ho + 2q (stride 1); out is the image.
+            unsafe { kernel::product(isa, &t, g.h * g.w, c) };
         }
         return;
     }
     // Strided: scatter each tap of dz·Wᵀ into a padded gradient.
     let (hp, wp) = (g.hp(), g.wp());
-    let mut dpad = vec![0f32; hp * wp * c];
+    let mut dpad = Aligned::zeros(hp * wp * c);
     for i in 0..images {
         dpad.fill(0.0);
-        for oy in 0..g.ho {
-            let a = &dz[(i * g.p() + oy * g.wo) * o..];
-            for t in 0..g.k * g.k {
-                let (ky, kx) = (t / g.k, t % g.k);
-                let seg = [(0isize, (t * o * c) as isize)];
-                let out = &mut dpad[((oy * g.stride + ky) * wp + kx) * c..];
-                let tile = Tile {
-                    a: a.as_ptr(),
-                    a_rs: o as isize,
-                    a_ks: 1,
-                    b: wb.as_ptr(),
-                    b_ks: c as isize,
-                    segs: &seg,
-                    k: o,
-                    out: out.as_mut_ptr(),
-                    out_rs: (g.stride * c) as isize,
-                    accumulate: true,
-                };
-                // SAFETY: output pixel (oy·s + ky, x·s + kx) of the padded
-                // gradient is inside it for every valid output x.
-                unsafe { kernel::product(isa, &tile, g.wo, c) };
-            }
+        for t in 0..g.k * g.k {
+            let (ky, kx) = (t / g.k, t % g.k);
+            let seg = [(0isize, (t * o * c) as isize)];
+            let tile = Tile {
+                a: dz[i * g.p() * o..].as_ptr(),
+                a_rs: o as isize,
+                rw: g.wo,
+                a_gs: (g.wo * o) as isize,
+                a_ks: 1,
+                b: wb.as_ptr(),
+                b_ks: c as isize,
+                segs: &seg,
+                k: o,
+                out: dpad[(ky * wp + kx) * c..].as_mut_ptr(),
+                out_rs: (g.stride * c) as isize,
+                out_gs: (g.stride * wp * c) as isize,
+                accumulate: true,
+                epilogue: Epilogue::NONE,
+            };
+            // SAFETY: output pixel (y, x) adds into the padded gradient at
+            // (y·s + ky, x·s + kx), inside it for every valid output.
+            unsafe { kernel::product(isa, &tile, g.p(), c) };
         }
         let img = &mut dx[i * g.h * g.w * c..][..g.h * g.w * c];
         for y in 0..g.h {
@@ -684,14 +695,14 @@ fn conv_backward(
     let img_in = g.h * g.w * g.c;
     let mut dx = vec![0f32; if need_dx { g.n * img_in } else { 0 }];
     let dxp = SyncPtr(dx.as_mut_ptr());
-    let parts: Vec<Vec<f32>> = g
+    let parts: Vec<Aligned> = g
         .chunks()
         .into_par_iter()
         .map(|(n0, n1)| {
             let images = n1 - n0;
             let mut xpad = vec![0f32; images * g.hp() * g.wp() * g.c];
             pad_images(x, g, (n0, n1), &mut xpad);
-            let mut dz = vec![0f32; images * (g.ho + 2 * q) * (g.wo + 2 * q) * g.o];
+            let mut dz = Aligned::zeros(images * (g.ho + 2 * q) * (g.wo + 2 * q) * g.o);
             dz_chunk(g, dy, s, bn, relu, (n0, n1), q, &mut dz);
             let dw = dw_chunk(isa, g, &xpad, &dz, images, q);
             if need_dx {
@@ -704,20 +715,17 @@ fn conv_backward(
             dw
         })
         .collect();
-    // Sum the chunks in order, then [tap][c][o] → OIHW.
-    let mut acc = parts[0].clone();
-    for part in &parts[1..] {
-        acc.iter_mut().zip(part).for_each(|(a, b)| *a += b);
-    }
+    // Sum the chunks in order while turning [tap][c][o] into OIHW, one
+    // output channel per task.
     let (kk, c, o) = (g.k * g.k, g.c, g.o);
     let mut dw = vec![0f32; o * c * kk];
-    for t in 0..kk {
-        for ic in 0..c {
-            for oc in 0..o {
-                dw[(oc * c + ic) * kk + t] = acc[(t * c + ic) * o + oc];
-            }
+    dw.par_chunks_mut(c * kk).enumerate().for_each(|(oc, dst)| {
+        for (i, d) in dst.iter_mut().enumerate() {
+            let (ic, t) = (i / kk, i % kk);
+            let at = (t * c + ic) * o + oc;
+            *d = parts[1..].iter().fold(parts[0][at], |s, p| s + p[at]);
         }
-    }
+    });
     (dx, dw)
 }
 

@@ -19,8 +19,13 @@ use std::sync::OnceLock;
 pub struct Tile<'a> {
     /// Base of `A`.
     pub a: *const f32,
-    /// Distance between rows `r` of `A`.
+    /// Distance between rows `r` of `A` within a group of `rw` rows.
     pub a_rs: isize,
+    /// Rows per group: row `r` is row `r % rw` of group `r / rw` (the
+    /// pixels of one image row, when a tile spans several image rows).
+    pub rw: usize,
+    /// Distance between groups of rows of `A`.
+    pub a_gs: isize,
     /// Distance between steps `k` of `A`.
     pub a_ks: isize,
     /// Base of `B` (the first column of the tile).
@@ -33,10 +38,36 @@ pub struct Tile<'a> {
     pub k: usize,
     /// Output base (row 0, first column of the tile); columns contiguous.
     pub out: *mut f32,
-    /// Distance between output rows.
+    /// Distance between output rows within a group.
     pub out_rs: isize,
+    /// Distance between groups of output rows.
+    pub out_gs: isize,
     /// Add into `out` instead of overwriting it.
     pub accumulate: bool,
+    /// Epilogue (when not accumulating): `out = relu?(sum + bias[col] +
+    /// res[row, col])`, with `bias` (one per column) and `res` (laid out
+    /// like `out`) left out when null.
+    pub epilogue: Epilogue,
+}
+
+/// What is added to a tile's sums before they are stored.
+#[derive(Debug, Clone, Copy)]
+pub struct Epilogue {
+    /// Per-column shift, or null.
+    pub bias: *const f32,
+    /// A residual laid out like the output, or null.
+    pub res: *const f32,
+    /// Clamp at zero last.
+    pub relu: bool,
+}
+
+impl Epilogue {
+    /// Store the sums as they are.
+    pub const NONE: Self = Self {
+        bias: std::ptr::null(),
+        res: std::ptr::null(),
+        relu: false,
+    };
 }
 
 /// The instruction set the ops dispatch to.
@@ -117,6 +148,47 @@ impl Isa {
     }
 }
 
+impl Tile<'_> {
+    /// Offsets of row `r` in `A` and in the output.
+    #[inline(always)]
+    fn row(&self, r: usize) -> (isize, isize) {
+        let (g, i) = ((r / self.rw) as isize, (r % self.rw) as isize);
+        (g * self.a_gs + i * self.a_rs, g * self.out_gs + i * self.out_rs)
+    }
+
+    /// A tile with no row groups (`a_rs`, `out_rs` apart).
+    #[allow(clippy::too_many_arguments)]
+    pub fn flat(
+        a: *const f32,
+        a_rs: isize,
+        a_ks: isize,
+        b: *const f32,
+        b_ks: isize,
+        segs: &[(isize, isize)],
+        k: usize,
+        out: *mut f32,
+        out_rs: isize,
+        accumulate: bool,
+    ) -> Tile<'_> {
+        Tile {
+            a,
+            a_rs,
+            rw: usize::MAX,
+            a_gs: 0,
+            a_ks,
+            b,
+            b_ks,
+            segs,
+            k,
+            out,
+            out_rs,
+            out_gs: 0,
+            accumulate,
+            epilogue: Epilogue::NONE,
+        }
+    }
+}
+
 /// Splits `n` rows into blocks of at most `max` rows, as even as possible:
 /// yields `(first row, rows)`.
 pub fn row_blocks(n: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
@@ -139,39 +211,41 @@ pub unsafe fn product(isa: Isa, t: &Tile, rows: usize, cols: usize) {
     let mut c0 = 0;
     while c0 < cols {
         let vecs = ((cols - c0) / lanes).min(isa.max_vectors());
+        let e = t.epilogue;
         let sub = Tile {
             b: t.b.wrapping_add(c0),
             out: t.out.wrapping_add(c0),
+            epilogue: Epilogue {
+                bias: if e.bias.is_null() { e.bias } else { e.bias.wrapping_add(c0) },
+                res: if e.res.is_null() { e.res } else { e.res.wrapping_add(c0) },
+                relu: e.relu,
+            },
             ..*t
         };
         if vecs == 0 || isa == Isa::Portable {
             let w = (cols - c0).min(16);
             // SAFETY: forwarded; the tile covers columns c0..c0 + w.
-            unsafe { portable(&sub, rows, w) };
+            unsafe { portable(&sub, 0, rows, w) };
             c0 += w;
             continue;
         }
         let max = isa.max_rows(vecs);
         for (r0, n) in row_blocks(rows, max) {
-            let blk = Tile {
-                a: sub.a.wrapping_offset(r0 as isize * t.a_rs),
-                out: sub.out.wrapping_offset(r0 as isize * t.out_rs),
-                ..sub
-            };
             // SAFETY: forwarded; the block covers rows r0..r0 + n.
-            unsafe { dispatch(isa, &blk, n, vecs) };
+            unsafe { dispatch(isa, &sub, r0, n, vecs) };
         }
         c0 += vecs * lanes;
     }
 }
 
-/// Plain loops, any `rows` and `cols ≤ 16`.
-unsafe fn portable(t: &Tile, rows: usize, cols: usize) {
-    for r in 0..rows {
+/// Plain loops, rows `r0..r0 + rows` and `cols ≤ 16`.
+unsafe fn portable(t: &Tile, r0: usize, rows: usize, cols: usize) {
+    for r in r0..r0 + rows {
+        let (ar, or) = t.row(r);
         let mut acc = [0f32; 16];
         for &(sa, sb) in t.segs {
             // SAFETY (all reads/writes below): the caller guarantees bounds.
-            let mut a = unsafe { t.a.offset(sa + r as isize * t.a_rs) };
+            let mut a = unsafe { t.a.offset(sa + ar) };
             let mut b = unsafe { t.b.offset(sb) };
             for _ in 0..t.k {
                 let av = unsafe { *a };
@@ -182,26 +256,34 @@ unsafe fn portable(t: &Tile, rows: usize, cols: usize) {
                 b = b.wrapping_offset(t.b_ks);
             }
         }
-        let o = unsafe { t.out.offset(r as isize * t.out_rs) };
+        let o = unsafe { t.out.offset(or) };
+        let e = &t.epilogue;
         for (j, &v) in acc.iter().enumerate().take(cols) {
             unsafe {
                 if t.accumulate {
                     *o.add(j) += v;
-                } else {
-                    *o.add(j) = v;
+                    continue;
                 }
+                let mut v = v;
+                if !e.bias.is_null() {
+                    v += *e.bias.add(j);
+                }
+                if !e.res.is_null() {
+                    v += *e.res.offset(or).add(j);
+                }
+                *o.add(j) = if e.relu { v.max(0.0) } else { v };
             }
         }
     }
 }
 
-/// Picks the monomorphized tile for `rows` × `vecs` vectors.
-unsafe fn dispatch(isa: Isa, t: &Tile, rows: usize, vecs: usize) {
+/// Picks the monomorphized tile for rows `r0..r0 + rows` × `vecs` vectors.
+unsafe fn dispatch(isa: Isa, t: &Tile, r0: usize, rows: usize, vecs: usize) {
     macro_rules! pick {
         ($f:ident, $j:literal, $($r:literal)*) => {
             match rows {
                 // SAFETY: forwarded from `product`.
-                $($r => unsafe { $f::<$r, $j>(t) },)*
+                $($r => unsafe { $f::<$r, $j>(t, r0) },)*
                 _ => unreachable!("tile rows {rows}"),
             }
         };
@@ -217,20 +299,20 @@ unsafe fn dispatch(isa: Isa, t: &Tile, rows: usize, vecs: usize) {
         _ => {}
     }
     // SAFETY: forwarded.
-    unsafe { portable(t, rows, vecs * isa.lanes()) }
+    unsafe { portable(t, r0, rows, vecs * isa.lanes()) }
 }
 
 /// Defines one ISA's tile: `R` rows of `J` vectors held in registers over
 /// every segment and step, then stored or added once.
 macro_rules! simd_tile {
     ($name:ident, $feat:literal, $lanes:literal, $v:ty, $zero:ident, $set1:ident,
-     $load:ident, $store:ident, $add:ident, $fma:ident) => {
+     $load:ident, $store:ident, $add:ident, $max:ident, $fma:ident) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $feat)]
-        unsafe fn $name<const R: usize, const J: usize>(t: &Tile) {
+        unsafe fn $name<const R: usize, const J: usize>(t: &Tile, r0: usize) {
             use std::arch::x86_64::*;
             let mut acc: [[$v; J]; R] = [[$zero(); J]; R];
-            let rs = t.a_rs;
+            let rows: [(isize, isize); R] = std::array::from_fn(|r| t.row(r0 + r));
             for &(sa, sb) in t.segs {
                 let mut a = t.a.wrapping_offset(sa);
                 let mut b = t.b.wrapping_offset(sb);
@@ -242,7 +324,7 @@ macro_rules! simd_tile {
                     }
                     for (r, acc) in acc.iter_mut().enumerate() {
                         // SAFETY: the caller guarantees A's bounds.
-                        let av = $set1(unsafe { *a.offset(r as isize * rs) });
+                        let av = $set1(unsafe { *a.offset(rows[r].0) });
                         for (acc, &bv) in acc.iter_mut().zip(&bv) {
                             *acc = $fma(av, bv, *acc);
                         }
@@ -251,17 +333,29 @@ macro_rules! simd_tile {
                     b = b.wrapping_offset(t.b_ks);
                 }
             }
+            let e = &t.epilogue;
             for (r, acc) in acc.iter().enumerate() {
-                let o = t.out.wrapping_offset(r as isize * t.out_rs);
+                let o = t.out.wrapping_offset(rows[r].1);
                 for (j, &v) in acc.iter().enumerate() {
                     let p = o.wrapping_add(j * $lanes);
-                    // SAFETY: the caller guarantees the output's bounds.
+                    // SAFETY: the caller guarantees the bounds of the
+                    // output, the bias and the residual.
                     unsafe {
                         if t.accumulate {
                             $store(p, $add($load(p), v));
-                        } else {
-                            $store(p, v);
+                            continue;
                         }
+                        let mut v = v;
+                        if !e.bias.is_null() {
+                            v = $add(v, $load(e.bias.add(j * $lanes)));
+                        }
+                        if !e.res.is_null() {
+                            v = $add(v, $load(e.res.offset(rows[r].1).add(j * $lanes)));
+                        }
+                        if e.relu {
+                            v = $max(v, $zero());
+                        }
+                        $store(p, v);
                     }
                 }
             }
@@ -279,6 +373,7 @@ simd_tile!(
     _mm512_loadu_ps,
     _mm512_storeu_ps,
     _mm512_add_ps,
+    _mm512_max_ps,
     _mm512_fmadd_ps
 );
 simd_tile!(
@@ -291,6 +386,7 @@ simd_tile!(
     _mm256_loadu_ps,
     _mm256_storeu_ps,
     _mm256_add_ps,
+    _mm256_max_ps,
     _mm256_fmadd_ps
 );
 
@@ -310,22 +406,31 @@ mod tests {
         cols: usize,
         out: &mut [f32],
         o0: usize,
+        (bias, res): (&[f32], &[f32]),
     ) {
         for r in 0..rows {
             for j in 0..cols {
                 let mut s = 0f32;
                 for &(sa, sb) in t.segs {
                     for k in 0..t.k {
-                        let ai = a0 as isize + sa + r as isize * t.a_rs + k as isize * t.a_ks;
+                        let ai = a0 as isize + sa + t.row(r).0 + k as isize * t.a_ks;
                         let bi = b0 as isize + sb + k as isize * t.b_ks + j as isize;
                         s = a[ai as usize].mul_add(b[bi as usize], s);
                     }
                 }
-                let oi = (o0 as isize + r as isize * t.out_rs) as usize + j;
+                let oi = (o0 as isize + t.row(r).1) as usize + j;
                 if t.accumulate {
                     out[oi] += s;
                 } else {
-                    out[oi] = s;
+                    let e = &t.epilogue;
+                    let mut v = s;
+                    if !e.bias.is_null() {
+                        v += bias[j];
+                    }
+                    if !e.res.is_null() {
+                        v += res[oi];
+                    }
+                    out[oi] = if e.relu { v.max(0.0) } else { v };
                 }
             }
         }
@@ -357,11 +462,13 @@ mod tests {
         for &isa in &isas {
             for rows in [1usize, 2, 5, 6, 7, 8, 13, 16] {
                 for cols in [1usize, 7, 8, 16, 24, 32, 48, 64, 72, 128, 131] {
-                    for (a_rs, a_ks) in [(19isize, 1isize), (1, 23), (64, 2)] {
-                        for accumulate in [false, true] {
+                    for (a_rs, a_ks, rw) in [(19isize, 1isize, 3usize), (1, 23, 99), (64, 2, 2)] {
+                        for (accumulate, epi) in [(false, 0), (true, 0), (false, 1), (false, 2)] {
                             let t0 = Tile {
                                 a: std::ptr::null(),
                                 a_rs,
+                                rw,
+                                a_gs: 211,
                                 a_ks,
                                 b: std::ptr::null(),
                                 b_ks: 150,
@@ -369,16 +476,31 @@ mod tests {
                                 k: 11,
                                 out: std::ptr::null_mut(),
                                 out_rs: 140,
+                                out_gs: 500,
                                 accumulate,
+                                epilogue: Epilogue::NONE,
                             };
-                            let init = values(140 * 16 + 140, 3);
+                            let init = values(4200, 3);
+                            let (bias, res) = (values(200, 4), values(4200, 5));
+                            // 1: bias and ReLU; 2: bias, residual and ReLU.
+                            let epilogue = |b: *const f32, r: *const f32| Epilogue {
+                                bias: if epi >= 1 { b } else { std::ptr::null() },
+                                res: if epi == 2 { r } else { std::ptr::null() },
+                                relu: epi >= 1,
+                            };
+                            let t0 = Tile {
+                                epilogue: epilogue(bias.as_ptr(), res.as_ptr()),
+                                ..t0
+                            };
                             let mut want = init.clone();
-                            reference(&a, &b, &t0, 10, 20, rows, cols, &mut want, 3);
+                            let br = (&bias[..], &res[..]);
+                            reference(&a, &b, &t0, 10, 20, rows, cols, &mut want, 3, br);
                             let mut got = init.clone();
                             let t = Tile {
                                 a: a[10..].as_ptr(),
                                 b: b[20..].as_ptr(),
                                 out: got[3..].as_mut_ptr(),
+                                epilogue: epilogue(bias.as_ptr(), res[3..].as_ptr()),
                                 ..t0
                             };
                             // SAFETY: every index stays inside the vectors
@@ -386,7 +508,7 @@ mod tests {
                             unsafe { product(isa, &t, rows, cols) };
                             assert_eq!(
                                 got, want,
-                                "{isa:?} rows {rows} cols {cols} a_rs {a_rs} acc {accumulate}"
+                                "{isa:?} rows {rows} cols {cols} a_rs {a_rs} acc {accumulate} epilogue {epi}"
                             );
                         }
                     }

@@ -32,6 +32,17 @@ fn tap(t: usize, oy: usize, ox: usize, h: usize, w: usize) -> Option<usize> {
     Some(iy * w + ix)
 }
 
+/// Takes `v` where it is larger than the running maximum `y` (ties keep
+/// the earlier position), recording position `t`.
+#[inline(always)]
+fn window_max(y: &mut [f32], arg: &mut [u8], v: &[f32], t: u8) {
+    for ((y, a), &v) in y.iter_mut().zip(arg.iter_mut()).zip(v) {
+        let take = v > *y;
+        *y = if take { v } else { *y };
+        *a = if take { t } else { *a };
+    }
+}
+
 impl CustomOp1 for MaxPoolOp {
     fn name(&self) -> &'static str {
         "fast-maxpool-3x3-s2-p1-nhwc"
@@ -51,19 +62,13 @@ impl CustomOp1 for MaxPoolOp {
                     for ox in 0..wo {
                         let o = (oy * wo + ox) * c;
                         let (y, arg) = (&mut y[o..o + c], &mut arg[o..o + c]);
-                        let mut first = true;
-                        for t in 0..9 {
-                            let Some(i) = tap(t, oy, ox, h, w) else {
-                                continue;
-                            };
-                            let v = &x[i * c..][..c];
-                            for ch in 0..c {
-                                if first || v[ch] > y[ch] {
-                                    y[ch] = v[ch];
-                                    arg[ch] = t as u8;
-                                }
-                            }
-                            first = false;
+                        let mut taps = (0..9).filter_map(|t| Some((t, tap(t, oy, ox, h, w)?)));
+                        // The window's centre is always inside the image.
+                        let (t0, i0) = taps.next().expect("a window inside the image");
+                        y.copy_from_slice(&x[i0 * c..][..c]);
+                        arg.fill(t0 as u8);
+                        for (t, i) in taps {
+                            window_max(y, arg, &x[i * c..][..c], t as u8);
                         }
                     }
                 }
