@@ -112,16 +112,13 @@ impl Geom {
     }
 }
 
-/// Copies images `n0..n1` of `x` (NHWC) into `dst` with a zero border of
-/// `pad` (rows `h + 2·pad`, columns `w + 2·pad`).
+/// Copies images `n0..n1` of `x` (NHWC) into the zeroed `dst`, leaving a
+/// zero border of `pad` (rows `h + 2·pad`, columns `w + 2·pad`).
 fn pad_images(x: &[f32], g: &Geom, (n0, n1): (usize, usize), dst: &mut [f32]) {
     let (hp, wp, c, p) = (g.hp(), g.wp(), g.c, g.pad);
     let img = g.h * g.w * c;
     for (i, d) in dst.chunks_mut(hp * wp * c).take(n1 - n0).enumerate() {
         let src = &x[(n0 + i) * img..][..img];
-        if p > 0 {
-            d.fill(0.0);
-        }
         for y in 0..g.h {
             d[((y + p) * wp + p) * c..][..g.w * c].copy_from_slice(&src[y * g.w * c..][..g.w * c]);
         }
@@ -132,11 +129,18 @@ fn pad_images(x: &[f32], g: &Geom, (n0, n1): (usize, usize), dst: &mut [f32]) {
 fn pack_forward(w: &[f32], g: &Geom, scale: Option<&[f32]>) -> Aligned {
     let (o, c, kk) = (g.o, g.c, g.k * g.k);
     let mut out = Aligned::zeros(kk * c * o);
-    // One tap per task; each writes its contiguous [c][o] block.
-    out.par_chunks_mut(c * o).enumerate().for_each(|(t, blk)| {
-        for (ic, row) in blk.chunks_mut(o).enumerate() {
-            for (oc, d) in row.iter_mut().enumerate() {
-                *d = w[(oc * c + ic) * kk + t] * scale.map_or(1.0, |s| s[oc]);
+    let dst = SyncPtr(out.as_mut_ptr());
+    // Blocks of 16 output channels: their 16 weight rows stay in L1 while
+    // each destination row gets 16 contiguous values.
+    (0..o.div_ceil(16)).into_par_iter().for_each(|blk| {
+        let (o0, o1) = (blk * 16, (blk * 16 + 16).min(o));
+        for ic in 0..c {
+            for t in 0..kk {
+                for oc in o0..o1 {
+                    let v = w[(oc * c + ic) * kk + t] * scale.map_or(1.0, |s| s[oc]);
+                    // SAFETY: (t, ic, oc) < (kk, c, o); blocks own disjoint oc.
+                    unsafe { *dst.ptr().add((t * c + ic) * o + oc) = v };
+                }
             }
         }
     });
@@ -148,11 +152,16 @@ fn pack_forward(w: &[f32], g: &Geom, scale: Option<&[f32]>) -> Aligned {
 fn pack_backward(w: &[f32], g: &Geom, flip: bool) -> Aligned {
     let (o, c, kk) = (g.o, g.c, g.k * g.k);
     let mut out = Aligned::zeros(kk * c * o);
-    out.par_chunks_mut(o * c).enumerate().for_each(|(dst, blk)| {
-        let t = if flip { kk - 1 - dst } else { dst };
-        for (oc, row) in blk.chunks_mut(c).enumerate() {
-            for (ic, d) in row.iter_mut().enumerate() {
-                *d = w[(oc * c + ic) * kk + t];
+    let dst = SyncPtr(out.as_mut_ptr());
+    // One output channel per task: its weight row (c·k·k values) stays in
+    // L1 while every destination row gets c contiguous values.
+    (0..o).into_par_iter().for_each(|oc| {
+        let row = &w[oc * c * kk..][..c * kk];
+        for t in 0..kk {
+            let d = if flip { kk - 1 - t } else { t };
+            for ic in 0..c {
+                // SAFETY: (d, oc, ic) < (kk, o, c); tasks own disjoint oc.
+                unsafe { *dst.ptr().add((d * o + oc) * c + ic) = row[ic * kk + t] };
             }
         }
     });
@@ -312,7 +321,8 @@ impl ConvBnOp {
         let isa = Isa::detect();
         let wf = pack_forward(w, g, (!self.train).then(|| &gb[..g.o]));
         let (p, o) = (g.p(), g.o);
-        let mut z = vec![0f32; g.n * p * o];
+        // Every element is written by the conv below.
+        let mut z = super::output_vec(g.n * p * o);
         let zp = SyncPtr(z.as_mut_ptr());
         let per_chunk: Vec<Vec<(Vec<f32>, Vec<f32>)>> = g
             .chunks()
@@ -383,7 +393,8 @@ impl CustomOp3 for ConvBnOp {
         let inv_std: Vec<f32> = st.var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
         let a: Vec<f32> = gamma.iter().zip(&inv_std).map(|(g, i)| g * i).collect();
         let b: Vec<f32> = (0..g.o).map(|c| beta[c] - st.mean[c] * a[c]).collect();
-        let mut y = vec![0f32; z.len()];
+        // Every element is written by `affine`.
+        let mut y = super::output_vec(z.len());
         affine(&z, &a, &b, self.relu, &mut y);
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = st.clone();
         *self.lock() = Saved {
@@ -693,7 +704,9 @@ fn conv_backward(
     let wb = pack_backward(w, g, g.dx_gathers());
     let q = if need_dx && g.dx_gathers() { g.q() } else { 0 };
     let img_in = g.h * g.w * g.c;
-    let mut dx = vec![0f32; if need_dx { g.n * img_in } else { 0 }];
+    // Every element is written by `dx_chunk` (a gather, or the copy out
+    // of the padded scatter).
+    let mut dx = super::output_vec(if need_dx { g.n * img_in } else { 0 });
     let dxp = SyncPtr(dx.as_mut_ptr());
     let parts: Vec<Aligned> = g
         .chunks()
@@ -715,17 +728,31 @@ fn conv_backward(
             dw
         })
         .collect();
-    // Sum the chunks in order while turning [tap][c][o] into OIHW, one
-    // output channel per task.
+    // Sum the chunks in order, then [tap][c][o] → OIHW by blocks of 16
+    // output channels.
     let (kk, c, o) = (g.k * g.k, g.c, g.o);
-    let mut dw = vec![0f32; o * c * kk];
-    dw.par_chunks_mut(c * kk).enumerate().for_each(|(oc, dst)| {
-        for (i, d) in dst.iter_mut().enumerate() {
-            let (ic, t) = (i / kk, i % kk);
-            let at = (t * c + ic) * o + oc;
-            *d = parts[1..].iter().fold(parts[0][at], |s, p| s + p[at]);
+    let mut sum = parts[0].to_vec();
+    sum.par_chunks_mut(4096).enumerate().for_each(|(i, d)| {
+        for part in &parts[1..] {
+            d.iter_mut()
+                .zip(&part[i * 4096..])
+                .for_each(|(d, p)| *d += p);
         }
     });
+    let mut dw = vec![0f32; o * c * kk];
+    dw.par_chunks_mut(16 * c * kk)
+        .enumerate()
+        .for_each(|(blk, rows)| {
+            let o0 = blk * 16;
+            for t in 0..kk {
+                for ic in 0..c {
+                    let src = &sum[(t * c + ic) * o + o0..];
+                    for (j, row) in rows.chunks_mut(c * kk).enumerate() {
+                        row[ic * kk + t] = src[j];
+                    }
+                }
+            }
+        });
     (dx, dw)
 }
 

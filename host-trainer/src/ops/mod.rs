@@ -82,6 +82,7 @@ pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
+
 /// Keeps freed blocks in the process instead of returning them to the
 /// system (glibc's default for blocks of 128 KiB and more): a training step
 /// allocates and frees tens of MB of activations, and fresh pages cost a
@@ -155,6 +156,24 @@ impl std::ops::DerefMut for Aligned {
     fn deref_mut(&mut self) -> &mut [f32] {
         &mut self.v[self.off..self.off + self.len]
     }
+}
+
+/// A vector of `len` floats for an op's output that the op writes
+/// completely before anything reads it: it skips the zero-fill that
+/// `vec![0.0; len]` would spend on data about to be overwritten (a pass
+/// over every activation, 5% of an inference batch measured).
+///
+/// Callers name the code that writes every element.
+fn output_vec(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: f32 has no invalid bit patterns, and every caller overwrites
+    // all `len` elements (through raw pointers or `&mut` slices) before the
+    // vector is read or handed to candle.
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        v.set_len(len)
+    };
+    v
 }
 
 /// A pointer shared by threads that write disjoint elements.

@@ -1,8 +1,8 @@
 //! 3x3 stride-2 max pool with padding 1 on NHWC tensors, with a backward
 //! pass that sends each output's gradient to the first maximum of its
-//! window (row-major order, as PyTorch).
+//! window (row-major order, as PyTorch); a NaN maximum's gradient goes to
+//! the window's first position.
 
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
@@ -10,11 +10,8 @@ use rayon::prelude::*;
 
 use super::{profile, read, slice, tensor, Phase};
 
-#[derive(Debug, Clone, Default)]
-struct MaxPoolOp {
-    /// Window position (0..9, row-major) of each output's maximum.
-    argmax: Arc<Mutex<Vec<u8>>>,
-}
+#[derive(Debug, Clone, Copy, Default)]
+struct MaxPoolOp;
 
 /// (n, h, w, c, ho, wo) of an NHWC input.
 fn pool_dims(s: &Shape) -> Result<(usize, usize, usize, usize, usize, usize)> {
@@ -32,15 +29,18 @@ fn tap(t: usize, oy: usize, ox: usize, h: usize, w: usize) -> Option<usize> {
     Some(iy * w + ix)
 }
 
-/// Takes `v` where it is larger than the running maximum `y` (ties keep
-/// the earlier position), recording position `t`.
+/// Running maximum: takes `v` where it is larger (the first maximum wins).
 #[inline(always)]
-fn window_max(y: &mut [f32], arg: &mut [u8], v: &[f32], t: u8) {
-    for ((y, a), &v) in y.iter_mut().zip(arg.iter_mut()).zip(v) {
-        let take = v > *y;
-        *y = if take { v } else { *y };
-        *a = if take { t } else { *a };
+fn window_max(y: &mut [f32], v: &[f32]) {
+    for (y, &v) in y.iter_mut().zip(v) {
+        *y = if v > *y { v } else { *y };
     }
+}
+
+/// Window positions of output (oy, ox) that are inside the image, in
+/// row-major order, as input pixel indices.
+fn window(oy: usize, ox: usize, h: usize, w: usize) -> impl Iterator<Item = usize> {
+    (0..9).filter_map(move |t| tap(t, oy, ox, h, w))
 }
 
 impl CustomOp1 for MaxPoolOp {
@@ -53,64 +53,78 @@ impl CustomOp1 for MaxPoolOp {
         let (n, h, w, c, ho, wo) = pool_dims(l.shape())?;
         let x = slice(s, l, "maxpool")?;
         let mut y = vec![0f32; n * ho * wo * c];
-        let mut arg = vec![0u8; y.len()];
         y.par_chunks_mut(ho * wo * c)
-            .zip(arg.par_chunks_mut(ho * wo * c))
             .zip(x.par_chunks(h * w * c))
-            .for_each(|((y, arg), x)| {
+            .for_each(|(y, x)| {
                 for oy in 0..ho {
                     for ox in 0..wo {
-                        let o = (oy * wo + ox) * c;
-                        let (y, arg) = (&mut y[o..o + c], &mut arg[o..o + c]);
-                        let mut taps = (0..9).filter_map(|t| Some((t, tap(t, oy, ox, h, w)?)));
+                        let y = &mut y[(oy * wo + ox) * c..][..c];
+                        let mut taps = window(oy, ox, h, w);
                         // The window's centre is always inside the image.
-                        let (t0, i0) = taps.next().expect("a window inside the image");
-                        y.copy_from_slice(&x[i0 * c..][..c]);
-                        arg.fill(t0 as u8);
-                        for (t, i) in taps {
-                            window_max(y, arg, &x[i * c..][..c], t as u8);
+                        let first = taps.next().expect("a window inside the image");
+                        y.copy_from_slice(&x[first * c..][..c]);
+                        for i in taps {
+                            window_max(y, &x[i * c..][..c]);
                         }
                     }
                 }
             });
-        *self.argmax.lock().unwrap_or_else(|e| e.into_inner()) = arg;
         profile::add(Phase::Elementwise, t0);
         Ok((CpuStorage::F32(y), Shape::from((n, ho, wo, c))))
     }
 
-    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+    /// Each output's gradient goes to the first window position holding
+    /// the maximum (found again here rather than stored by the forward
+    /// pass, which inference runs alone).
+    fn bwd(&self, x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let t0 = Instant::now();
         let (_, h, w, c, ho, wo) = pool_dims(x.shape())?;
-        let arg = std::mem::take(&mut *self.argmax.lock().unwrap_or_else(|e| e.into_inner()));
-        if arg.len() != dy.elem_count() {
-            bail!("maxpool: backward pass without a forward pass (or run twice)")
-        }
-        let dx = read(dy, "maxpool backward", |dy| {
-            let mut dx = vec![0f32; x.elem_count()];
-            dx.par_chunks_mut(h * w * c)
-                .zip(dy.par_chunks(ho * wo * c).zip(arg.par_chunks(ho * wo * c)))
-                .for_each(|(dx, (dy, arg))| {
-                    for oy in 0..ho {
-                        for ox in 0..wo {
-                            let o = (oy * wo + ox) * c;
-                            for ch in 0..c {
-                                let t = arg[o + ch] as usize;
-                                if let Some(i) = tap(t, oy, ox, h, w) {
-                                    dx[i * c + ch] += dy[o + ch];
-                                }
-                            }
-                        }
-                    }
-                });
-            Ok(dx)
+        let dx = read(x, "maxpool backward", |x| {
+            read(y, "maxpool backward", |y| {
+                read(dy, "maxpool backward", |dy| {
+                    let mut dx = vec![0f32; x.len()];
+                    dx.par_chunks_mut(h * w * c)
+                        .zip(x.par_chunks(h * w * c))
+                        .zip(y.par_chunks(ho * wo * c).zip(dy.par_chunks(ho * wo * c)))
+                        .for_each(|((dx, x), (y, dy))| route(dx, x, y, dy, (h, w, c, ho, wo)));
+                    Ok(dx)
+                })
+            })
         })?;
         profile::add(Phase::Elementwise, t0);
         Ok(Some(tensor(dx, x.shape())?))
     }
 }
 
+/// One image's max-pool backward: `dy` of each output to the first input
+/// of its window equal to the output.
+fn route(
+    dx: &mut [f32],
+    x: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    (h, w, c, ho, wo): (usize, usize, usize, usize, usize),
+) {
+    for oy in 0..ho {
+        for ox in 0..wo {
+            let o = (oy * wo + ox) * c;
+            for ch in 0..c {
+                let m = y[o + ch];
+                let mut taps = window(oy, ox, h, w);
+                let first = taps.next().expect("a window inside the image");
+                // A NaN maximum equals nothing: it keeps the first position.
+                let i = std::iter::once(first)
+                    .chain(taps)
+                    .find(|&i| x[i * c + ch] == m)
+                    .unwrap_or(first);
+                dx[i * c + ch] += dy[o + ch];
+            }
+        }
+    }
+}
+
 /// 3x3 stride-2 max pool with padding 1 (padding never wins) of an NHWC
 /// tensor, with its backward pass.
 pub fn maxpool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(MaxPoolOp::default())
+    x.contiguous()?.apply_op1(MaxPoolOp)
 }
