@@ -236,10 +236,27 @@ impl ConvBn {
             update(self.bn.running_var(), &st.var, unbias)?;
             Ok(y)
         } else {
-            let a = gamma.div(&(self.bn.running_var() + eps)?.sqrt()?)?;
-            let b = (beta - self.bn.running_mean().mul(&a)?)?;
+            let (a, b) = self.folded_bn()?;
             ops::conv_affine_eval(x, w, &a, &b, stride, pad, relu)
         }
+    }
+
+    /// BN with running statistics as a per-channel (scale, shift).
+    fn folded_bn(&self) -> candle_core::Result<(Tensor, Tensor)> {
+        let Some((gamma, beta)) = self.bn.weight_and_bias() else {
+            candle_core::bail!("batch norm without scale and shift")
+        };
+        let a = gamma.div(&(self.bn.running_var() + self.bn.eps())?.sqrt()?)?;
+        let b = (beta - self.bn.running_mean().mul(&a)?)?;
+        Ok((a, b))
+    }
+
+    /// Inference with the fast ops: `relu(BN(conv(x)) + res)` in one pass.
+    fn forward_add_relu_eval(&self, x: &Tensor, res: &Tensor) -> candle_core::Result<Tensor> {
+        let cfg = self.conv.config();
+        let (a, b) = self.folded_bn()?;
+        let w = self.conv.weight();
+        ops::conv_affine_add_relu_eval(x, w, &a, &b, res, cfg.stride, cfg.padding)
     }
 }
 
@@ -262,14 +279,14 @@ impl BasicBlock {
         backend: Backend,
     ) -> candle_core::Result<Tensor> {
         let y = self.c1.forward_with(x, train, true, backend)?;
-        let y = self.c2.forward_with(&y, train, false, backend)?;
         let s = match &self.shortcut {
             Some(sc) => sc.forward_with(x, train, false, backend)?,
             None => x.clone(),
         };
         match backend {
-            Backend::Stock => (y + s)?.relu(),
-            Backend::FastCpu => ops::add_relu(&y, &s),
+            Backend::Stock => (self.c2.forward_with(&y, train, false, backend)? + s)?.relu(),
+            Backend::FastCpu if !train => self.c2.forward_add_relu_eval(&y, &s),
+            Backend::FastCpu => ops::add_relu(&self.c2.forward_with(&y, train, false, backend)?, &s),
         }
     }
 }

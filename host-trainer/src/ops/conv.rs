@@ -197,7 +197,15 @@ fn conv_chunk(
             out_rs: o as isize,
             out_gs: (g.wo * o) as isize,
             accumulate: false,
-            epilogue,
+            epilogue: Epilogue {
+                // The residual is laid out like the output: image i's part.
+                res: if epilogue.res.is_null() {
+                    epilogue.res
+                } else {
+                    epilogue.res.wrapping_add(i * g.p() * o)
+                },
+                ..epilogue
+            },
         };
         // SAFETY: output pixel (y, x) reads xpad[i][y·s + ky][x·s + kx][0..c],
         // inside the padded image for every valid output; B reads the
@@ -317,6 +325,7 @@ impl ConvBnOp {
         x: &[f32],
         w: &[f32],
         gb: &[f32],
+        res: Option<&[f32]>,
     ) -> (Vec<f32>, Vec<(Vec<f32>, Vec<f32>)>) {
         let isa = Isa::detect();
         let wf = pack_forward(w, g, (!self.train).then(|| &gb[..g.o]));
@@ -339,7 +348,7 @@ impl ConvBnOp {
                 } else {
                     Epilogue {
                         bias: gb[o..].as_ptr(),
-                        res: std::ptr::null(),
+                        res: res.map_or(std::ptr::null(), |r| r[n0 * p * o..].as_ptr()),
                         relu: self.relu,
                     }
                 };
@@ -382,7 +391,7 @@ impl CustomOp3 for ConvBnOp {
         }
         let shape = Shape::from((g.n, g.ho, g.wo, g.o));
         let t0 = Instant::now();
-        let (z, moments) = self.forward(&g, x, w, gb);
+        let (z, moments) = self.forward(&g, x, w, gb, None);
         profile::add(Phase::Conv, t0);
         if !self.train {
             return Ok((CpuStorage::F32(z), shape));
@@ -811,4 +820,81 @@ pub fn conv_affine_eval(
     };
     let gb = Tensor::stack(&[scale, shift], 0)?;
     x.contiguous()?.apply_op3_no_bwd(&w.contiguous()?, &gb, &op)
+}
+
+/// Inference-mode conv + affine + residual + ReLU, `relu(conv(x, w)·scale
+/// + shift + res)`: the end of a residual block in one pass. Arguments: the
+/// input, the parameters `[w (O·C·k·k), scale (O), shift (O)]` flattened,
+/// and the residual (N, Ho, Wo, O).
+#[derive(Debug, Clone)]
+struct ConvResidualEval {
+    stride: usize,
+    pad: usize,
+    k: usize,
+}
+
+impl CustomOp3 for ConvResidualEval {
+    fn name(&self) -> &'static str {
+        "fast-conv-affine-add-relu-nhwc"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, _, _, c) = l1.shape().dims4()?;
+        let (_, _, _, o) = l3.shape().dims4()?;
+        let k = self.k;
+        let params = slice(s2, l2, "conv_residual")?;
+        if params.len() != o * c * k * k + 2 * o {
+            bail!("conv_residual: {} parameters for {o}x{c}x{k}x{k}", params.len())
+        }
+        let g = Geom::new(l1.shape(), &Shape::from((o, c, k, k)), self.stride, self.pad)?;
+        if l3.shape().dims() != [g.n, g.ho, g.wo, g.o] {
+            bail!("conv_residual: residual {:?} does not fit the output", l3.shape())
+        }
+        let (w, gb) = params.split_at(o * c * k * k);
+        let op = ConvBnOp {
+            stride: self.stride,
+            pad: self.pad,
+            eps: 0.0,
+            relu: true,
+            train: false,
+            saved: Arc::default(),
+            stats: Arc::default(),
+        };
+        let t0 = Instant::now();
+        let x = slice(s1, l1, "conv_residual")?;
+        let res = slice(s3, l3, "conv_residual")?;
+        let (y, _) = op.forward(&g, x, w, gb, Some(res));
+        profile::add(Phase::Conv, t0);
+        Ok((CpuStorage::F32(y), Shape::from((g.n, g.ho, g.wo, g.o))))
+    }
+}
+
+/// Inference-mode `relu(conv(x, w)·scale + shift + res)` on NHWC tensors:
+/// [`conv_affine_eval`] with the residual add and ReLU of a block's end
+/// in its epilogue. No gradient.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_affine_add_relu_eval(
+    x: &Tensor,
+    w: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+    res: &Tensor,
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
+    let k = w.dim(2)?;
+    let params = Tensor::cat(&[&w.flatten_all()?, scale, shift], 0)?;
+    x.contiguous()?.apply_op3_no_bwd(
+        &params,
+        &res.contiguous()?,
+        &ConvResidualEval { stride, pad, k },
+    )
 }

@@ -28,7 +28,7 @@ pub mod profile;
 #[cfg(test)]
 mod tests;
 
-pub use conv::{conv_affine_eval, conv_bn_train, BnStats};
+pub use conv::{conv_affine_add_relu_eval, conv_affine_eval, conv_bn_train, BnStats};
 pub use kernel::Isa;
 pub use pool::maxpool_3x3_s2_p1;
 use profile::Phase;

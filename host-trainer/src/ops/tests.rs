@@ -316,3 +316,30 @@ fn conv_bn_results_do_not_depend_on_the_thread_count() {
     assert_eq!(one, run(2));
     assert_eq!(one, run(3));
 }
+
+#[test]
+fn conv_affine_add_relu_eval_matches_stock_candle() {
+    for (s, p, k, c, o) in [(1, 1, 3, 16, 16), (2, 1, 3, 16, 32), (2, 0, 1, 8, 24), (1, 1, 3, 4, 4), (1, 1, 3, 8, 8)] {
+        let x = rand(&[7, 6, 5, c], 21);
+        let w = rand(&[o, c, k, k], 22);
+        let a = rand(&[o], 23);
+        let b = rand(&[o], 24);
+        let y0 = conv_affine_eval(&x, &w, &a, &b, s, p, false).unwrap();
+        let res = rand(y0.dims(), 25);
+        let y = conv_affine_add_relu_eval(&x, &w, &a, &b, &res, s, p).unwrap();
+        let r = nchw(&x)
+            .conv2d(&w, p, s, 1, 1)
+            .unwrap()
+            .broadcast_mul(&a.reshape((1, o, 1, 1)).unwrap())
+            .unwrap()
+            .broadcast_add(&b.reshape((1, o, 1, 1)).unwrap())
+            .unwrap();
+        let r = (nhwc(&r) + &res).unwrap().relu().unwrap();
+        let d = max_abs_diff(&y, &r);
+        assert!(d < 1e-4, "stride {s} k {k}: off by {d}");
+        let bad = rand(&[3, 6, 5, o], 26);
+        if bad.dims() != y.dims() {
+            assert!(conv_affine_add_relu_eval(&x, &w, &a, &b, &bad, s, p).is_err());
+        }
+    }
+}
