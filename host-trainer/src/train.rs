@@ -331,6 +331,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Saves model variables, momentum buffers and `meta` to `path` (atomic).
+///
+/// A state with a non-finite value (a diverged run) is refused with an
+/// error naming the tensor, and `path` keeps the last good state.
 pub fn save_checkpoint(path: &Path, t: &Trainee, opt: &Sgd, meta: &CheckpointMeta) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = t
         .named_vars()
@@ -341,6 +344,18 @@ pub fn save_checkpoint(path: &Path, t: &Trainee, opt: &Sgd, meta: &CheckpointMet
         opt.state()
             .map(|(n, m)| (format!("momentum.{n}"), m.clone())),
     );
+    for (name, tensor) in &tensors {
+        let v: Vec<f32> = tensor.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            bail!(
+                "not saving {} (epoch {}): `{name}` holds {} at element {i}; \
+                 the file keeps the last good state",
+                path.display(),
+                meta.epoch,
+                v[i]
+            );
+        }
+    }
     let mut info = HashMap::new();
     info.insert("format".to_string(), CKPT_FORMAT.to_string());
     info.insert("meta".to_string(), serde_json::to_string(meta)?);
@@ -938,6 +953,51 @@ mod tests {
             msg.contains("training diverged") && msg.contains("epoch 1, step"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn a_non_finite_state_never_replaces_the_last_good_checkpoint() {
+        let cfg = tiny_config(1);
+        let t = Trainee::new(&cfg.arch, cfg.seed, &Device::Cpu).unwrap();
+        let opt = Sgd::new(t.named_vars(), cfg.sgd);
+        let meta = CheckpointMeta {
+            config: cfg.clone(),
+            epoch: 1,
+            iteration: 4,
+            history: Vec::new(),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint.safetensors");
+        save_checkpoint(&path, &t, &opt, &meta).unwrap();
+        let good = fs::read(&path).unwrap();
+        let (name, var) = t.named_vars().into_iter().nth(1).unwrap();
+        let mut v = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let last = v.len() - 1;
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            v[last] = bad;
+            var.set(&Tensor::from_vec(v.clone(), var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            let meta = CheckpointMeta {
+                epoch: 2,
+                ..meta.clone()
+            };
+            let msg = format!("{:#}", save_checkpoint(&path, &t, &opt, &meta).unwrap_err());
+            assert!(
+                msg.contains(&format!("`model.{name}` holds {bad} at element {last}"))
+                    && msg.contains("epoch 2"),
+                "{msg}"
+            );
+            assert!(
+                fs::read(&path).unwrap() == good,
+                "the good checkpoint was replaced"
+            );
+        }
+        assert_eq!(load_checkpoint(&path, &Device::Cpu).unwrap().meta.epoch, 1);
     }
 
     #[test]
