@@ -218,7 +218,8 @@ impl CustomOp2 for AddReluOp {
         }
         let t0 = Instant::now();
         let (a, b) = (slice(s1, l1, "add_relu")?, slice(s2, l2, "add_relu")?);
-        let mut y = vec![0f32; a.len()];
+        // Every element is written below.
+        let mut y = output_vec(a.len());
         y.par_chunks_mut(4096)
             .zip(a.par_chunks(4096).zip(b.par_chunks(4096)))
             .for_each(|(d, (a, b))| {
@@ -240,7 +241,8 @@ impl CustomOp2 for AddReluOp {
         let t0 = Instant::now();
         let g = read(y, "add_relu backward", |y| {
             read(dy, "add_relu backward", |dy| {
-                let mut g = vec![0f32; y.len()];
+                // Every element is written below.
+                let mut g = output_vec(y.len());
                 g.par_chunks_mut(4096)
                     .zip(y.par_chunks(4096).zip(dy.par_chunks(4096)))
                     .for_each(|(g, (y, dy))| {

@@ -52,7 +52,8 @@ impl CustomOp1 for MaxPoolOp {
         let t0 = Instant::now();
         let (n, h, w, c, ho, wo) = pool_dims(l.shape())?;
         let x = slice(s, l, "maxpool")?;
-        let mut y = vec![0f32; n * ho * wo * c];
+        // Every output is written below (each window has its centre).
+        let mut y = super::output_vec(n * ho * wo * c);
         y.par_chunks_mut(ho * wo * c)
             .zip(x.par_chunks(h * w * c))
             .for_each(|(y, x)| {
