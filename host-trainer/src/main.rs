@@ -216,9 +216,10 @@ struct BenchArgs {
     /// Python of the PyTorch peer [default: bench/.venv/bin/python in the workspace].
     #[arg(long)]
     python: Option<PathBuf>,
-    /// Run PyTorch with the channels-last (NHWC) memory format.
-    #[arg(long)]
-    channels_last: bool,
+    /// PyTorch memory format(s): `best` runs NCHW and channels-last (NHWC)
+    /// and compares with the faster of the two for each figure.
+    #[arg(long, value_enum, default_value_t = peer::Layouts::Best)]
+    pytorch_layout: peer::Layouts,
     /// Also time candle's stock ops (no custom CPU ops), for the speed-up.
     #[arg(long)]
     stock: bool,
@@ -605,19 +606,26 @@ fn run_bench(a: BenchArgs) -> Result<()> {
     let arch = a.arch.resolve()?;
     // candle first, then PyTorch: never both at once.
     let candle = bench::bench(&arch, a.batch_size, a.warmup, a.runs, &device)?;
-    let peer_result = match peer {
-        peer::Peer::None => None,
-        peer::Peer::Pytorch => Some(peer::run_pytorch(&peer::PeerRun {
-            python: &python,
-            script: &script,
-            arch: &arch,
-            batch_size: a.batch_size,
-            warmup: a.warmup,
-            runs: a.runs,
-            threads: a.threads,
-            channels_last: a.channels_last,
-        })?),
-    };
+    let mut peer_result = Vec::new();
+    if peer == peer::Peer::Pytorch {
+        for &channels_last in a.pytorch_layout.channels_last() {
+            let result = peer::run_pytorch(&peer::PeerRun {
+                python: &python,
+                script: &script,
+                arch: &arch,
+                batch_size: a.batch_size,
+                warmup: a.warmup,
+                runs: a.runs,
+                threads: a.threads,
+                channels_last,
+            })?;
+            let layout = if channels_last { "channels-last" } else { "NCHW" };
+            peer_result.push(bench::PeerLayout {
+                layout: layout.into(),
+                result,
+            });
+        }
+    }
     let mut r = bench::BenchReport::new(&arch, &a.device, a.threads, a.warmup, candle, peer_result);
     if a.stock {
         r.stock = Some(bench::bench_backend(

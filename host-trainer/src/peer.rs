@@ -22,6 +22,28 @@ pub enum Peer {
     None,
 }
 
+/// Which PyTorch memory formats `host-trainer bench` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Layouts {
+    /// Both, each figure compared with the faster.
+    Best,
+    /// NCHW only (PyTorch's default).
+    Nchw,
+    /// Channels-last (NHWC) only.
+    ChannelsLast,
+}
+
+impl Layouts {
+    /// The `channels_last` flags to run, in order.
+    pub fn channels_last(self) -> &'static [bool] {
+        match self {
+            Self::Best => &[false, true],
+            Self::Nchw => &[false],
+            Self::ChannelsLast => &[true],
+        }
+    }
+}
+
 /// What `bench/pytorch_bench.py` reports (its last stdout line).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PeerResult {

@@ -84,19 +84,18 @@ impl Geom {
     fn dx_gathers(&self) -> bool {
         self.stride == 1 && self.pad < self.k
     }
-    /// Images per chunk: about 192 KiB of padded input and output
-    /// gradient, at least one image, and at least four chunks for large
-    /// batches. Depends only on the shape.
-    fn chunk(&self) -> usize {
+    /// The batch cut into chunks of consecutive images: each holds at most
+    /// about 192 KiB of padded input and output gradient (or one image),
+    /// their count is a multiple of four (so two or four threads get equal
+    /// work) unless there are fewer images, and sizes differ by at most one.
+    /// Depends only on the shape, never on the thread count.
+    fn chunks(&self) -> Vec<(usize, usize)> {
         let per_image =
             4 * (self.hp() * self.wp() * self.c + (self.ho + 2) * (self.wo + 2) * self.o);
-        (192 * 1024 / per_image.max(1)).clamp(1, self.n.div_ceil(4).max(1))
-    }
-    fn chunks(&self) -> Vec<(usize, usize)> {
-        let c = self.chunk();
-        (0..self.n)
-            .step_by(c)
-            .map(|n0| (n0, (n0 + c).min(self.n)))
+        let cap = (192 * 1024 / per_image.max(1)).max(1);
+        let count = self.n.div_ceil(cap).max(4).next_multiple_of(4).min(self.n);
+        (0..count)
+            .map(|i| (i * self.n / count, (i + 1) * self.n / count))
             .collect()
     }
     /// Tap offsets `(A offset, B offset)` of a forward-style product over a
@@ -633,7 +632,7 @@ fn dw_chunk(isa: Isa, g: &Geom, xpad: &[f32], dz: &[f32], images: usize, q: usiz
 
 /// Output rows narrower than this take [`dw_chunk_im2col`]: its one long
 /// product beats a row-by-row product whose steps are only a few pixels.
-const DW_IM2COL_BELOW: usize = 16;
+const DW_IM2COL_BELOW: usize = 8;
 
 /// [`dw_chunk`] through an in-cache im2col matrix `[pixel][tap][c]` of the
 /// chunk: one product with every pixel of the chunk as its steps. The copy
