@@ -422,7 +422,10 @@ mod tests {
         assert!(r.train_images_per_sec > 0.0 && r.infer_images_per_sec > 0.0);
         assert!(r.train_gflops > 0.0 && r.infer_gflops > 0.0);
         let stock = bench_backend(&arch, 4, 1, 2, &Device::Cpu, Backend::Stock).unwrap();
-        assert!(r.phases.as_ref().is_some_and(|p| p.conv_ms > 0.0 && p.step_ms > p.conv_ms));
+        assert!(r
+            .phases
+            .as_ref()
+            .is_some_and(|p| p.conv_ms > 0.0 && p.step_ms > p.conv_ms));
         let mut report = BenchReport::new(&arch, "cpu", 2, 1, r, Vec::new());
         report.stock = Some(stock);
         assert!(
@@ -467,7 +470,10 @@ mod tests {
             },
         };
         // Each figure takes the faster layout.
-        let peer = vec![run("NCHW", 800.0, 2000.0), run("channels-last", 700.0, 2500.0)];
+        let peer = vec![
+            run("NCHW", 800.0, 2000.0),
+            run("channels-last", 700.0, 2500.0),
+        ];
         let r = BenchReport::new(&arch, "cpu", 2, 3, candle_result(), peer);
         let p = r.peer.as_ref().unwrap();
         assert_eq!(p.train_ratio, 0.25);
@@ -498,7 +504,14 @@ mod tests {
 
     #[test]
     fn bench_report_without_a_peer() {
-        let r = BenchReport::new(&ArchConfig::seed(), "cpu", 2, 3, candle_result(), Vec::new());
+        let r = BenchReport::new(
+            &ArchConfig::seed(),
+            "cpu",
+            2,
+            3,
+            candle_result(),
+            Vec::new(),
+        );
         let t = r.table();
         assert!(t.contains("| inference | 1000.0 | 37.10 |"), "{t}");
         assert!(!t.contains("PyTorch"), "{t}");

@@ -619,7 +619,11 @@ fn run_bench(a: BenchArgs) -> Result<()> {
                 threads: a.threads,
                 channels_last,
             })?;
-            let layout = if channels_last { "channels-last" } else { "NCHW" };
+            let layout = if channels_last {
+                "channels-last"
+            } else {
+                "NCHW"
+            };
             peer_result.push(bench::PeerLayout {
                 layout: layout.into(),
                 result,

@@ -286,7 +286,9 @@ impl BasicBlock {
         match backend {
             Backend::Stock => (self.c2.forward_with(&y, train, false, backend)? + s)?.relu(),
             Backend::FastCpu if !train => self.c2.forward_add_relu_eval(&y, &s),
-            Backend::FastCpu => ops::add_relu(&self.c2.forward_with(&y, train, false, backend)?, &s),
+            Backend::FastCpu => {
+                ops::add_relu(&self.c2.forward_with(&y, train, false, backend)?, &s)
+            }
         }
     }
 }

@@ -81,17 +81,6 @@ impl Sgd {
 
     /// Applies one update with learning rate `lr`.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
-        self.step_impl(grads, lr, true)
-    }
-
-    /// [`step`](Self::step) through candle tensor ops only (what non-CPU
-    /// devices run), for the tests of the fused CPU update.
-    #[cfg(test)]
-    fn step_with_tensor_ops(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
-        self.step_impl(grads, lr, false)
-    }
-
-    fn step_impl(&mut self, grads: &GradStore, lr: f64, fused: bool) -> Result<()> {
         let SgdConfig {
             momentum,
             nesterov,
@@ -101,12 +90,6 @@ impl Sgd {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
-            if fused && p.var.device().is_cpu() && p.var.dtype() == candle_core::DType::F32 {
-                let decay = if p.decay { weight_decay } else { 0.0 };
-                fused_step(p, g, (decay, momentum, nesterov), lr)
-                    .with_context(|| format!("updating {name}"))?;
-                continue;
-            }
             let mut g = g.detach();
             if p.decay && weight_decay != 0.0 {
                 g = (g + (p.var.as_tensor().detach() * weight_decay)?)?;
@@ -156,71 +139,6 @@ impl Sgd {
         p.momentum = Some(buf.detach());
         Ok(())
     }
-}
-
-/// [`Sgd::step`] for one f32 CPU parameter in one parallel pass: the same
-/// f32 operations in the same order as the candle-op path (candle's
-/// `t * s` is `t·s + 0`), so the same bits, without its nine temporary
-/// tensors.
-fn fused_step(
-    p: &mut Param,
-    g: &Tensor,
-    (decay, momentum, nesterov): (f64, f64, bool),
-    lr: f64,
-) -> candle_core::Result<()> {
-    use rayon::prelude::*;
-    let (wd, m, lr) = (decay as f32, momentum as f32, lr as f32);
-    let n = p.var.elem_count();
-    let (mut new_p, mut new_buf) = (vec![0f32; n], vec![0f32; if m != 0.0 { n } else { 0 }]);
-    let mut pass = |pv: &[f32], gv: &[f32], buf: Option<&[f32]>| -> candle_core::Result<()> {
-        let update = |i: usize, np: &mut f32, nb: Option<&mut f32>| {
-            let mut g = gv[i];
-            if wd != 0.0 {
-                g = g + (pv[i] * wd + 0.0);
-            }
-            let d = match nb {
-                Some(nb) => {
-                    *nb = match buf {
-                        None => g,
-                        Some(b) => (b[i] * m + 0.0) + g,
-                    };
-                    if nesterov {
-                        g + (*nb * m + 0.0)
-                    } else {
-                        *nb
-                    }
-                }
-                None => g,
-            };
-            *np = pv[i] - (d * lr + 0.0);
-        };
-        if m != 0.0 {
-            new_p
-                .par_iter_mut()
-                .zip(new_buf.par_iter_mut())
-                .enumerate()
-                .for_each(|(i, (np, nb))| update(i, np, Some(nb)));
-        } else {
-            new_p
-                .par_iter_mut()
-                .enumerate()
-                .for_each(|(i, np)| update(i, np, None));
-        }
-        Ok(())
-    };
-    use crate::ops::read;
-    read(p.var.as_tensor(), "sgd", |pv| {
-        read(g, "sgd", |gv| match &p.momentum {
-            Some(b) => read(b, "sgd", |bv| pass(pv, gv, Some(bv))),
-            None => pass(pv, gv, None),
-        })
-    })?;
-    let dev = p.var.device().clone();
-    p.var.set(&Tensor::from_vec(new_p, p.var.shape(), &dev)?)?;
-    if m != 0.0 {
-        p.momentum = Some(Tensor::from_vec(new_buf, p.var.shape(), &dev)?);
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -276,43 +194,6 @@ mod tests {
         // BN scale: no decay. step1: d=1+0.9=1.9, p=2-0.19=1.81
         let p = scalar_step(cfg, 2.0, &[1.0], 0.1, "layer1.0.bn1.weight");
         assert!((p - 1.81).abs() < 1e-6, "{p}");
-    }
-
-    /// The one-pass CPU update gives the same bits as the candle-op path
-    /// (which other devices use), over several steps of every setting.
-    #[test]
-    fn fused_cpu_step_equals_the_candle_op_path() {
-        let cfgs = [(0.0, false, 0.0), (0.9, false, 0.0), (0.9, true, 5e-4), (0.0, false, 1e-3)];
-        for (momentum, nesterov, weight_decay) in cfgs {
-            let cfg = SgdConfig {
-                momentum,
-                nesterov,
-                weight_decay,
-            };
-            let p0 = Tensor::randn(0f32, 1.0, 1000, &Device::Cpu).unwrap();
-            let rs: Vec<Tensor> = (0..4)
-                .map(|step| {
-                    let r = Tensor::randn(0f32, 1.0, 1000, &Device::Cpu).unwrap();
-                    (r * (step as f64 + 1.0)).unwrap()
-                })
-                .collect();
-            let run = |fused: bool| {
-                let var = Var::from_tensor(&p0).unwrap();
-                let mut opt = Sgd::new([("layer1.0.conv1.weight".to_string(), var.clone())], cfg);
-                for r in &rs {
-                    let loss = (var.as_tensor() * r).unwrap().sum_all().unwrap();
-                    let gs = loss.backward().unwrap();
-                    if fused {
-                        opt.step(&gs, 0.1).unwrap();
-                    } else {
-                        opt.step_with_tensor_ops(&gs, 0.1).unwrap();
-                    }
-                }
-                var.as_tensor().to_vec1::<f32>().unwrap()
-            };
-            let (a, b) = (run(true), run(false));
-            assert_eq!(a, b, "momentum {momentum} nesterov {nesterov} decay {weight_decay}");
-        }
     }
 
     #[test]

@@ -213,6 +213,9 @@ fn conv_chunk(
     }
 }
 
+/// One image's per-channel mean and M2 (see [`image_moments`]).
+type Moments = (Vec<f32>, Vec<f32>);
+
 /// Per-image channel mean and M2 (sum of squared deviations) of `z`.
 fn image_moments(z: &[f32], o: usize) -> (Vec<f32>, Vec<f32>) {
     let p = z.len() / o;
@@ -243,7 +246,7 @@ pub struct BnStats {
 
 /// Chan's parallel combination of per-image moments (each over `p`
 /// elements), in image order, in f64.
-fn combine_moments(parts: &[(Vec<f32>, Vec<f32>)], p: usize, o: usize) -> BnStats {
+fn combine_moments(parts: &[Moments], p: usize, o: usize) -> BnStats {
     let mut mean = vec![0f64; o];
     let mut m2 = vec![0f64; o];
     let mut count = 0f64;
@@ -325,14 +328,14 @@ impl ConvBnOp {
         w: &[f32],
         gb: &[f32],
         res: Option<&[f32]>,
-    ) -> (Vec<f32>, Vec<(Vec<f32>, Vec<f32>)>) {
+    ) -> (Vec<f32>, Vec<Moments>) {
         let isa = Isa::detect();
         let wf = pack_forward(w, g, (!self.train).then(|| &gb[..g.o]));
         let (p, o) = (g.p(), g.o);
         // Every element is written by the conv below.
         let mut z = super::output_vec(g.n * p * o);
         let zp = SyncPtr(z.as_mut_ptr());
-        let per_chunk: Vec<Vec<(Vec<f32>, Vec<f32>)>> = g
+        let per_chunk: Vec<Vec<Moments>> = g
             .chunks()
             .into_par_iter()
             .map(|(n0, n1)| {
@@ -500,7 +503,7 @@ fn bn_sums(dy: &[f32], z: &[f32], s: &Saved, relu: bool, s1: &mut [f32], s2: &mu
 fn bn_backward(s: &Saved, dy: &[f32], g: &Geom, relu: bool) -> BnBackward {
     let (o, img) = (g.o, g.p() * g.o);
     // Per image Σdy' and Σdy'·(z − mean), then summed in image order.
-    let parts: Vec<(Vec<f32>, Vec<f32>)> = dy
+    let parts: Vec<Moments> = dy
         .par_chunks(img)
         .zip(s.z.par_chunks(img))
         .map(|(dy, z)| {
@@ -880,8 +883,9 @@ pub fn conv_affine_eval(
     x.contiguous()?.apply_op3_no_bwd(&w.contiguous()?, &gb, &op)
 }
 
-/// Inference-mode conv + affine + residual + ReLU, `relu(conv(x, w)·scale
-/// + shift + res)`: the end of a residual block in one pass. Arguments: the
+/// Inference-mode conv + affine + residual + ReLU,
+/// `relu(conv(x, w)·scale + shift + res)`: the end of a residual block in
+/// one pass. Arguments: the
 /// input, the parameters `[w (O·C·k·k), scale (O), shift (O)]` flattened,
 /// and the residual (N, Ho, Wo, O).
 #[derive(Debug, Clone)]
@@ -910,11 +914,22 @@ impl CustomOp3 for ConvResidualEval {
         let k = self.k;
         let params = slice(s2, l2, "conv_residual")?;
         if params.len() != o * c * k * k + 2 * o {
-            bail!("conv_residual: {} parameters for {o}x{c}x{k}x{k}", params.len())
+            bail!(
+                "conv_residual: {} parameters for {o}x{c}x{k}x{k}",
+                params.len()
+            )
         }
-        let g = Geom::new(l1.shape(), &Shape::from((o, c, k, k)), self.stride, self.pad)?;
+        let g = Geom::new(
+            l1.shape(),
+            &Shape::from((o, c, k, k)),
+            self.stride,
+            self.pad,
+        )?;
         if l3.shape().dims() != [g.n, g.ho, g.wo, g.o] {
-            bail!("conv_residual: residual {:?} does not fit the output", l3.shape())
+            bail!(
+                "conv_residual: residual {:?} does not fit the output",
+                l3.shape()
+            )
         }
         let (w, gb) = params.split_at(o * c * k * k);
         let op = ConvBnOp {

@@ -153,7 +153,10 @@ impl Tile<'_> {
     #[inline(always)]
     fn row(&self, r: usize) -> (isize, isize) {
         let (g, i) = ((r / self.rw) as isize, (r % self.rw) as isize);
-        (g * self.a_gs + i * self.a_rs, g * self.out_gs + i * self.out_rs)
+        (
+            g * self.a_gs + i * self.a_rs,
+            g * self.out_gs + i * self.out_rs,
+        )
     }
 
     /// A tile with no row groups (`a_rs`, `out_rs` apart).
@@ -216,8 +219,16 @@ pub unsafe fn product(isa: Isa, t: &Tile, rows: usize, cols: usize) {
             b: t.b.wrapping_add(c0),
             out: t.out.wrapping_add(c0),
             epilogue: Epilogue {
-                bias: if e.bias.is_null() { e.bias } else { e.bias.wrapping_add(c0) },
-                res: if e.res.is_null() { e.res } else { e.res.wrapping_add(c0) },
+                bias: if e.bias.is_null() {
+                    e.bias
+                } else {
+                    e.bias.wrapping_add(c0)
+                },
+                res: if e.res.is_null() {
+                    e.res
+                } else {
+                    e.res.wrapping_add(c0)
+                },
                 relu: e.relu,
             },
             ..*t
@@ -394,8 +405,9 @@ simd_tile!(
 mod tests {
     use super::*;
 
-    /// Plain triple loop with the same summation order.
-    #[allow(clippy::too_many_arguments)]
+    /// Plain triple loop with the same summation order (index loops on
+    /// purpose: the reference spells out every address).
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
     fn reference(
         a: &[f32],
         b: &[f32],

@@ -82,7 +82,6 @@ pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
-
 /// Keeps freed blocks in the process instead of returning them to the
 /// system (glibc's default for blocks of 128 KiB and more): a training step
 /// allocates and frees tens of MB of activations, and fresh pages cost a

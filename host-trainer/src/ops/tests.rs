@@ -319,7 +319,13 @@ fn conv_bn_results_do_not_depend_on_the_thread_count() {
 
 #[test]
 fn conv_affine_add_relu_eval_matches_stock_candle() {
-    for (s, p, k, c, o) in [(1, 1, 3, 16, 16), (2, 1, 3, 16, 32), (2, 0, 1, 8, 24), (1, 1, 3, 4, 4), (1, 1, 3, 8, 8)] {
+    for (s, p, k, c, o) in [
+        (1, 1, 3, 16, 16),
+        (2, 1, 3, 16, 32),
+        (2, 0, 1, 8, 24),
+        (1, 1, 3, 4, 4),
+        (1, 1, 3, 8, 8),
+    ] {
         let x = rand(&[7, 6, 5, c], 21);
         let w = rand(&[o, c, k, k], 22);
         let a = rand(&[o], 23);
