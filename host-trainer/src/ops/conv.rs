@@ -597,9 +597,6 @@ fn dz_pixels(d: &mut [f32], dy: &[f32], z: &[f32], s: &Saved, bn: &BnBackward, r
 /// Weight gradient of one chunk, `[tap][c][o]`, from its padded input and
 /// its `dz` (border `q`).
 fn dw_chunk(isa: Isa, g: &Geom, xpad: &[f32], dz: &[f32], images: usize, q: usize) -> Aligned {
-    if g.wo < DW_IM2COL_BELOW {
-        return dw_chunk_im2col(isa, g, xpad, dz, images, q);
-    }
     let (c, o, wp) = (g.c, g.o, g.wp());
     let (hq, wq) = (g.ho + 2 * q, g.wo + 2 * q);
     let segs: Vec<(isize, isize)> = (0..images)
@@ -630,64 +627,6 @@ fn dw_chunk(isa: Isa, g: &Geom, xpad: &[f32], dz: &[f32], images: usize, q: usiz
         // dz[i][y + q][x + q][0..o]; out is the tap's c×o block.
         unsafe { kernel::product(isa, &tile, c, o) };
     }
-    dw
-}
-
-/// Output rows narrower than this take [`dw_chunk_im2col`]: its one long
-/// product beats a row-by-row product whose steps are only a few pixels.
-const DW_IM2COL_BELOW: usize = 8;
-
-/// [`dw_chunk`] through an in-cache im2col matrix `[pixel][tap][c]` of the
-/// chunk: one product with every pixel of the chunk as its steps. The copy
-/// is `1/o` of the product's work.
-fn dw_chunk_im2col(
-    isa: Isa,
-    g: &Geom,
-    xpad: &[f32],
-    dz: &[f32],
-    images: usize,
-    q: usize,
-) -> Aligned {
-    let (c, o, kk, wp) = (g.c, g.o, g.k * g.k, g.wp());
-    let (hq, wq) = (g.ho + 2 * q, g.wo + 2 * q);
-    let (pix, kc) = (images * g.p(), kk * c);
-    let mut col = super::output_vec(pix * kc);
-    let mut dzc = Aligned::zeros(if q > 0 { pix * o } else { 0 });
-    for i in 0..images {
-        for y in 0..g.ho {
-            for x in 0..g.wo {
-                let px = (i * g.ho + y) * g.wo + x;
-                let dst = &mut col[px * kc..][..kc];
-                let base = (i * g.hp() + y * g.stride) * wp + x * g.stride;
-                for t in 0..kk {
-                    let src = (base + (t / g.k) * wp + t % g.k) * c;
-                    dst[t * c..][..c].copy_from_slice(&xpad[src..][..c]);
-                }
-                if q > 0 {
-                    let src = ((i * hq + y + q) * wq + x + q) * o;
-                    dzc[px * o..][..o].copy_from_slice(&dz[src..][..o]);
-                }
-            }
-        }
-    }
-    let b = if q > 0 { &dzc[..] } else { &dz[..pix * o] };
-    let mut dw = Aligned::zeros(kc * o);
-    let seg = [(0isize, 0isize)];
-    let tile = Tile::flat(
-        col.as_ptr(),
-        1,
-        kc as isize,
-        b.as_ptr(),
-        o as isize,
-        &seg,
-        pix,
-        dw.as_mut_ptr(),
-        o as isize,
-        false,
-    );
-    // SAFETY: row r < kc of step p reads col[p][r]; B reads b[p][0..o];
-    // out is the kc×o gradient.
-    unsafe { kernel::product(isa, &tile, kc, o) };
     dw
 }
 
