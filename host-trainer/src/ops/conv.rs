@@ -85,14 +85,14 @@ impl Geom {
         self.stride == 1 && self.pad < self.k
     }
     /// The batch cut into chunks of consecutive images: each holds at most
-    /// about 192 KiB of padded input and output gradient (or one image),
+    /// about [`CHUNK_BYTES`] of padded input and output gradient (or one image),
     /// their count is a multiple of four (so two or four threads get equal
     /// work) unless there are fewer images, and sizes differ by at most one.
     /// Depends only on the shape, never on the thread count.
     fn chunks(&self) -> Vec<(usize, usize)> {
         let per_image =
             4 * (self.hp() * self.wp() * self.c + (self.ho + 2) * (self.wo + 2) * self.o);
-        let cap = (192 * 1024 / per_image.max(1)).max(1);
+        let cap = (CHUNK_BYTES / per_image.max(1)).max(1);
         let count = self.n.div_ceil(cap).max(4).next_multiple_of(4).min(self.n);
         (0..count)
             .map(|i| (i * self.n / count, (i + 1) * self.n / count))
@@ -110,6 +110,10 @@ impl Geom {
             .collect()
     }
 }
+
+/// Padded input and output gradient per chunk of images (see
+/// [`Geom::chunks`]).
+const CHUNK_BYTES: usize = 192 * 1024;
 
 /// Copies images `n0..n1` of `x` (NHWC) into the zeroed `dst`, leaving a
 /// zero border of `pad` (rows `h + 2·pad`, columns `w + 2·pad`).
