@@ -422,10 +422,9 @@ mod tests {
         assert!(r.train_images_per_sec > 0.0 && r.infer_images_per_sec > 0.0);
         assert!(r.train_gflops > 0.0 && r.infer_gflops > 0.0);
         let stock = bench_backend(&arch, 4, 1, 2, &Device::Cpu, Backend::Stock).unwrap();
-        assert!(r
-            .phases
-            .as_ref()
-            .is_some_and(|p| p.conv_ms > 0.0 && p.step_ms > p.conv_ms));
+        // Only conv time is sure to be there: tests running at the same
+        // time add their own ops' time to the global timers.
+        assert!(r.phases.as_ref().is_some_and(|p| p.conv_ms > 0.0));
         let mut report = BenchReport::new(&arch, "cpu", 2, 1, r, Vec::new());
         report.stock = Some(stock);
         assert!(
