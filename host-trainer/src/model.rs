@@ -217,28 +217,34 @@ impl ConvBn {
         let eps = self.bn.eps();
         if train {
             let (y, st) = ops::conv_bn_train(x, w, gamma, beta, stride, pad, eps, relu)?;
-            let m = BN_MOMENTUM as f32;
-            let unbias = st.count as f32 / (st.count.max(2) - 1) as f32;
-            let update = |running: &Tensor, batch: &[f32], k: f32| -> candle_core::Result<()> {
-                let old: Vec<f32> = running.to_vec1()?;
-                let new: Vec<f32> = old
-                    .iter()
-                    .zip(batch)
-                    .map(|(&r, &b)| r * (1.0 - m) + b * k * m)
-                    .collect();
-                candle_core::Var::from_tensor(running)?.set(&Tensor::from_vec(
-                    new,
-                    running.dims(),
-                    running.device(),
-                )?)
-            };
-            update(self.bn.running_mean(), &st.mean, 1.0)?;
-            update(self.bn.running_var(), &st.var, unbias)?;
+            self.update_running(&st)?;
             Ok(y)
         } else {
             let (a, b) = self.folded_bn()?;
             ops::conv_affine_eval(x, w, &a, &b, stride, pad, relu)
         }
+    }
+
+    /// Updates the BN running statistics from a batch's, exactly as
+    /// candle-nn's `BatchNorm` does (momentum 0.1, unbiased batch variance).
+    fn update_running(&self, st: &ops::BnStats) -> candle_core::Result<()> {
+        let m = BN_MOMENTUM as f32;
+        let unbias = st.count as f32 / (st.count.max(2) - 1) as f32;
+        let update = |running: &Tensor, batch: &[f32], k: f32| -> candle_core::Result<()> {
+            let old: Vec<f32> = running.to_vec1()?;
+            let new: Vec<f32> = old
+                .iter()
+                .zip(batch)
+                .map(|(&r, &b)| r * (1.0 - m) + b * k * m)
+                .collect();
+            candle_core::Var::from_tensor(running)?.set(&Tensor::from_vec(
+                new,
+                running.dims(),
+                running.device(),
+            )?)
+        };
+        update(self.bn.running_mean(), &st.mean, 1.0)?;
+        update(self.bn.running_var(), &st.var, unbias)
     }
 
     /// BN with running statistics as a per-channel (scale, shift).
@@ -278,6 +284,11 @@ impl BasicBlock {
         train: bool,
         backend: Backend,
     ) -> candle_core::Result<Tensor> {
+        if backend == Backend::FastCpu && train {
+            if let Some(y) = self.fused_train(x)? {
+                return Ok(y);
+            }
+        }
         let y = self.c1.forward_with(x, train, true, backend)?;
         let s = match &self.shortcut {
             Some(sc) => sc.forward_with(x, train, false, backend)?,
@@ -290,6 +301,60 @@ impl BasicBlock {
                 ops::add_relu(&self.c2.forward_with(&y, train, false, backend)?, &s)
             }
         }
+    }
+
+    /// Training with the fast ops: the whole block as one op
+    /// ([`ops::block_train`]), when it has the shape that op takes (3x3
+    /// convs with padding 1, a 1x1 unpadded projection, one BN epsilon).
+    fn fused_train(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let convs: Vec<&ConvBn> = [Some(&self.c1), Some(&self.c2), self.shortcut.as_ref()]
+            .into_iter()
+            .flatten()
+            .collect();
+        let eps = self.c1.bn.eps();
+        let fits = |c: &ConvBn, k: usize| {
+            let (cfg, w) = (c.conv.config(), c.conv.weight());
+            w.dim(2).ok() == Some(k)
+                && w.dim(3).ok() == Some(k)
+                && cfg.padding == k / 2
+                && cfg.dilation == 1
+                && cfg.groups == 1
+                && c.bn.eps() == eps
+        };
+        let stride = self.c1.conv.config().stride;
+        let shortcut_fits = self
+            .shortcut
+            .as_ref()
+            .is_none_or(|s| fits(s, 1) && s.conv.config().stride == stride);
+        if !fits(&self.c1, 3)
+            || !fits(&self.c2, 3)
+            || self.c2.conv.config().stride != 1
+            || !shortcut_fits
+        {
+            return Ok(None);
+        }
+        let mut ws = Vec::new();
+        let mut gbs = Vec::new();
+        for c in &convs {
+            let Some((g, b)) = c.bn.weight_and_bias() else {
+                candle_core::bail!("batch norm without scale and shift")
+            };
+            ws.push(c.conv.weight().flatten_all()?);
+            gbs.extend([g.clone(), b.clone()]);
+        }
+        let w1 = self.c1.conv.weight();
+        let spec = ops::BlockSpec {
+            cin: w1.dim(1)?,
+            cout: w1.dim(0)?,
+            stride,
+            projection: self.shortcut.is_some(),
+        };
+        let (y, stats) =
+            ops::block_train(x, &Tensor::cat(&ws, 0)?, &Tensor::cat(&gbs, 0)?, spec, eps)?;
+        for (c, st) in convs.iter().zip(&stats) {
+            c.update_running(st)?;
+        }
+        Ok(Some(y))
     }
 }
 

@@ -73,7 +73,7 @@ impl Geom {
         self.w + 2 * self.pad
     }
     /// Output pixels per image.
-    fn p(&self) -> usize {
+    pub(super) fn p(&self) -> usize {
         self.ho * self.wo
     }
     /// Padding of `dz` for the stride-1 input gradient.
@@ -218,7 +218,7 @@ fn conv_chunk(
 }
 
 /// One image's per-channel mean and M2 (see [`image_moments`]).
-type Moments = (Vec<f32>, Vec<f32>);
+pub(super) type Moments = (Vec<f32>, Vec<f32>);
 
 /// Per-image channel mean and M2 (sum of squared deviations) of `z`.
 fn image_moments(z: &[f32], o: usize) -> (Vec<f32>, Vec<f32>) {
@@ -272,7 +272,7 @@ fn combine_moments(parts: &[Moments], p: usize, o: usize) -> BnStats {
 }
 
 /// `y = relu?(z·a + b)` per channel (NHWC: channels innermost).
-fn affine(z: &[f32], a: &[f32], b: &[f32], relu: bool, y: &mut [f32]) {
+pub(super) fn affine(z: &[f32], a: &[f32], b: &[f32], relu: bool, y: &mut [f32]) {
     let o = a.len();
     y.par_chunks_mut(o * 64)
         .zip(z.par_chunks(o * 64))
@@ -286,19 +286,44 @@ fn affine(z: &[f32], a: &[f32], b: &[f32], relu: bool, y: &mut [f32]) {
         });
 }
 
+/// BatchNorm with batch statistics on a conv output `z` (and its
+/// per-image moments): what the backward pass keeps, and the statistics.
+pub(super) fn train_bn(
+    z: Vec<f32>,
+    moments: &[Moments],
+    g: &Geom,
+    gb: &[f32],
+    eps: f32,
+) -> (Saved, BnStats) {
+    let st = combine_moments(moments, g.p(), g.o);
+    let (gamma, beta) = (&gb[..g.o], &gb[g.o..]);
+    let inv_std: Vec<f32> = st.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let a: Vec<f32> = gamma.iter().zip(&inv_std).map(|(g, i)| g * i).collect();
+    let b: Vec<f32> = (0..g.o).map(|c| beta[c] - st.mean[c] * a[c]).collect();
+    let saved = Saved {
+        z,
+        a,
+        b,
+        mean: st.mean.clone(),
+        inv_std,
+        gamma: gamma.to_vec(),
+    };
+    (saved, st)
+}
+
 /// What the forward pass keeps for the backward pass.
 #[derive(Debug, Default)]
-struct Saved {
+pub(super) struct Saved {
     /// Conv output before BN (NHWC).
-    z: Vec<f32>,
+    pub z: Vec<f32>,
     /// Per-channel BN scale and shift as applied: y = relu?(z·a + b).
-    a: Vec<f32>,
-    b: Vec<f32>,
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
     /// Per-channel batch mean and 1/sqrt(var + eps).
-    mean: Vec<f32>,
-    inv_std: Vec<f32>,
+    pub mean: Vec<f32>,
+    pub inv_std: Vec<f32>,
     /// BN scale γ.
-    gamma: Vec<f32>,
+    pub gamma: Vec<f32>,
 }
 
 /// Fused conv (no bias) + BatchNorm + optional ReLU on NHWC tensors.
@@ -307,7 +332,7 @@ struct Saved {
 /// tensor: (γ, β) in training mode, the folded (scale, shift) in
 /// inference mode.
 #[derive(Debug, Clone)]
-struct ConvBnOp {
+pub(super) struct ConvBnOp {
     stride: usize,
     pad: usize,
     eps: f32,
@@ -318,6 +343,20 @@ struct ConvBnOp {
 }
 
 impl ConvBnOp {
+    /// A training-mode op for [`ConvBnOp::forward`] (raw conv outputs and
+    /// per-image moments).
+    pub(super) fn train_conv(stride: usize, pad: usize) -> Self {
+        Self {
+            stride,
+            pad,
+            eps: 0.0,
+            relu: false,
+            train: true,
+            saved: Arc::default(),
+            stats: Arc::default(),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Saved> {
         self.saved.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -325,7 +364,7 @@ impl ConvBnOp {
     /// Conv of the whole batch; in inference mode with the affine and ReLU
     /// applied per image (output `y`), in training mode the raw `z` and
     /// each image's moments.
-    fn forward(
+    pub(super) fn forward(
         &self,
         g: &Geom,
         x: &[f32],
@@ -403,23 +442,12 @@ impl CustomOp3 for ConvBnOp {
             return Ok((CpuStorage::F32(z), shape));
         }
         let t0 = Instant::now();
-        let st = combine_moments(&moments, g.p(), g.o);
-        let (gamma, beta) = (&gb[..g.o], &gb[g.o..]);
-        let inv_std: Vec<f32> = st.var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
-        let a: Vec<f32> = gamma.iter().zip(&inv_std).map(|(g, i)| g * i).collect();
-        let b: Vec<f32> = (0..g.o).map(|c| beta[c] - st.mean[c] * a[c]).collect();
+        let (saved, st) = train_bn(z, &moments, &g, gb, self.eps);
         // Every element is written by `affine`.
-        let mut y = super::output_vec(z.len());
-        affine(&z, &a, &b, self.relu, &mut y);
-        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = st.clone();
-        *self.lock() = Saved {
-            z,
-            a,
-            b,
-            mean: st.mean,
-            inv_std,
-            gamma: gamma.to_vec(),
-        };
+        let mut y = super::output_vec(saved.z.len());
+        affine(&saved.z, &saved.a, &saved.b, self.relu, &mut y);
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = st;
+        *self.lock() = saved;
         profile::add(Phase::Bn, t0);
         Ok((CpuStorage::F32(y), shape))
     }
@@ -473,9 +501,9 @@ impl CustomOp3 for ConvBnOp {
 /// `dz = c1·dy' + c2 + c3·z` with `dy' = dy` where the output was positive
 /// (or everywhere without ReLU).
 #[derive(Debug)]
-struct BnBackward {
-    dgamma: Vec<f32>,
-    dbeta: Vec<f32>,
+pub(super) struct BnBackward {
+    pub dgamma: Vec<f32>,
+    pub dbeta: Vec<f32>,
     c1: Vec<f32>,
     c2: Vec<f32>,
     c3: Vec<f32>,
@@ -504,7 +532,7 @@ fn bn_sums(dy: &[f32], z: &[f32], s: &Saved, relu: bool, s1: &mut [f32], s2: &mu
     }
 }
 
-fn bn_backward(s: &Saved, dy: &[f32], g: &Geom, relu: bool) -> BnBackward {
+pub(super) fn bn_backward(s: &Saved, dy: &[f32], g: &Geom, relu: bool) -> BnBackward {
     let (o, img) = (g.o, g.p() * g.o);
     // Per image Σdy' and Σdy'·(z − mean), then summed in image order.
     let parts: Vec<Moments> = dy
@@ -703,7 +731,7 @@ fn dx_chunk(isa: Isa, g: &Geom, wb: &[f32], dz: &[f32], images: usize, dx: &mut 
 
 /// Input and weight gradients of the whole batch, chunk by chunk.
 #[allow(clippy::too_many_arguments)]
-fn conv_backward(
+pub(super) fn conv_backward(
     g: &Geom,
     x: &[f32],
     w: &[f32],

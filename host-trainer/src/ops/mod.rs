@@ -21,6 +21,7 @@
 //! thread count. Every op is checked against the stock candle op and by
 //! finite differences in `tests.rs`.
 
+mod block;
 mod conv;
 pub mod kernel;
 mod pool;
@@ -28,6 +29,7 @@ pub mod profile;
 #[cfg(test)]
 mod tests;
 
+pub use block::{block_train, BlockSpec};
 pub use conv::{conv_affine_add_relu_eval, conv_affine_eval, conv_bn_train, BnStats};
 pub use kernel::Isa;
 pub use pool::maxpool_3x3_s2_p1;

@@ -349,3 +349,72 @@ fn conv_affine_add_relu_eval_matches_stock_candle() {
         }
     }
 }
+
+/// The block op against the same block composed of the single ops (which
+/// the tests above hold to stock candle): output, every gradient, and the
+/// BN statistics, for an identity and a projection shortcut, over batches
+/// of several chunks.
+#[test]
+fn block_train_matches_the_composed_ops() {
+    for (n, h, c, o, stride, projection) in [(9, 6, 16, 16, 1, false), (7, 8, 16, 32, 2, true)] {
+        let k = [o * c * 9, o * o * 9, if projection { o * c } else { 0 }];
+        let x = rand(&[n, h, h, c], 1);
+        let w = rand(&[k.iter().sum()], 2);
+        let gb = rand(&[if projection { 6 } else { 4 } * o], 3)
+            .affine(0.5, 0.75)
+            .unwrap();
+        let spec = BlockSpec {
+            cin: c,
+            cout: o,
+            stride,
+            projection,
+        };
+        let fused = |t: &[Tensor]| block_train(&t[0], &t[1], &t[2], spec, 1e-5).unwrap().0;
+        let composed = |t: &[Tensor]| {
+            let wt = |i: usize, shape: (usize, usize, usize, usize)| {
+                let at = k[..i].iter().sum();
+                t[1].narrow(0, at, k[i]).unwrap().reshape(shape).unwrap()
+            };
+            let bn = |i: usize| {
+                let g = t[2].narrow(0, 2 * i * o, o).unwrap();
+                (g, t[2].narrow(0, (2 * i + 1) * o, o).unwrap())
+            };
+            let ((g1, b1), (g2, b2)) = (bn(0), bn(1));
+            let y1 = conv_bn_train(&t[0], &wt(0, (o, c, 3, 3)), &g1, &b1, stride, 1, 1e-5, true);
+            let y1 = y1.unwrap().0;
+            let y2 = conv_bn_train(&y1, &wt(1, (o, o, 3, 3)), &g2, &b2, 1, 1, 1e-5, false);
+            let short = if projection {
+                let (gs, bs) = bn(2);
+                conv_bn_train(
+                    &t[0],
+                    &wt(2, (o, c, 1, 1)),
+                    &gs,
+                    &bs,
+                    stride,
+                    0,
+                    1e-5,
+                    false,
+                )
+                .unwrap()
+                .0
+            } else {
+                t[0].clone()
+            };
+            add_relu(&y2.unwrap().0, &short).unwrap()
+        };
+        let inputs = [x.clone(), w.clone(), gb.clone()];
+        let (y1, g1) = grads_of(&fused, &inputs, 4);
+        let (y2, g2) = grads_of(&composed, &inputs, 4);
+        assert!(
+            max_abs_diff(&y1, &y2) < 1e-5,
+            "projection {projection}: output"
+        );
+        for i in 0..3 {
+            let d = max_abs_diff(&g1[i], &g2[i]);
+            assert!(d < 1e-4, "projection {projection}: gradient {i} off by {d}");
+        }
+        let (_, stats) = block_train(&x, &w, &gb, spec, 1e-5).unwrap();
+        assert_eq!(stats.len(), if projection { 3 } else { 2 });
+        assert_eq!(stats[0].count, n * (h / stride) * (h / stride));
+    }
+}
