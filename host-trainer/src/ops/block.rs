@@ -246,45 +246,39 @@ fn block_backward(
         });
     profile::add(Phase::Elementwise, t0);
     let (l1, l2) = (&st.layers[0], &st.layers[1]);
-    let (dy1, dw2, dgb2) = layer_backward(l2, &st.y1, w[1], &g, false, true);
-    let (dx1, dw1, dgb1) = layer_backward(l1, x, w[0], &dy1, true, need_dx);
+    let (dy1, dw2, dgb2) = layer_backward(l2, &st.y1, w[1], &g, (false, true), None);
+    // The shortcut's input gradient first: the first conv's input-gradient
+    // pass adds it (an epilogue, not another pass over the activation).
+    let short = st
+        .layers
+        .get(2)
+        .map(|ls| layer_backward(ls, x, w[2], &g, (false, need_dx), None));
+    let dshort = short.as_ref().map_or(&g[..], |s| &s.0[..]);
+    let (dx, dw1, dgb1) = layer_backward(l1, x, w[0], &dy1, (true, need_dx), Some(dshort));
     let mut dw = [dw1, dw2].concat();
     let mut dgb = [dgb1, dgb2].concat();
-    let dshort = match st.layers.get(2) {
-        Some(ls) => {
-            let (dxs, dws, dgbs) = layer_backward(ls, x, w[2], &g, false, need_dx);
-            dw.extend(dws);
-            dgb.extend(dgbs);
-            dxs
-        }
-        None => g,
-    };
-    let mut dx = dx1;
-    if need_dx {
-        let t0 = Instant::now();
-        dx.par_chunks_mut(4096)
-            .zip(dshort.par_chunks(4096))
-            .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += s));
-        profile::add(Phase::Elementwise, t0);
+    if let Some((_, dws, dgbs)) = short {
+        dw.extend(dws);
+        dgb.extend(dgbs);
     }
     (dx, dw, dgb)
 }
 
-/// One conv + BN layer's backward: (input gradient, weight gradient,
-/// (dγ, dβ)).
+/// One conv + BN (+ ReLU) layer's backward: (input gradient plus
+/// `dx_res`, weight gradient, (dγ, dβ)).
 fn layer_backward(
     l: &Layer,
     x: &[f32],
     w: &[f32],
     dy: &[f32],
-    relu: bool,
-    need_dx: bool,
+    (relu, need_dx): (bool, bool),
+    dx_res: Option<&[f32]>,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let t0 = Instant::now();
     let bn = bn_backward(&l.saved, dy, &l.g, relu);
     profile::add(Phase::Bn, t0);
     let t0 = Instant::now();
-    let (dx, dw) = conv_backward(&l.g, x, w, dy, &l.saved, &bn, relu, need_dx);
+    let (dx, dw) = conv_backward(&l.g, x, w, dy, &l.saved, &bn, relu, need_dx, dx_res);
     profile::add(Phase::Conv, t0);
     let dgb = bn.dgamma.iter().chain(&bn.dbeta).copied().collect();
     (dx, dw, dgb)

@@ -478,7 +478,9 @@ impl CustomOp3 for ConvBnOp {
         let (dx, dw) = read(x, "conv_bn backward", |x| {
             read(w, "conv_bn backward", |w| {
                 read(dy, "conv_bn backward", |dy| {
-                    Ok(conv_backward(&g, x, w, dy, &saved, &bn, self.relu, need_dx))
+                    Ok(conv_backward(
+                        &g, x, w, dy, &saved, &bn, self.relu, need_dx, None,
+                    ))
                 })
             })
         })?;
@@ -662,9 +664,18 @@ fn dw_chunk(isa: Isa, g: &Geom, xpad: &[f32], dz: &[f32], images: usize, q: usiz
     dw
 }
 
-/// Input gradient of one chunk into `dx` (the chunk's images, NHWC).
-fn dx_chunk(isa: Isa, g: &Geom, wb: &[f32], dz: &[f32], images: usize, dx: &mut [f32]) {
+/// Input gradient of one chunk into `dx` (the chunk's images, NHWC), plus
+/// `res` (laid out like `dx`) when given.
+fn dx_chunk(
+    isa: Isa,
+    g: &Geom,
+    (wb, dz): (&[f32], &[f32]),
+    images: usize,
+    dx: &mut [f32],
+    res: Option<&[f32]>,
+) {
     let (c, o) = (g.c, g.o);
+    let img = g.h * g.w * c;
     if g.dx_gathers() {
         let q = g.q();
         let (hq, wq) = (g.ho + 2 * q, g.wo + 2 * q);
@@ -685,10 +696,14 @@ fn dx_chunk(isa: Isa, g: &Geom, wb: &[f32], dz: &[f32], images: usize, dx: &mut 
                 out_rs: c as isize,
                 out_gs: (g.w * c) as isize,
                 accumulate: false,
-                epilogue: Epilogue::NONE,
+                epilogue: Epilogue {
+                    res: res.map_or(std::ptr::null(), |r| r[i * img..].as_ptr()),
+                    ..Epilogue::NONE
+                },
             };
             // SAFETY: input pixel (y, x) reads dzpad[i][y + ty][x + tx] with
-            // y + ty < h + k − 1 ≤ ho + 2q (stride 1); out is the image.
+            // y + ty < h + k − 1 ≤ ho + 2q (stride 1); out (and the residual)
+            // is the image.
             unsafe { kernel::product(isa, &t, g.h * g.w, c) };
         }
         return;
@@ -726,10 +741,16 @@ fn dx_chunk(isa: Isa, g: &Geom, wb: &[f32], dz: &[f32], images: usize, dx: &mut 
             img[y * g.w * c..][..g.w * c]
                 .copy_from_slice(&dpad[((y + g.pad) * wp + g.pad) * c..][..g.w * c]);
         }
+        if let Some(r) = res {
+            img.iter_mut()
+                .zip(&r[i * g.h * g.w * c..])
+                .for_each(|(d, r)| *d += r);
+        }
     }
 }
 
-/// Input and weight gradients of the whole batch, chunk by chunk.
+/// Input and weight gradients of the whole batch, chunk by chunk; `dx_res`
+/// (laid out like `x`) is added to the input gradient.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn conv_backward(
     g: &Geom,
@@ -740,6 +761,7 @@ pub(super) fn conv_backward(
     bn: &BnBackward,
     relu: bool,
     need_dx: bool,
+    dx_res: Option<&[f32]>,
 ) -> (Vec<f32>, Vec<f32>) {
     let isa = Isa::detect();
     let wb = pack_backward(w, g, g.dx_gathers());
@@ -764,7 +786,8 @@ pub(super) fn conv_backward(
                 let dxc = unsafe {
                     std::slice::from_raw_parts_mut(dxp.ptr().add(n0 * img_in), images * img_in)
                 };
-                dx_chunk(isa, g, &wb, &dz, images, dxc);
+                let res = dx_res.map(|r| &r[n0 * img_in..n1 * img_in]);
+                dx_chunk(isa, g, (&wb, &dz), images, dxc, res);
             }
             dw
         })
