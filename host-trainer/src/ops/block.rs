@@ -15,7 +15,8 @@ use std::time::Instant;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::conv::{affine, bn_backward, conv_backward, train_bn, BnStats, ConvBnOp, Geom, Saved};
+use super::backward::{bn_backward, conv_backward};
+use super::conv::{affine, train_bn, BnStats, ConvBnOp, Geom, Saved};
 use super::{profile, read, slice, tensor, Phase};
 
 /// Shapes of one block.
@@ -236,14 +237,7 @@ fn block_backward(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     // Through the final ReLU: the gradient of both branches.
     let t0 = Instant::now();
-    let mut g = super::output_vec(dout.len()); // every element written below
-    g.par_chunks_mut(4096)
-        .zip(out.par_chunks(4096).zip(dout.par_chunks(4096)))
-        .for_each(|(g, (y, d))| {
-            for ((g, &y), &d) in g.iter_mut().zip(y).zip(d) {
-                *g = if y > 0.0 { d } else { 0.0 };
-            }
-        });
+    let g = super::relu_backward(out, dout);
     profile::add(Phase::Elementwise, t0);
     let (l1, l2) = (&st.layers[0], &st.layers[1]);
     let (dy1, dw2, dgb2) = layer_backward(l2, &st.y1, w[1], &g, (false, true), None);

@@ -25,12 +25,13 @@ use std::time::Instant;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::backward::{bn_backward, conv_backward};
 use super::kernel::{self, Epilogue, Isa, Tile};
 use super::{profile, read, slice, tensor, Aligned, Phase, SyncPtr};
 
 /// Shape of one convolution (NHWC input, OIHW weight).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Geom {
+pub(super) struct Geom {
     pub n: usize,
     pub h: usize,
     pub w: usize,
@@ -66,10 +67,10 @@ impl Geom {
         })
     }
     /// Padded input rows and columns.
-    fn hp(&self) -> usize {
+    pub(super) fn hp(&self) -> usize {
         self.h + 2 * self.pad
     }
-    fn wp(&self) -> usize {
+    pub(super) fn wp(&self) -> usize {
         self.w + 2 * self.pad
     }
     /// Output pixels per image.
@@ -77,11 +78,11 @@ impl Geom {
         self.ho * self.wo
     }
     /// Padding of `dz` for the stride-1 input gradient.
-    fn q(&self) -> usize {
+    pub(super) fn q(&self) -> usize {
         self.k - 1 - self.pad
     }
     /// Whether the input gradient is a gather (stride 1, padding ≤ k − 1).
-    fn dx_gathers(&self) -> bool {
+    pub(super) fn dx_gathers(&self) -> bool {
         self.stride == 1 && self.pad < self.k
     }
     /// The batch cut into chunks of consecutive images: each holds at most
@@ -89,7 +90,7 @@ impl Geom {
     /// their count is a multiple of four (so two or four threads get equal
     /// work) unless there are fewer images, and sizes differ by at most one.
     /// Depends only on the shape, never on the thread count.
-    fn chunks(&self) -> Vec<(usize, usize)> {
+    pub(super) fn chunks(&self) -> Vec<(usize, usize)> {
         let per_image =
             4 * (self.hp() * self.wp() * self.c + (self.ho + 2) * (self.wo + 2) * self.o);
         let cap = (CHUNK_BYTES / per_image.max(1)).max(1);
@@ -101,7 +102,7 @@ impl Geom {
     /// Tap offsets `(A offset, B offset)` of a forward-style product over a
     /// padded image of width `wp` with `ch` channels and `b_tap` B elements
     /// per tap.
-    fn taps(&self, wp: usize, ch: usize, b_tap: usize) -> Vec<(isize, isize)> {
+    pub(super) fn taps(&self, wp: usize, ch: usize, b_tap: usize) -> Vec<(isize, isize)> {
         (0..self.k * self.k)
             .map(|t| {
                 let (ky, kx) = (t / self.k, t % self.k);
@@ -117,7 +118,7 @@ const CHUNK_BYTES: usize = 192 * 1024;
 
 /// Copies images `n0..n1` of `x` (NHWC) into the zeroed `dst`, leaving a
 /// zero border of `pad` (rows `h + 2·pad`, columns `w + 2·pad`).
-fn pad_images(x: &[f32], g: &Geom, (n0, n1): (usize, usize), dst: &mut [f32]) {
+pub(super) fn pad_images(x: &[f32], g: &Geom, (n0, n1): (usize, usize), dst: &mut [f32]) {
     let (hp, wp, c, p) = (g.hp(), g.wp(), g.c, g.pad);
     let img = g.h * g.w * c;
     for (i, d) in dst.chunks_mut(hp * wp * c).take(n1 - n0).enumerate() {
@@ -144,27 +145,6 @@ fn pack_forward(w: &[f32], g: &Geom, scale: Option<&[f32]>) -> Aligned {
                     // SAFETY: (t, ic, oc) < (kk, c, o); blocks own disjoint oc.
                     unsafe { *dst.ptr().add((t * c + ic) * o + oc) = v };
                 }
-            }
-        }
-    });
-    out
-}
-
-/// Weights OIHW → `[tap][o][c]`, taps flipped when `flip` (the stride-1
-/// input gradient) or as they are (the strided scatter).
-fn pack_backward(w: &[f32], g: &Geom, flip: bool) -> Aligned {
-    let (o, c, kk) = (g.o, g.c, g.k * g.k);
-    let mut out = Aligned::zeros(kk * c * o);
-    let dst = SyncPtr(out.as_mut_ptr());
-    // One output channel per task: its weight row (c·k·k values) stays in
-    // L1 while every destination row gets c contiguous values.
-    (0..o).into_par_iter().for_each(|oc| {
-        let row = &w[oc * c * kk..][..c * kk];
-        for t in 0..kk {
-            let d = if flip { kk - 1 - t } else { t };
-            for ic in 0..c {
-                // SAFETY: (d, oc, ic) < (kk, o, c); tasks own disjoint oc.
-                unsafe { *dst.ptr().add((d * o + oc) * c + ic) = row[ic * kk + t] };
             }
         }
     });
@@ -497,327 +477,6 @@ impl CustomOp3 for ConvBnOp {
             Some(tensor(dgb, gb.shape())?),
         ))
     }
-}
-
-/// BN (+ ReLU) backward as per-channel coefficients:
-/// `dz = c1·dy' + c2 + c3·z` with `dy' = dy` where the output was positive
-/// (or everywhere without ReLU).
-#[derive(Debug)]
-pub(super) struct BnBackward {
-    pub dgamma: Vec<f32>,
-    pub dbeta: Vec<f32>,
-    c1: Vec<f32>,
-    c2: Vec<f32>,
-    c3: Vec<f32>,
-}
-
-/// `dy` where the output `z·a + b` was positive (or everywhere without ReLU).
-#[inline(always)]
-fn masked(dy: f32, z: f32, a: f32, b: f32, relu: bool) -> f32 {
-    if relu && z * a + b <= 0.0 {
-        0.0
-    } else {
-        dy
-    }
-}
-
-/// Adds one image's `Σdy'` and `Σdy'·(z − mean)` per channel into `s1`, `s2`.
-fn bn_sums(dy: &[f32], z: &[f32], s: &Saved, relu: bool, s1: &mut [f32], s2: &mut [f32]) {
-    let o = s1.len();
-    let (a, b, mean, s2) = (&s.a[..o], &s.b[..o], &s.mean[..o], &mut s2[..o]);
-    for (dy, z) in dy.chunks_exact(o).zip(z.chunks_exact(o)) {
-        for ch in 0..o {
-            let d = masked(dy[ch], z[ch], a[ch], b[ch], relu);
-            s1[ch] += d;
-            s2[ch] += d * (z[ch] - mean[ch]);
-        }
-    }
-}
-
-pub(super) fn bn_backward(s: &Saved, dy: &[f32], g: &Geom, relu: bool) -> BnBackward {
-    let (o, img) = (g.o, g.p() * g.o);
-    // Per image Σdy' and Σdy'·(z − mean), then summed in image order.
-    let parts: Vec<Moments> = dy
-        .par_chunks(img)
-        .zip(s.z.par_chunks(img))
-        .map(|(dy, z)| {
-            let (mut s1, mut s2) = (vec![0f32; o], vec![0f32; o]);
-            if relu {
-                bn_sums(dy, z, s, true, &mut s1, &mut s2);
-            } else {
-                bn_sums(dy, z, s, false, &mut s1, &mut s2);
-            }
-            (s1, s2)
-        })
-        .collect();
-    let (mut sdy, mut sdyz) = (vec![0f64; o], vec![0f64; o]);
-    for (p1, p2) in &parts {
-        for ch in 0..o {
-            sdy[ch] += p1[ch] as f64;
-            sdyz[ch] += p2[ch] as f64;
-        }
-    }
-    let m = (g.n * g.p()) as f32;
-    let mut r = BnBackward {
-        dgamma: vec![0.0; o],
-        dbeta: vec![0.0; o],
-        c1: vec![0.0; o],
-        c2: vec![0.0; o],
-        c3: vec![0.0; o],
-    };
-    for ch in 0..o {
-        let inv = s.inv_std[ch];
-        // dγ = Σ dy·x̂, dβ = Σ dy, dz = γ·inv/M · (M·dy − dβ − x̂·dγ).
-        let (dbeta, dgamma) = (sdy[ch] as f32, sdyz[ch] as f32 * inv);
-        let kf = s.gamma[ch] * inv / m;
-        r.dgamma[ch] = dgamma;
-        r.dbeta[ch] = dbeta;
-        r.c1[ch] = kf * m;
-        r.c3[ch] = -kf * dgamma * inv;
-        r.c2[ch] = -kf * dbeta - r.c3[ch] * s.mean[ch];
-    }
-    r
-}
-
-/// `dz` of images `n0..n1` into the zeroed `dst`, whose image `i` pixel
-/// (y, x) is at `(i·(ho + 2q) + y + q)·(wo + 2q) + x + q` (leaving a zero
-/// border of `q`).
-#[allow(clippy::too_many_arguments)]
-fn dz_chunk(
-    g: &Geom,
-    dy: &[f32],
-    s: &Saved,
-    bn: &BnBackward,
-    relu: bool,
-    (n0, n1): (usize, usize),
-    q: usize,
-    dst: &mut [f32],
-) {
-    let (o, p) = (g.o, g.p());
-    let (hq, wq) = (g.ho + 2 * q, g.wo + 2 * q);
-    for i in 0..n1 - n0 {
-        for y in 0..g.ho {
-            let src = ((n0 + i) * p + y * g.wo) * o;
-            let d0 = ((i * hq + y + q) * wq + q) * o;
-            let (dy, z) = (&dy[src..][..g.wo * o], &s.z[src..][..g.wo * o]);
-            let d = &mut dst[d0..][..g.wo * o];
-            if relu {
-                dz_pixels(d, dy, z, s, bn, true);
-            } else {
-                dz_pixels(d, dy, z, s, bn, false);
-            }
-        }
-    }
-}
-
-/// `dz = c1·dy' + c2 + c3·z` for whole pixels (`o` channels each).
-#[inline(always)]
-fn dz_pixels(d: &mut [f32], dy: &[f32], z: &[f32], s: &Saved, bn: &BnBackward, relu: bool) {
-    let o = bn.c1.len();
-    let (a, b) = (&s.a[..o], &s.b[..o]);
-    let (c1, c2, c3) = (&bn.c1[..o], &bn.c2[..o], &bn.c3[..o]);
-    for ((d, dy), z) in d
-        .chunks_exact_mut(o)
-        .zip(dy.chunks_exact(o))
-        .zip(z.chunks_exact(o))
-    {
-        for ch in 0..o {
-            let m = masked(dy[ch], z[ch], a[ch], b[ch], relu);
-            d[ch] = c1[ch] * m + c2[ch] + c3[ch] * z[ch];
-        }
-    }
-}
-
-/// Weight gradient of one chunk, `[tap][c][o]`, from its padded input and
-/// its `dz` (border `q`).
-fn dw_chunk(isa: Isa, g: &Geom, xpad: &[f32], dz: &[f32], images: usize, q: usize) -> Aligned {
-    let (c, o, wp) = (g.c, g.o, g.wp());
-    let (hq, wq) = (g.ho + 2 * q, g.wo + 2 * q);
-    let segs: Vec<(isize, isize)> = (0..images)
-        .flat_map(|i| (0..g.ho).map(move |y| (i, y)))
-        .map(|(i, y)| {
-            let a = (i * g.hp() + y * g.stride) * wp * c;
-            let b = ((i * hq + y + q) * wq + q) * o;
-            (a as isize, b as isize)
-        })
-        .collect();
-    let mut dw = Aligned::zeros(g.k * g.k * c * o);
-    for t in 0..g.k * g.k {
-        let (ky, kx) = (t / g.k, t % g.k);
-        let tile = Tile::flat(
-            xpad[(ky * wp + kx) * c..].as_ptr(),
-            1,
-            (g.stride * c) as isize,
-            dz.as_ptr(),
-            o as isize,
-            &segs,
-            g.wo,
-            dw[t * c * o..].as_mut_ptr(),
-            o as isize,
-            false,
-        );
-        // SAFETY: row r (channel) of step x in segment (i, y) reads
-        // xpad[i][y·s + ky][x·s + kx][r], inside the padded chunk; B reads
-        // dz[i][y + q][x + q][0..o]; out is the tap's c×o block.
-        unsafe { kernel::product(isa, &tile, c, o) };
-    }
-    dw
-}
-
-/// Input gradient of one chunk into `dx` (the chunk's images, NHWC), plus
-/// `res` (laid out like `dx`) when given.
-fn dx_chunk(
-    isa: Isa,
-    g: &Geom,
-    (wb, dz): (&[f32], &[f32]),
-    images: usize,
-    dx: &mut [f32],
-    res: Option<&[f32]>,
-) {
-    let (c, o) = (g.c, g.o);
-    let img = g.h * g.w * c;
-    if g.dx_gathers() {
-        let q = g.q();
-        let (hq, wq) = (g.ho + 2 * q, g.wo + 2 * q);
-        let taps = g.taps(wq, o, o * c);
-        for i in 0..images {
-            let out = &mut dx[i * g.h * g.w * c..][..g.h * g.w * c];
-            let t = Tile {
-                a: dz[i * hq * wq * o..].as_ptr(),
-                a_rs: o as isize,
-                rw: g.w,
-                a_gs: (wq * o) as isize,
-                a_ks: 1,
-                b: wb.as_ptr(),
-                b_ks: c as isize,
-                segs: &taps,
-                k: o,
-                out: out.as_mut_ptr(),
-                out_rs: c as isize,
-                out_gs: (g.w * c) as isize,
-                accumulate: false,
-                epilogue: Epilogue {
-                    res: res.map_or(std::ptr::null(), |r| r[i * img..].as_ptr()),
-                    ..Epilogue::NONE
-                },
-            };
-            // SAFETY: input pixel (y, x) reads dzpad[i][y + ty][x + tx] with
-            // y + ty < h + k − 1 ≤ ho + 2q (stride 1); out (and the residual)
-            // is the image.
-            unsafe { kernel::product(isa, &t, g.h * g.w, c) };
-        }
-        return;
-    }
-    // Strided: scatter each tap of dz·Wᵀ into a padded gradient.
-    let (hp, wp) = (g.hp(), g.wp());
-    let mut dpad = Aligned::zeros(hp * wp * c);
-    for i in 0..images {
-        dpad.fill(0.0);
-        for t in 0..g.k * g.k {
-            let (ky, kx) = (t / g.k, t % g.k);
-            let seg = [(0isize, (t * o * c) as isize)];
-            let tile = Tile {
-                a: dz[i * g.p() * o..].as_ptr(),
-                a_rs: o as isize,
-                rw: g.wo,
-                a_gs: (g.wo * o) as isize,
-                a_ks: 1,
-                b: wb.as_ptr(),
-                b_ks: c as isize,
-                segs: &seg,
-                k: o,
-                out: dpad[(ky * wp + kx) * c..].as_mut_ptr(),
-                out_rs: (g.stride * c) as isize,
-                out_gs: (g.stride * wp * c) as isize,
-                accumulate: true,
-                epilogue: Epilogue::NONE,
-            };
-            // SAFETY: output pixel (y, x) adds into the padded gradient at
-            // (y·s + ky, x·s + kx), inside it for every valid output.
-            unsafe { kernel::product(isa, &tile, g.p(), c) };
-        }
-        let img = &mut dx[i * g.h * g.w * c..][..g.h * g.w * c];
-        for y in 0..g.h {
-            img[y * g.w * c..][..g.w * c]
-                .copy_from_slice(&dpad[((y + g.pad) * wp + g.pad) * c..][..g.w * c]);
-        }
-        if let Some(r) = res {
-            img.iter_mut()
-                .zip(&r[i * g.h * g.w * c..])
-                .for_each(|(d, r)| *d += r);
-        }
-    }
-}
-
-/// Input and weight gradients of the whole batch, chunk by chunk; `dx_res`
-/// (laid out like `x`) is added to the input gradient.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn conv_backward(
-    g: &Geom,
-    x: &[f32],
-    w: &[f32],
-    dy: &[f32],
-    s: &Saved,
-    bn: &BnBackward,
-    relu: bool,
-    need_dx: bool,
-    dx_res: Option<&[f32]>,
-) -> (Vec<f32>, Vec<f32>) {
-    let isa = Isa::detect();
-    let wb = pack_backward(w, g, g.dx_gathers());
-    let q = if need_dx && g.dx_gathers() { g.q() } else { 0 };
-    let img_in = g.h * g.w * g.c;
-    // Every element is written by `dx_chunk` (a gather, or the copy out
-    // of the padded scatter).
-    let mut dx = super::output_vec(if need_dx { g.n * img_in } else { 0 });
-    let dxp = SyncPtr(dx.as_mut_ptr());
-    let parts: Vec<Aligned> = g
-        .chunks()
-        .into_par_iter()
-        .map(|(n0, n1)| {
-            let images = n1 - n0;
-            let mut xpad = vec![0f32; images * g.hp() * g.wp() * g.c];
-            pad_images(x, g, (n0, n1), &mut xpad);
-            let mut dz = Aligned::zeros(images * (g.ho + 2 * q) * (g.wo + 2 * q) * g.o);
-            dz_chunk(g, dy, s, bn, relu, (n0, n1), q, &mut dz);
-            let dw = dw_chunk(isa, g, &xpad, &dz, images, q);
-            if need_dx {
-                // SAFETY: images n0..n1 of dx belong to this chunk only.
-                let dxc = unsafe {
-                    std::slice::from_raw_parts_mut(dxp.ptr().add(n0 * img_in), images * img_in)
-                };
-                let res = dx_res.map(|r| &r[n0 * img_in..n1 * img_in]);
-                dx_chunk(isa, g, (&wb, &dz), images, dxc, res);
-            }
-            dw
-        })
-        .collect();
-    // Sum the chunks in order, then [tap][c][o] → OIHW by blocks of 16
-    // output channels.
-    let (kk, c, o) = (g.k * g.k, g.c, g.o);
-    let mut sum = parts[0].to_vec();
-    sum.par_chunks_mut(4096).enumerate().for_each(|(i, d)| {
-        for part in &parts[1..] {
-            d.iter_mut()
-                .zip(&part[i * 4096..])
-                .for_each(|(d, p)| *d += p);
-        }
-    });
-    let mut dw = vec![0f32; o * c * kk];
-    dw.par_chunks_mut(16 * c * kk)
-        .enumerate()
-        .for_each(|(blk, rows)| {
-            let o0 = blk * 16;
-            for t in 0..kk {
-                for ic in 0..c {
-                    let src = &sum[(t * c + ic) * o + o0..];
-                    for (j, row) in rows.chunks_mut(c * kk).enumerate() {
-                        row[ic * kk + t] = src[j];
-                    }
-                }
-            }
-        });
-    (dx, dw)
 }
 
 /// Training-mode conv (no bias, zero padding `pad`, stride `stride`) of `x`

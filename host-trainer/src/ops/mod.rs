@@ -21,6 +21,7 @@
 //! thread count. Every op is checked against the stock candle op and by
 //! finite differences in `tests.rs`.
 
+mod backward;
 mod block;
 mod conv;
 pub mod kernel;
@@ -241,23 +242,26 @@ impl CustomOp2 for AddReluOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let t0 = Instant::now();
         let g = read(y, "add_relu backward", |y| {
-            read(dy, "add_relu backward", |dy| {
-                // Every element is written below.
-                let mut g = output_vec(y.len());
-                g.par_chunks_mut(4096)
-                    .zip(y.par_chunks(4096).zip(dy.par_chunks(4096)))
-                    .for_each(|(g, (y, dy))| {
-                        for ((g, &y), &d) in g.iter_mut().zip(y).zip(dy) {
-                            *g = if y > 0.0 { d } else { 0.0 };
-                        }
-                    });
-                Ok(g)
-            })
+            read(dy, "add_relu backward", |dy| Ok(relu_backward(y, dy)))
         })?;
         let g = tensor(g, y.shape())?;
         profile::add(Phase::Elementwise, t0);
         Ok((Some(g.clone()), Some(g)))
     }
+}
+
+/// The gradient through a ReLU whose output was `y`: `dy` where `y > 0`.
+fn relu_backward(y: &[f32], dy: &[f32]) -> Vec<f32> {
+    // Every element is written below.
+    let mut g = output_vec(y.len());
+    g.par_chunks_mut(4096)
+        .zip(y.par_chunks(4096).zip(dy.par_chunks(4096)))
+        .for_each(|(g, (y, dy))| {
+            for ((g, &y), &d) in g.iter_mut().zip(y).zip(dy) {
+                *g = if y > 0.0 { d } else { 0.0 };
+            }
+        });
+    g
 }
 
 /// `relu(a + b)` for two tensors of the same shape.
