@@ -10,8 +10,12 @@
 //!   as one op, with no im2col matrix (see `conv.rs`); the products run on
 //!   one register-blocked kernel with runtime ISA dispatch (`kernel.rs`:
 //!   AVX-512F, AVX2+FMA or portable).
+//! * [`block_train`]: a whole residual block in training mode as one op,
+//!   its backward pass inside (`block.rs`); the conv backward pass itself is
+//!   in `backward.rs`.
 //! * [`conv_affine_eval`]: the inference twin, with the running statistics
-//!   folded into the weights and a shift.
+//!   folded into the weights and a shift; [`conv_affine_add_relu_eval`] ends
+//!   a residual block with the add and ReLU in the conv's epilogue.
 //! * [`add_relu`]: the residual `relu(a + b)` with a one-pass backward.
 //! * [`maxpool_3x3_s2_p1`]: max pool with padding and a backward pass.
 //!
@@ -19,7 +23,8 @@
 //! per core) by chunks of images that depend only on the shape, and partial
 //! sums are combined in chunk order: the results do not depend on the
 //! thread count. Every op is checked against the stock candle op and by
-//! finite differences in `tests.rs`.
+//! finite differences in `tests.rs`; `profile` times the phases for
+//! `host-trainer bench`.
 
 mod backward;
 mod block;
