@@ -98,7 +98,10 @@ impl CustomOp1 for MaxPoolOp {
 }
 
 /// One image's max-pool backward: `dy` of each output to the first input
-/// of its window equal to the output.
+/// of its window equal to the output (a NaN maximum, equal to nothing, to
+/// the window's first position). The search runs over all channels at
+/// once (last position to first, so the first match wins); only the final
+/// scatter is per element.
 fn route(
     dx: &mut [f32],
     x: &[f32],
@@ -106,19 +109,26 @@ fn route(
     dy: &[f32],
     (h, w, c, ho, wo): (usize, usize, usize, usize, usize),
 ) {
+    let mut pos = vec![0u32; c];
     for oy in 0..ho {
         for ox in 0..wo {
             let o = (oy * wo + ox) * c;
-            for ch in 0..c {
-                let m = y[o + ch];
-                let mut taps = window(oy, ox, h, w);
-                let first = taps.next().expect("a window inside the image");
-                // A NaN maximum equals nothing: it keeps the first position.
-                let i = std::iter::once(first)
-                    .chain(taps)
-                    .find(|&i| x[i * c + ch] == m)
-                    .unwrap_or(first);
-                dx[i * c + ch] += dy[o + ch];
+            let (y, dy) = (&y[o..o + c], &dy[o..o + c]);
+            let mut offs = [0usize; 9];
+            let mut m = 0;
+            for i in window(oy, ox, h, w) {
+                offs[m] = i * c;
+                m += 1;
+            }
+            pos.fill(0);
+            for t in (0..m).rev() {
+                let xt = &x[offs[t]..][..c];
+                for ((p, &v), &yv) in pos.iter_mut().zip(xt).zip(y) {
+                    *p = if v == yv { t as u32 } else { *p };
+                }
+            }
+            for (ch, (&p, &d)) in pos.iter().zip(dy).enumerate() {
+                dx[offs[p as usize] + ch] += d;
             }
         }
     }
