@@ -90,6 +90,7 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--widths", type=int_list, default=SEED_WIDTHS)
     p.add_argument("--blocks", type=int_list, default=SEED_BLOCKS)
     p.add_argument("--no-maxpool", action="store_true")
@@ -133,7 +134,7 @@ def main(argv=None):
     params = sum(p.numel() for p in model.parameters())
     if a.expect_params is not None and params != a.expect_params:
         raise SystemExit(f"pytorch_bench: model has {params} parameters, expected {a.expect_params}")
-    model = model.to(memory_format=fmt)
+    model = model.to(device=a.device, memory_format=fmt)
 
     decay = [p for p in model.parameters() if p.dim() > 1]  # conv and FC weights
     no_decay = [p for p in model.parameters() if p.dim() <= 1]
@@ -143,8 +144,8 @@ def main(argv=None):
         momentum=0.9,
         nesterov=True,
     )
-    x = torch.randn(a.batch_size, 3, 32, 32).contiguous(memory_format=fmt)
-    y = torch.arange(a.batch_size) % a.classes
+    x = torch.randn(a.batch_size, 3, 32, 32).to(a.device).contiguous(memory_format=fmt)
+    y = (torch.arange(a.batch_size) % a.classes).to(a.device)
 
     def train_step():
         opt.zero_grad(set_to_none=True)
@@ -171,12 +172,13 @@ def main(argv=None):
         "runs": a.runs,
         "warmup": a.warmup,
         "channels_last": a.channels_last,
+        "device": a.device,
         "parameters": params,
         "train_images_per_sec": a.batch_size / train_s,
         "infer_images_per_sec": a.batch_size / infer_s,
     }
     print(
-        f"pytorch {r['torch_version']} cpu, {r['threads']} threads, batch {a.batch_size}: "
+        f"pytorch {r['torch_version']} {a.device}, {r['threads']} threads, batch {a.batch_size}: "
         f"train {r['train_images_per_sec']:.1f} images/s, "
         f"inference {r['infer_images_per_sec']:.1f} images/s (median of {a.runs})",
         file=sys.stderr,

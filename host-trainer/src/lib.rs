@@ -4,6 +4,7 @@
 //!
 //! The `host-trainer` binary is the command-line front end.
 
+pub mod agreement;
 pub mod augment;
 pub mod bench;
 pub mod data;
@@ -13,5 +14,6 @@ pub mod ops;
 pub mod optim;
 pub mod peer;
 pub mod quantize;
+pub mod resident;
 pub mod schedule;
 pub mod train;

@@ -33,6 +33,29 @@ enum Command {
     /// Classify JPEG/PNG images of any size with an int8 model, through the
     /// firmware's path (RGB888 frame → shared::preprocess → shared::model).
     Classify(ClassifyArgs),
+    /// Check that a device (CUDA) computes what the CPU does: two training
+    /// steps and an eval pass, compared tensor by tensor.
+    DeviceCheck(DeviceCheckArgs),
+}
+
+#[derive(Debug, Args)]
+struct DeviceCheckArgs {
+    /// Device to compare with the CPU.
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Images per step.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Take the batches from this CIFAR-10 location (as `train --data`);
+    /// default: synthetic images (`data::synthetic`).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Use candle's stock ops on the device even where it has faster ones
+    /// (with `--device cpu`: checks the custom CPU ops against stock candle).
+    #[arg(long)]
+    stock: bool,
+    #[command(flatten)]
+    arch: ArchArgs,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -252,7 +275,49 @@ fn main() -> Result<()> {
         Some(Command::Bench(a)) => run_bench(a),
         Some(Command::Export(a)) => run_export(a),
         Some(Command::Classify(a)) => run_classify(a),
+        Some(Command::DeviceCheck(a)) => run_device_check(a),
     })
+}
+
+fn run_device_check(a: DeviceCheckArgs) -> Result<()> {
+    let device = train::device(&a.device)?;
+    let arch = a.arch.resolve()?;
+    let n = 2 * a.batch_size;
+    let data = match &a.data {
+        Some(p) => load_split(&data::detect(p)?, data::Split::Train, Some(n))?,
+        None => data::synthetic(n, arch.classes, 1),
+    };
+    let backend = match a.stock {
+        true => host_trainer::model::Backend::Stock,
+        false => host_trainer::model::Backend::for_device(&device),
+    };
+    let t0 = std::time::Instant::now();
+    let report = host_trainer::agreement::compare(&arch, &data, a.batch_size, &device, backend)?;
+    println!(
+        "CPU (custom ops) vs {} ({backend:?} ops): 2 training steps of {} images, {:.1} s",
+        a.device,
+        a.batch_size,
+        t0.elapsed().as_secs_f64()
+    );
+    print!("{}", report.summary());
+    let bad = report.failures();
+    for r in &bad {
+        eprintln!(
+            "over tolerance: {} rel L2 {:.3e} > {:.0e}",
+            r.name, r.rel_l2, r.tolerance
+        );
+    }
+    anyhow::ensure!(
+        report.passed(),
+        "CPU and {} disagree: {} of {} comparisons over tolerance, top-1 classes {}/{} the same",
+        a.device,
+        bad.len(),
+        report.rows.len(),
+        report.same_top1,
+        report.images
+    );
+    println!("agreement: PASS ({} tensors)", report.rows.len());
+    Ok(())
 }
 
 /// The data source for `--data`, or the default chain.

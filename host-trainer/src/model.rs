@@ -525,8 +525,11 @@ pub fn init_values(name: &str, dims: &[usize], seed: u64) -> Vec<f32> {
 ///
 /// The input must be non-negative (it follows a ReLU), so zero padding is
 /// the same as −∞ padding. The nine window taps are strided views of the
-/// padded input, stacked, and reduced with `max`, whose gradient flows to
-/// the maximum. Works on any device.
+/// padded input, stacked; the output is the sum of the taps weighted by a
+/// constant one-hot mask of the first maximum in window order (row-major).
+/// So the gradient flows to that one tap, as in PyTorch and the fast op;
+/// candle's `max` would give it to every tied tap, which over-counts the
+/// gradient wherever an image has flat regions. Works on any device.
 pub fn maxpool_3x3_s2_p1(x: &Tensor) -> candle_core::Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
@@ -549,7 +552,13 @@ pub fn maxpool_3x3_s2_p1(x: &Tensor) -> candle_core::Result<Tensor> {
             taps.push(t.reshape((n, c, ho, wo))?);
         }
     }
-    Tensor::stack(&taps, 4)?.max(4)
+    let taps = Tensor::stack(&taps, 4)?;
+    let max = taps.max_keepdim(4)?;
+    let is_max = taps.broadcast_eq(&max)?.to_dtype(taps.dtype())?.detach();
+    // Among tied taps, keep the first: the one where the running count of
+    // maxima reaches 1.
+    let first = is_max.mul(&is_max.cumsum(4)?.eq(1.0)?.to_dtype(taps.dtype())?)?;
+    taps.mul(&first.detach())?.sum(4)
 }
 
 #[cfg(test)]
@@ -685,5 +694,47 @@ mod tests {
                 .unwrap();
             assert_eq!(gx, (2 * 3 * ho * wo) as f32);
         }
+    }
+
+    /// With tied maxima (flat image regions), the gradient goes to the
+    /// first maximum in window order only, exactly as the fast op routes it.
+    #[test]
+    fn maxpool_ties_route_gradient_to_the_first_maximum() {
+        let dev = Device::Cpu;
+        // Values in {0, 0.5, 1}: most windows hold ties.
+        let x = Tensor::rand(0f32, 1., (2, 5, 9, 8), &dev)
+            .unwrap()
+            .affine(2.0, 0.0)
+            .unwrap()
+            .round()
+            .unwrap()
+            .affine(0.5, 0.0)
+            .unwrap();
+        let w = Tensor::rand(0f32, 1., (2, 5, 5, 4), &dev).unwrap();
+        let grad_of = |nhwc: bool| -> Vec<f32> {
+            let v = candle_core::Var::from_tensor(&x).unwrap();
+            let y = if nhwc {
+                let t = v
+                    .as_tensor()
+                    .permute((0, 2, 3, 1))
+                    .unwrap()
+                    .contiguous()
+                    .unwrap();
+                crate::ops::maxpool_3x3_s2_p1(&t)
+                    .unwrap()
+                    .permute((0, 3, 1, 2))
+                    .unwrap()
+            } else {
+                maxpool_3x3_s2_p1(v.as_tensor()).unwrap()
+            };
+            let g = (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let g = g.get(v.as_tensor()).unwrap();
+            g.flatten_all().unwrap().to_vec1().unwrap()
+        };
+        let (stock, fast) = (grad_of(false), grad_of(true));
+        assert_eq!(stock, fast);
+        let total: f32 = stock.iter().sum();
+        let expect = w.sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!((total - expect).abs() < 1e-4, "{total} vs {expect}");
     }
 }

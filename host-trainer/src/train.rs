@@ -13,10 +13,11 @@ use candle_nn::{VarBuilder, VarMap};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::augment::{batch, epoch_order};
+use crate::augment::epoch_order;
 use crate::data::{Dataset, CLASSES};
 use crate::model::{ArchConfig, MiniResNet};
 use crate::optim::{Sgd, SgdConfig};
+use crate::resident::Batches;
 use crate::schedule::{Decay, Schedule};
 
 /// The article's reported accuracy for its Momentum run at 5 epochs.
@@ -192,22 +193,35 @@ impl Evaluation {
     }
 }
 
-/// Resolves `--device`.
+/// Resolves `--device`. Without a usable GPU, `cuda` is an error that says
+/// why (never a panic); in a build without the `cuda` feature it says how to
+/// build one.
 pub fn device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
-        "cuda" => {
-            #[cfg(feature = "cuda")]
-            {
-                Device::new_cuda(0).context("opening CUDA device 0")
-            }
-            #[cfg(not(feature = "cuda"))]
-            {
-                bail!("this host-trainer was built without CUDA; rebuild with `--features cuda`")
-            }
-        }
+        "cuda" => cuda_device(),
         other => bail!("unknown device `{other}` (expected `cpu` or `cuda`)"),
     }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device() -> Result<Device> {
+    Device::new_cuda(0).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open CUDA device 0: {e}\n\
+             --device cuda needs an NVIDIA GPU and its driver (CUDA 13.0 or newer; \
+             `nvidia-smi` shows both); use --device cpu otherwise"
+        )
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device() -> Result<Device> {
+    bail!(
+        "this host-trainer was built without CUDA support; build it with \
+         `cargo build --release -p host-trainer --features cuda` \
+         (docs/gpu.md says what that needs), or use --device cpu"
+    )
 }
 
 /// Cross-entropy with label smoothing `eps`, averaged over the batch.
@@ -236,8 +250,9 @@ pub fn evaluate(
     let mut confusion = vec![vec![0usize; classes]; classes];
     let mut loss_sum = 0.0;
     let idx: Vec<usize> = (0..ds.len()).collect();
+    let batches = Batches::new(ds, device)?;
     for chunk in idx.chunks(batch_size.max(1)) {
-        let (x, y) = batch(ds, chunk, None, device)?;
+        let (x, y) = batches.batch(chunk, None)?;
         let logits = model.forward_t(&x, false)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64;
         loss_sum += loss * chunk.len() as f64;
@@ -520,6 +535,10 @@ pub fn train(
         Some(n) => (start_epoch + n).min(cfg.epochs),
         None => cfg.epochs,
     };
+    let batches = Batches::new(train_set, device)?;
+    // Reading the loss back stalls a GPU's queue: there, the running loss
+    // and accuracy stay on the device and are read every `sync_every` steps.
+    let sync_every = if device.is_cpu() { 1 } else { GPU_SYNC_EVERY };
     for epoch in start_epoch..last_epoch {
         let order = epoch_order(train_set.len(), cfg.seed, epoch);
         let bar = progress_bar(
@@ -528,40 +547,42 @@ pub fn train(
             &format!("epoch {}/{}", epoch + 1, cfg.epochs),
         );
         let t0 = Instant::now();
-        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+        let mut sums = RunningSums::new(device)?;
+        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0.0f64, 0usize);
         let mut lr = cfg.schedule.lr(iteration);
         for step in 0..steps {
             let idx = &order[step * cfg.batch_size..(step + 1) * cfg.batch_size];
             lr = cfg.schedule.lr(iteration);
             let aug = cfg.augment.then_some((cfg.seed, epoch));
-            let (x, y) = batch(train_set, idx, aug, device)?;
+            let (x, y) = batches.batch(idx, aug)?;
             let logits = trainee.model.forward_t(&x, true)?;
             let loss = smoothed_cross_entropy(&logits, &y, cfg.label_smoothing)?;
-            let loss_v = loss.to_scalar::<f32>()? as f64;
-            if !loss_v.is_finite() {
-                bail!(
-                    "training diverged: loss is {loss_v} at epoch {}, step {} (iteration {iteration}, lr {lr}). \
-                     The last good checkpoint is {} (epoch {epoch}); lower --lr or check the data.",
-                    epoch + 1,
-                    step + 1,
-                    ckpt_path.display()
-                );
-            }
+            sums.add(&loss, &logits, &y)?;
             let grads = loss.backward()?;
             opt.step(&grads, lr)?;
             iteration += 1;
-            let pred: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
-            let labels: Vec<u32> = y.to_vec1()?;
-            correct += pred.iter().zip(&labels).filter(|(p, l)| p == l).count();
-            loss_sum += loss_v * idx.len() as f64;
             seen += idx.len();
+            if (step + 1) % sync_every != 0 && step + 1 != steps {
+                continue;
+            }
+            (loss_sum, correct) = sums.read()?;
+            if !loss_sum.is_finite() {
+                bail!(
+                    "training diverged: loss is {loss_sum} at epoch {}, step {} (iteration {}, lr {lr}). \
+                     The last good checkpoint is {} (epoch {epoch}); lower --lr or check the data.",
+                    epoch + 1,
+                    step + 1,
+                    iteration - 1,
+                    ckpt_path.display()
+                );
+            }
             bar.set_message(format!(
                 "loss {:.3} acc {:.1}% lr {lr:.4} {:.0} img/s",
                 loss_sum / seen as f64,
-                100.0 * correct as f64 / seen as f64,
+                100.0 * correct / seen as f64,
                 seen as f64 / t0.elapsed().as_secs_f64()
             ));
-            bar.inc(1);
+            bar.set_position(step as u64 + 1);
         }
         bar.finish_and_clear();
         let seconds = t0.elapsed().as_secs_f64();
@@ -569,7 +590,7 @@ pub fn train(
         let m = EpochMetrics {
             epoch: epoch + 1,
             train_loss: loss_sum / seen as f64,
-            train_acc: 100.0 * correct as f64 / seen as f64,
+            train_acc: 100.0 * correct / seen as f64,
             test_loss: test.loss,
             test_acc: test.accuracy,
             lr,
@@ -602,6 +623,42 @@ pub fn train(
         history,
         test,
     })
+}
+
+/// Steps between reads of the running loss on a GPU (a divergence is
+/// caught at the first read after it).
+const GPU_SYNC_EVERY: usize = 25;
+
+/// An epoch's summed loss (× batch size) and correct predictions, kept on
+/// the device until read.
+struct RunningSums {
+    loss: Tensor,
+    correct: Tensor,
+}
+
+impl RunningSums {
+    fn new(device: &Device) -> Result<Self> {
+        Ok(Self {
+            loss: Tensor::zeros((), DType::F32, device)?,
+            correct: Tensor::zeros((), DType::F32, device)?,
+        })
+    }
+
+    fn add(&mut self, loss: &Tensor, logits: &Tensor, labels: &Tensor) -> Result<()> {
+        let n = labels.dims1()? as f64;
+        self.loss = (&self.loss + (loss.detach() * n)?)?;
+        let hits = logits.argmax(D::Minus1)?.eq(labels)?.to_dtype(DType::F32)?;
+        self.correct = (&self.correct + hits.sum_all()?)?;
+        Ok(())
+    }
+
+    /// `(loss sum, correct count)`.
+    fn read(&self) -> Result<(f64, f64)> {
+        Ok((
+            self.loss.to_scalar::<f32>()? as f64,
+            self.correct.to_scalar::<f32>()? as f64,
+        ))
+    }
 }
 
 fn progress_bar(show: bool, len: u64, prefix: &str) -> ProgressBar {
@@ -752,6 +809,21 @@ pub fn plot_learning_curve(path: &Path, history: &[EpochMetrics], recipe: Recipe
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_names() {
+        assert!(device("cpu").unwrap().is_cpu());
+        let e = device("gpu").unwrap_err().to_string();
+        assert!(e.contains("unknown device `gpu`"), "{e}");
+    }
+
+    /// Without the feature, `cuda` says how to build with it.
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_says_how_to_build() {
+        let e = device("cuda").unwrap_err().to_string();
+        assert!(e.contains("--features cuda"), "{e}");
+    }
 
     fn tiny_config(epochs: usize) -> TrainConfig {
         let mut cfg =

@@ -1,8 +1,9 @@
 //! `cargo xtask <command>`: project automation without shell scripts.
 //!
 //! * `ci` — the one test command (README, `.ci/run`): sets the machine up,
-//!   then runs formatting, clippy on host and Cortex-M7, the MCU builds and
-//!   every test (the QEMU firmware test included).
+//!   then runs formatting, clippy on host and Cortex-M7, the MCU builds,
+//!   every test (the QEMU firmware test included) and the `cuda` feature's
+//!   build (`scripts/ci-cuda.sh`).
 //! * `bench-mcu [--json] [--update-snapshot]` — instructions per inference
 //!   and per layer on the Cortex-M7 (QEMU, exact), flash/RAM of the board
 //!   image, beside CMSIS-NN; `--update-snapshot` records the counts in
@@ -128,6 +129,14 @@ fn ci() -> Result<(), String> {
         ],
     )?;
     run("cargo", &["test", "--workspace", "--release"])?;
+    // Last, as the slowest: the `cuda` feature builds and lints without a
+    // GPU (CUDA compiler from PyPI, cached), and `--device cuda` fails
+    // cleanly there. MINI_RESNET_SKIP_CUDA=1 skips it for quick local runs.
+    if std::env::var_os("MINI_RESNET_SKIP_CUDA").is_some_and(|v| v == "1") {
+        eprintln!("\nxtask ci: CUDA build SKIPPED (MINI_RESNET_SKIP_CUDA=1)");
+    } else {
+        run("bash", &["scripts/ci-cuda.sh"])?;
+    }
     eprintln!("\nxtask ci: all checks passed");
     Ok(())
 }
