@@ -568,7 +568,7 @@ pub fn train(
             (loss_sum, correct) = sums.read()?;
             if !loss_sum.is_finite() {
                 bail!(
-                    "training diverged: loss is {loss_sum} at epoch {}, step {} (iteration {}, lr {lr}). \
+                    "training diverged: the loss is not finite ({loss_sum}) by epoch {}, step {} (iteration {}, lr {lr}). \
                      The last good checkpoint is {} (epoch {epoch}); lower --lr or check the data.",
                     epoch + 1,
                     step + 1,
