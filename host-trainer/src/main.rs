@@ -649,7 +649,11 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         a.threads > 0 && a.runs > 0 && a.batch_size > 0,
         "--threads, --runs and --batch-size must be positive"
     );
-    let python = a.python.clone().unwrap_or_else(peer::default_python);
+    let python = a
+        .python
+        .as_deref()
+        .map(peer::resolve_python)
+        .unwrap_or_else(peer::default_python);
     let peer = match a.peer {
         Some(p) => p,
         None if a.device != "cpu" => peer::Peer::None,

@@ -138,6 +138,21 @@ fn tail(s: &str, n: usize) -> &str {
     &s[start..]
 }
 
+/// `--python` as given; a bare name such as `python3` that is not a file in
+/// the current folder is looked up on `PATH`, as a shell would.
+pub fn resolve_python(p: &Path) -> PathBuf {
+    if p.components().count() != 1 || p.exists() {
+        return p.to_path_buf();
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(p))
+                .find(|c| c.is_file())
+        })
+        .unwrap_or_else(|| p.to_path_buf())
+}
+
 /// Fails, naming the path, when the interpreter or the script is missing.
 pub fn check_paths(python: &Path, script: &Path) -> Result<()> {
     if !python.exists() {
@@ -279,6 +294,16 @@ mod tests {
     #[test]
     fn peer_default_paths_are_in_the_workspace() {
         assert!(default_script().is_file(), "{}", default_script().display());
+    }
+
+    #[test]
+    fn bare_python_names_are_looked_up_on_path() {
+        let sh = resolve_python(Path::new("sh"));
+        assert!(sh.is_absolute() && sh.is_file(), "{}", sh.display());
+        let missing = Path::new("no-such-python-3.99");
+        assert_eq!(resolve_python(missing), missing);
+        let explicit = Path::new("/opt/x/bin/python");
+        assert_eq!(resolve_python(explicit), explicit);
         assert!(default_python().ends_with("bench/.venv/bin/python"));
     }
 
