@@ -99,6 +99,16 @@ impl Dataset {
         &self.images[i * IMAGE_BYTES..(i + 1) * IMAGE_BYTES]
     }
 
+    /// MD5 of the labels and images (lowercase hex): which data a run was
+    /// trained on, for `--resume`.
+    pub fn fingerprint(&self) -> String {
+        let mut h = Md5::new();
+        h.update((self.len() as u64).to_le_bytes());
+        h.update(&self.labels);
+        h.update(&self.images);
+        hex(&h.finalize())
+    }
+
     /// `n` images spread evenly over the set (indices `i * len / n`), in
     /// order, so every class of a class-sorted set stays represented.
     /// Returns the whole set when `n >= len`.
@@ -449,6 +459,20 @@ fn list_image_files(root: &Path, split: Split) -> Result<Vec<(PathBuf, u8)>> {
         }
     }
     class_dirs.sort_by_key(|(label, _)| *label);
+    let missing: Vec<&str> = CLASSES
+        .iter()
+        .enumerate()
+        .filter(|(c, _)| !class_dirs.iter().any(|(l, _)| *l as usize == *c))
+        .map(|(_, name)| *name)
+        .collect();
+    if !missing.is_empty() && !class_dirs.is_empty() {
+        eprintln!(
+            "warning: {} has no folder for {}: those classes have no {} images",
+            split_dir.display(),
+            missing.join(", "),
+            split.name()
+        );
+    }
 
     let mut files = Vec::new();
     for (label, dir) in class_dirs {
@@ -466,6 +490,11 @@ fn list_image_files(root: &Path, split: Split) -> Result<Vec<(PathBuf, u8)>> {
             );
             class_files.push(path);
         }
+        ensure!(
+            !class_files.is_empty(),
+            "class folder {} holds no images (remove it, or add .jpg/.jpeg/.png files)",
+            dir.display()
+        );
         class_files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
         files.extend(class_files.into_iter().map(|p| (p, label)));
     }
@@ -533,7 +562,7 @@ pub fn default_cache_dir() -> PathBuf {
 }
 
 /// Lowercase hex of a digest.
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -1032,9 +1061,17 @@ mod tests {
             msg.contains(&tmp.path().join("test").display().to_string()),
             "{msg}"
         );
-        fs::create_dir_all(tmp.path().join("test/ship")).unwrap();
+        fs::create_dir_all(tmp.path().join("test")).unwrap();
         let msg = chain(&load(&source, Split::Test).unwrap_err());
         assert!(msg.contains("holds no images"), "{msg}");
+        // An empty class folder is an error naming it.
+        let ship = tmp.path().join("test/ship");
+        fs::create_dir_all(&ship).unwrap();
+        let msg = chain(&load(&source, Split::Test).unwrap_err());
+        assert!(
+            msg.contains(&ship.display().to_string()) && msg.contains("holds no images"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 pub mod agreement;
 pub mod augment;
 pub mod bench;
+pub mod checkpoint;
 pub mod data;
 pub mod export;
 pub mod model;

@@ -91,7 +91,10 @@ struct ClassifyArgs {
     /// Int8 model: a `.bin` file, or `default` for the one in `shared`.
     #[arg(long, default_value = "default")]
     model: String,
-    /// Images (JPEG or PNG, any size).
+    /// Images (JPEG or PNG, any size: a shorter side outside 32 to 4096
+    /// pixels is resized into that range before the centre crop). A file
+    /// that cannot be read is reported, the others still classified, and
+    /// the exit status is then non-zero.
     #[arg(required = true)]
     images: Vec<PathBuf>,
 }
@@ -418,6 +421,12 @@ fn load_split(
     split: data::Split,
     limit: Option<usize>,
 ) -> Result<data::Dataset> {
+    anyhow::ensure!(
+        limit != Some(0),
+        "--{}-limit 0 leaves no {} images (use at least 1, or leave it out)",
+        split.name(),
+        split.name()
+    );
     let t0 = std::time::Instant::now();
     let mut ds = data::load(src, split)?;
     if let Some(n) = limit {
@@ -569,12 +578,15 @@ fn run_eval(a: EvalArgs) -> Result<()> {
                 );
             } else {
                 println!("{}", model.meta());
+                let pct = |k: &str| {
+                    recorded(k).map_or_else(|| "not recorded".to_string(), |v| format!("{v:.2}%"))
+                };
                 println!(
-                    "int8 accuracy {int8:.2}% on {} images; float {:?}% and top-1 agreement {:?}% as recorded at export \
+                    "int8 accuracy {int8:.2}% on {} images; float {} and top-1 agreement {} as recorded at export \
                      (pass --checkpoint to measure them)",
                     test_set.len(),
-                    recorded("float_accuracy"),
-                    recorded("top1_agreement")
+                    pct("float_accuracy"),
+                    pct("top1_agreement")
                 );
             }
         }
@@ -602,46 +614,76 @@ fn run_export(a: ExportArgs) -> Result<()> {
 fn run_classify(a: ClassifyArgs) -> Result<()> {
     let owned = load_model(&a.model)?;
     let model = owned.model()?;
-    let out = model.output();
     let mut arena = vec![0i8; model.arena_len()];
     let mut scratch = vec![0i16; model.scratch_len()];
+    let mut failed = 0;
     for path in &a.images {
-        let img = image::open(path)
-            .with_context(|| format!("reading image {}", path.display()))?
-            .to_rgb8();
-        let (w, h) = img.dimensions();
-        let frame = shared::preprocess::Frame {
-            data: img.as_raw(),
-            width: w as usize,
-            height: h as usize,
-            format: shared::preprocess::PixelFormat::Rgb888,
-        };
-        let mut input = [0i8; shared::preprocess::INPUT_LEN];
-        shared::preprocess::preprocess(&frame, &mut input)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let mut logits = vec![0i8; out.dims.len()];
-        model
-            .run(&input, &mut arena, &mut scratch, &mut logits)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let real: Vec<f64> = logits
-            .iter()
-            .map(|&q| (q as i32 - out.zero_point) as f64 * out.scale as f64)
-            .collect();
-        let max = real.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let sum: f64 = real.iter().map(|v| (v - max).exp()).sum();
-        let (best, _) =
-            real.iter().enumerate().fold(
-                (0, f64::NEG_INFINITY),
-                |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-            );
-        println!(
-            "{}: {} ({:.1}%)",
-            path.display(),
-            data::CLASSES.get(best).unwrap_or(&"?"),
-            100.0 / sum
-        );
+        // One bad file is reported and the rest still classified.
+        match classify_one(&model, path, &mut arena, &mut scratch) {
+            Ok((class, confidence)) => {
+                println!("{}: {class} ({confidence:.1}%)", path.display())
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                failed += 1;
+            }
+        }
     }
+    anyhow::ensure!(
+        failed == 0,
+        "{failed} of {} images could not be classified",
+        a.images.len()
+    );
     Ok(())
+}
+
+/// The image at `path` through the firmware's path; returns the class and
+/// its softmax confidence (%). Images whose shorter side is outside what
+/// `shared::preprocess` crops (32 to 4096 pixels) are first resized to fit.
+fn classify_one(
+    model: &shared::model::Model,
+    path: &std::path::Path,
+    arena: &mut [i8],
+    scratch: &mut [i16],
+) -> Result<(&'static str, f64)> {
+    use shared::preprocess::{INPUT_SIZE, MAX_CROP};
+    let mut img = image::open(path)
+        .with_context(|| format!("reading image {}", path.display()))?
+        .to_rgb8();
+    let (w, h) = img.dimensions();
+    let short = w.min(h) as f64;
+    let target = short.clamp(INPUT_SIZE as f64, MAX_CROP as f64);
+    if target != short {
+        let k = target / short;
+        let (nw, nh) = ((w as f64 * k).round() as u32, (h as f64 * k).round() as u32);
+        img = image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Triangle);
+    }
+    let (w, h) = img.dimensions();
+    let frame = shared::preprocess::Frame {
+        data: img.as_raw(),
+        width: w as usize,
+        height: h as usize,
+        format: shared::preprocess::PixelFormat::Rgb888,
+    };
+    let mut input = [0i8; shared::preprocess::INPUT_LEN];
+    shared::preprocess::preprocess(&frame, &mut input)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let out = model.output();
+    let mut logits = vec![0i8; out.dims.len()];
+    model
+        .run(&input, arena, scratch, &mut logits)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let real: Vec<f64> = logits
+        .iter()
+        .map(|&q| (q as i32 - out.zero_point) as f64 * out.scale as f64)
+        .collect();
+    let (best, max) =
+        real.iter().enumerate().fold(
+            (0, f64::NEG_INFINITY),
+            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+        );
+    let sum: f64 = real.iter().map(|v| (v - max).exp()).sum();
+    Ok((data::CLASSES.get(best).copied().unwrap_or("?"), 100.0 / sum))
 }
 
 fn run_bench(a: BenchArgs) -> Result<()> {

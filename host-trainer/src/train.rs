@@ -1,9 +1,7 @@
 //! The training loop: recipes, checkpoints, resume, metrics, plots and
 //! evaluation.
 
-use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -14,6 +12,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::augment::epoch_order;
+pub use crate::checkpoint::{
+    load_checkpoint, model_from_checkpoint, save_checkpoint, write_atomic, Checkpoint,
+    CheckpointMeta, DataFingerprint,
+};
 use crate::data::{Dataset, CLASSES};
 use crate::model::{ArchConfig, MiniResNet};
 use crate::optim::{Sgd, SgdConfig};
@@ -24,9 +26,6 @@ use crate::schedule::{Decay, Schedule};
 pub const ARTICLE_MOMENTUM_5: f64 = 74.36;
 /// The article's reported accuracy for its Momentum run at 20 epochs.
 pub const ARTICLE_MOMENTUM_20: f64 = 70.44;
-
-/// Checkpoint format tag, stored in the safetensors metadata.
-const CKPT_FORMAT: &str = "mini-resnet-checkpoint-v1";
 
 /// Training recipes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -82,6 +81,12 @@ impl TrainConfig {
         let epochs = epochs.unwrap_or(def_epochs);
         let batch_size = batch_size.unwrap_or(def_batch);
         ensure!(epochs > 0, "--epochs must be at least 1");
+        if let Some(lr) = lr {
+            ensure!(
+                lr.is_finite() && lr > 0.0,
+                "--lr must be a positive, finite number (got {lr})"
+            );
+        }
         ensure!(
             batch_size >= 2,
             "--batch-size must be at least 2 (batch norm needs two images)"
@@ -310,126 +315,6 @@ impl Trainee {
     }
 }
 
-/// What a checkpoint holds besides tensors.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CheckpointMeta {
-    /// Run configuration.
-    pub config: TrainConfig,
-    /// Completed epochs.
-    pub epoch: usize,
-    /// Completed optimizer steps.
-    pub iteration: usize,
-    /// Metrics of every completed epoch.
-    pub history: Vec<EpochMetrics>,
-}
-
-/// Writes `bytes` to `path` atomically: a temporary file in the same folder,
-/// fsync, rename. A crash leaves either the old file or the new one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("out")
-    ));
-    let mut f = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.sync_all()
-        .with_context(|| format!("syncing {}", tmp.display()))?;
-    drop(f);
-    fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
-
-/// Saves model variables, momentum buffers and `meta` to `path` (atomic).
-///
-/// A state with a non-finite value (a diverged run) is refused with an
-/// error naming the tensor, and `path` keeps the last good state.
-pub fn save_checkpoint(path: &Path, t: &Trainee, opt: &Sgd, meta: &CheckpointMeta) -> Result<()> {
-    let mut tensors: Vec<(String, Tensor)> = t
-        .named_vars()
-        .into_iter()
-        .map(|(n, v)| (format!("model.{n}"), v.as_tensor().clone()))
-        .collect();
-    tensors.extend(
-        opt.state()
-            .map(|(n, m)| (format!("momentum.{n}"), m.clone())),
-    );
-    for (name, tensor) in &tensors {
-        let v: Vec<f32> = tensor.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-            bail!(
-                "not saving {} (epoch {}): `{name}` holds {} at element {i}; \
-                 the file keeps the last good state",
-                path.display(),
-                meta.epoch,
-                v[i]
-            );
-        }
-    }
-    let mut info = HashMap::new();
-    info.insert("format".to_string(), CKPT_FORMAT.to_string());
-    info.insert("meta".to_string(), serde_json::to_string(meta)?);
-    let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(info))
-        .with_context(|| format!("serializing checkpoint {}", path.display()))?;
-    write_atomic(path, &bytes)
-}
-
-/// A checkpoint read back: metadata and tensors by name.
-#[derive(Debug)]
-pub struct Checkpoint {
-    /// Metadata.
-    pub meta: CheckpointMeta,
-    /// `model.*` and `momentum.*` tensors.
-    pub tensors: HashMap<String, Tensor>,
-}
-
-/// Reads a checkpoint written by [`save_checkpoint`].
-pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
-    let ctx = || format!("reading checkpoint {}", path.display());
-    let bytes = fs::read(path).with_context(ctx)?;
-    let (_, st_meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(ctx)?;
-    let info = st_meta.metadata().clone().unwrap_or_default();
-    match info.get("format").map(String::as_str) {
-        Some(CKPT_FORMAT) => {}
-        other => bail!(
-            "{}: not a Mini-ResNet checkpoint (format {:?}, expected {CKPT_FORMAT:?})",
-            path.display(),
-            other
-        ),
-    }
-    let meta: CheckpointMeta =
-        serde_json::from_str(info.get("meta").map(String::as_str).unwrap_or(""))
-            .with_context(|| format!("{}: damaged checkpoint metadata", path.display()))?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, device).with_context(ctx)?;
-    Ok(Checkpoint { meta, tensors })
-}
-
-/// Loads a checkpoint's `model.*` tensors into a fresh model of its arch.
-pub fn model_from_checkpoint(ck: &Checkpoint, device: &Device) -> Result<Trainee> {
-    let t = Trainee::new(&ck.meta.config.arch, ck.meta.config.seed, device)?;
-    for (name, var) in t.named_vars() {
-        let saved = ck
-            .tensors
-            .get(&format!("model.{name}"))
-            .with_context(|| format!("checkpoint lacks tensor `model.{name}`"))?;
-        ensure!(
-            saved.dims() == var.dims(),
-            "checkpoint tensor `model.{name}` has shape {:?}, the model needs {:?}",
-            saved.dims(),
-            var.dims()
-        );
-        var.set(saved)?;
-    }
-    Ok(t)
-}
-
 /// Options of a training run that are not part of its configuration.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -457,10 +342,113 @@ pub struct TrainOutcome {
     pub test: Evaluation,
 }
 
+/// Where a run stands: the model, its optimizer and what is done.
+struct RunState {
+    trainee: Trainee,
+    opt: Sgd,
+    history: Vec<EpochMetrics>,
+    iteration: usize,
+    epoch: usize,
+}
+
+/// Opens the run in `opts.run_dir`: a fresh one, or with `opts.resume` the
+/// one in its checkpoint, which must have the same configuration (only
+/// `--epochs` may change) and the same training set. On resume, the metrics
+/// and the curve are rewritten from the checkpoint's history, so a kill
+/// between the checkpoint and them leaves nothing out of step.
+fn open_run(
+    cfg: &TrainConfig,
+    data: &DataFingerprint,
+    opts: &RunOptions,
+    device: &Device,
+) -> Result<RunState> {
+    let ckpt_path = opts.run_dir.join("checkpoint.safetensors");
+    if !opts.resume {
+        ensure!(
+            !ckpt_path.exists(),
+            "{} already holds a checkpoint: pass --resume to continue it, or choose another --run-dir",
+            opts.run_dir.display()
+        );
+        let trainee = Trainee::new(&cfg.arch, cfg.seed, device)?;
+        let opt = Sgd::new(trainee.named_vars(), cfg.sgd);
+        return Ok(RunState {
+            trainee,
+            opt,
+            history: Vec::new(),
+            iteration: 0,
+            epoch: 0,
+        });
+    }
+    let ck = load_checkpoint(&ckpt_path, device).with_context(|| {
+        format!(
+            "--resume: cannot continue the run in {}",
+            opts.run_dir.display()
+        )
+    })?;
+    check_resume_config(&ck.meta.config, cfg)?;
+    match &ck.meta.data {
+        Some(saved) => saved.check_resume(data)?,
+        None => eprintln!(
+            "warning: --resume: {} does not record its data set; make sure --data and --train-limit are the run's",
+            ckpt_path.display()
+        ),
+    }
+    let trainee = model_from_checkpoint(&ck, device)?;
+    let mut opt = Sgd::new(trainee.named_vars(), cfg.sgd);
+    for (name, tensor) in &ck.tensors {
+        if let Some(p) = name.strip_prefix("momentum.") {
+            opt.set_state(p, tensor.clone())?;
+        }
+    }
+    write_epoch_outputs(&opts.run_dir, &ck.meta.history, cfg.recipe)?;
+    eprintln!(
+        "resuming {} at epoch {} (iteration {})",
+        opts.run_dir.display(),
+        ck.meta.epoch + 1,
+        ck.meta.iteration
+    );
+    Ok(RunState {
+        trainee,
+        opt,
+        history: ck.meta.history,
+        iteration: ck.meta.iteration,
+        epoch: ck.meta.epoch,
+    })
+}
+
+/// `--resume` may change `--epochs` (and with it the schedule's length:
+/// decay and warm-up follow from the epoch count), nothing else.
+fn check_resume_config(saved: &TrainConfig, cfg: &TrainConfig) -> Result<()> {
+    let same_schedule_kind = std::mem::discriminant(&saved.schedule.decay)
+        == std::mem::discriminant(&cfg.schedule.decay)
+        && saved.schedule.base_lr == cfg.schedule.base_lr;
+    ensure!(
+        same_schedule_kind
+            && TrainConfig {
+                epochs: cfg.epochs,
+                schedule: cfg.schedule.clone(),
+                ..saved.clone()
+            } == *cfg,
+        "--resume: the options differ from the run's saved configuration (only --epochs may change)\n saved: {}\n given: {}",
+        serde_json::to_string(saved)?,
+        serde_json::to_string(cfg)?
+    );
+    Ok(())
+}
+
+/// `metrics.csv`, `metrics.json` and `learning_curve.svg` of `history`.
+fn write_epoch_outputs(dir: &Path, history: &[EpochMetrics], recipe: Recipe) -> Result<()> {
+    write_metrics(dir, history)?;
+    plot_learning_curve(&dir.join("learning_curve.svg"), history, recipe)
+}
+
 /// Trains (or resumes) a run. Writes into `opts.run_dir`:
 /// `checkpoint.safetensors` (every epoch, atomic), `metrics.csv`,
 /// `metrics.json`, `learning_curve.svg`, `config.json`, and at the end
 /// `confusion.csv` and `per_class.json`.
+///
+/// A diverged run (a non-finite loss, weight or metric) ends with an error
+/// naming the epoch and step; the checkpoint keeps the last good epoch.
 pub fn train(
     cfg: TrainConfig,
     train_set: &Dataset,
@@ -468,160 +456,135 @@ pub fn train(
     opts: &RunOptions,
     device: &Device,
 ) -> Result<TrainOutcome> {
+    cfg.arch.validate()?;
     fs::create_dir_all(&opts.run_dir)
         .with_context(|| format!("creating run folder {}", opts.run_dir.display()))?;
-    let ckpt_path = opts.run_dir.join("checkpoint.safetensors");
-    let (trainee, mut opt, mut history, mut iteration, start_epoch) = if opts.resume {
-        let ck = load_checkpoint(&ckpt_path, device).with_context(|| {
-            format!(
-                "--resume: cannot continue the run in {}",
-                opts.run_dir.display()
-            )
-        })?;
-        let saved = &ck.meta.config;
-        // --epochs may change, and with it the schedule's length (decay and
-        // warm-up follow from the epoch count).
-        let same_schedule_kind = std::mem::discriminant(&saved.schedule.decay)
-            == std::mem::discriminant(&cfg.schedule.decay)
-            && saved.schedule.base_lr == cfg.schedule.base_lr;
-        ensure!(
-            same_schedule_kind
-                && TrainConfig {
-                    epochs: cfg.epochs,
-                    schedule: cfg.schedule.clone(),
-                    ..saved.clone()
-                } == cfg,
-            "--resume: the options differ from the run's saved configuration (only --epochs may change)\n saved: {}\n given: {}",
-            serde_json::to_string(saved)?,
-            serde_json::to_string(&cfg)?
-        );
-        let t = model_from_checkpoint(&ck, device)?;
-        let mut opt = Sgd::new(t.named_vars(), cfg.sgd);
-        for (name, tensor) in &ck.tensors {
-            if let Some(p) = name.strip_prefix("momentum.") {
-                opt.set_state(p, tensor.clone())?;
-            }
-        }
-        eprintln!(
-            "resuming {} at epoch {} (iteration {})",
-            opts.run_dir.display(),
-            ck.meta.epoch + 1,
-            ck.meta.iteration
-        );
-        (t, opt, ck.meta.history, ck.meta.iteration, ck.meta.epoch)
-    } else {
-        ensure!(
-            !ckpt_path.exists(),
-            "{} already holds a checkpoint: pass --resume to continue it, or choose another --run-dir",
-            opts.run_dir.display()
-        );
-        let t = Trainee::new(&cfg.arch, cfg.seed, device)?;
-        let opt = Sgd::new(t.named_vars(), cfg.sgd);
-        (t, opt, Vec::new(), 0, 0)
-    };
-    cfg.arch.validate()?;
+    let data = DataFingerprint::of(train_set, test_set);
+    let mut run = open_run(&cfg, &data, opts, device)?;
     write_atomic(
         &opts.run_dir.join("config.json"),
         serde_json::to_string_pretty(&cfg)?.as_bytes(),
     )?;
-
-    let steps = train_set.len() / cfg.batch_size;
     ensure!(
-        steps > 0,
+        train_set.len() / cfg.batch_size > 0,
         "the training set has {} images, fewer than one batch",
         train_set.len()
     );
     let last_epoch = match opts.stop_after {
-        Some(n) => (start_epoch + n).min(cfg.epochs),
+        Some(n) => (run.epoch + n).min(cfg.epochs),
         None => cfg.epochs,
     };
     let batches = Batches::new(train_set, device)?;
-    // Reading the loss back stalls a GPU's queue: there, the running loss
-    // and accuracy stay on the device and are read every `sync_every` steps.
-    let sync_every = if device.is_cpu() { 1 } else { GPU_SYNC_EVERY };
-    for epoch in start_epoch..last_epoch {
-        let order = epoch_order(train_set.len(), cfg.seed, epoch);
-        let bar = progress_bar(
-            opts.progress,
-            steps as u64,
-            &format!("epoch {}/{}", epoch + 1, cfg.epochs),
-        );
-        let t0 = Instant::now();
-        let mut sums = RunningSums::new(device)?;
-        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0.0f64, 0usize);
-        let mut lr = cfg.schedule.lr(iteration);
-        for step in 0..steps {
-            let idx = &order[step * cfg.batch_size..(step + 1) * cfg.batch_size];
-            lr = cfg.schedule.lr(iteration);
-            let aug = cfg.augment.then_some((cfg.seed, epoch));
-            let (x, y) = batches.batch(idx, aug)?;
-            let logits = trainee.model.forward_t(&x, true)?;
-            let loss = smoothed_cross_entropy(&logits, &y, cfg.label_smoothing)?;
-            sums.add(&loss, &logits, &y)?;
-            let grads = loss.backward()?;
-            opt.step(&grads, lr)?;
-            iteration += 1;
-            seen += idx.len();
-            if (step + 1) % sync_every != 0 && step + 1 != steps {
-                continue;
-            }
-            (loss_sum, correct) = sums.read()?;
-            if !loss_sum.is_finite() {
-                bail!(
-                    "training diverged: the loss is not finite ({loss_sum}) by epoch {}, step {} (iteration {}, lr {lr}). \
-                     The last good checkpoint is {} (epoch {epoch}); lower --lr or check the data.",
-                    epoch + 1,
-                    step + 1,
-                    iteration - 1,
-                    ckpt_path.display()
-                );
-            }
-            bar.set_message(format!(
-                "loss {:.3} acc {:.1}% lr {lr:.4} {:.0} img/s",
-                loss_sum / seen as f64,
-                100.0 * correct / seen as f64,
-                seen as f64 / t0.elapsed().as_secs_f64()
-            ));
-            bar.set_position(step as u64 + 1);
-        }
-        bar.finish_and_clear();
-        let seconds = t0.elapsed().as_secs_f64();
-        let test = evaluate(&trainee.model, test_set, opts.eval_batch, device)?;
+    while run.epoch < last_epoch {
+        let m = train_epoch(&cfg, &mut run, &batches, train_set.len(), opts, device)?;
+        let test = evaluate(&run.trainee.model, test_set, opts.eval_batch, device)?;
         let m = EpochMetrics {
-            epoch: epoch + 1,
-            train_loss: loss_sum / seen as f64,
-            train_acc: 100.0 * correct / seen as f64,
             test_loss: test.loss,
             test_acc: test.accuracy,
-            lr,
-            seconds,
-            images_per_sec: seen as f64 / seconds,
+            ..m
         };
         eprintln!(
             "epoch {:>3}/{}: train loss {:.4} acc {:.2}% | test loss {:.4} acc {:.2}% | lr {:.5} | {:.0} s, {:.0} img/s",
             m.epoch, cfg.epochs, m.train_loss, m.train_acc, m.test_loss, m.test_acc, m.lr, m.seconds, m.images_per_sec
         );
-        history.push(m);
+        run.history.push(m);
+        run.epoch += 1;
         let meta = CheckpointMeta {
             config: cfg.clone(),
-            epoch: epoch + 1,
-            iteration,
-            history: history.clone(),
+            epoch: run.epoch,
+            iteration: run.iteration,
+            history: run.history.clone(),
+            data: Some(data.clone()),
         };
-        save_checkpoint(&ckpt_path, &trainee, &opt, &meta)?;
-        write_metrics(&opts.run_dir, &history)?;
-        plot_learning_curve(
-            &opts.run_dir.join("learning_curve.svg"),
-            &history,
-            cfg.recipe,
+        save_checkpoint(
+            &opts.run_dir.join("checkpoint.safetensors"),
+            &run.trainee,
+            &run.opt,
+            &meta,
         )?;
+        write_epoch_outputs(&opts.run_dir, &run.history, cfg.recipe)?;
     }
-    let test = evaluate(&trainee.model, test_set, opts.eval_batch, device)?;
+    let test = evaluate(&run.trainee.model, test_set, opts.eval_batch, device)?;
     write_confusion(&opts.run_dir, &test)?;
     Ok(TrainOutcome {
-        trainee,
-        history,
+        trainee: run.trainee,
+        history: run.history,
         test,
+    })
+}
+
+/// One epoch of training steps; the returned metrics lack the test figures.
+fn train_epoch(
+    cfg: &TrainConfig,
+    run: &mut RunState,
+    batches: &Batches,
+    train_len: usize,
+    opts: &RunOptions,
+    device: &Device,
+) -> Result<EpochMetrics> {
+    let (epoch, steps) = (run.epoch, train_len / cfg.batch_size);
+    let order = epoch_order(train_len, cfg.seed, epoch);
+    let bar = progress_bar(
+        opts.progress,
+        steps as u64,
+        &format!("epoch {}/{}", epoch + 1, cfg.epochs),
+    );
+    // Reading the loss back stalls a GPU's queue: there, the running loss
+    // and accuracy stay on the device and are read every `sync_every` steps.
+    let sync_every = if device.is_cpu() { 1 } else { GPU_SYNC_EVERY };
+    // Cross-entropy at chance is ln(classes); a healthy run stays far below
+    // 20 times that even in its first steps.
+    let divergence_limit = 20.0 * (cfg.arch.classes as f64).ln();
+    let t0 = Instant::now();
+    let mut sums = RunningSums::new(device)?;
+    let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0.0f64, 0usize);
+    let mut lr = cfg.schedule.lr(run.iteration);
+    for step in 0..steps {
+        let idx = &order[step * cfg.batch_size..(step + 1) * cfg.batch_size];
+        lr = cfg.schedule.lr(run.iteration);
+        let (x, y) = batches.batch(idx, cfg.augment.then_some((cfg.seed, epoch)))?;
+        let logits = run.trainee.model.forward_t(&x, true)?;
+        let loss = smoothed_cross_entropy(&logits, &y, cfg.label_smoothing)?;
+        sums.add(&loss, &logits, &y)?;
+        let grads = loss.backward()?;
+        run.opt.step(&grads, lr)?;
+        run.iteration += 1;
+        seen += idx.len();
+        if (step + 1) % sync_every != 0 && step + 1 != steps {
+            continue;
+        }
+        (loss_sum, correct) = sums.read()?;
+        let mean = loss_sum / seen as f64;
+        if !mean.is_finite() || mean > divergence_limit {
+            bail!(
+                "training diverged: the mean loss is {mean} by epoch {}, step {} (iteration {}, lr {lr}; \
+                 a loss above {divergence_limit:.0}, 20 times chance level, counts as diverged). \
+                 The last good checkpoint is {} (epoch {epoch}); lower --lr or check the data.",
+                epoch + 1,
+                step + 1,
+                run.iteration - 1,
+                opts.run_dir.join("checkpoint.safetensors").display()
+            );
+        }
+        bar.set_message(format!(
+            "loss {:.3} acc {:.1}% lr {lr:.4} {:.0} img/s",
+            loss_sum / seen as f64,
+            100.0 * correct / seen as f64,
+            seen as f64 / t0.elapsed().as_secs_f64()
+        ));
+        bar.set_position(step as u64 + 1);
+    }
+    bar.finish_and_clear();
+    let seconds = t0.elapsed().as_secs_f64();
+    Ok(EpochMetrics {
+        epoch: epoch + 1,
+        train_loss: loss_sum / seen as f64,
+        train_acc: 100.0 * correct / seen as f64,
+        test_loss: f64::NAN,
+        test_acc: f64::NAN,
+        lr,
+        seconds,
+        images_per_sec: seen as f64 / seconds,
     })
 }
 
@@ -746,8 +709,11 @@ pub fn format_confusion(ev: &Evaluation) -> String {
 /// article's Momentum figure as a reference line.
 pub fn plot_learning_curve(path: &Path, history: &[EpochMetrics], recipe: Recipe) -> Result<()> {
     use plotters::prelude::*;
-    let draw = || -> Result<(), Box<dyn std::error::Error>> {
-        let root = SVGBackend::new(path, (960, 420)).into_drawing_area();
+    // Drawn into memory, then written atomically: a full disk leaves the
+    // previous curve, never a truncated one.
+    let mut svg = String::new();
+    let draw = |svg: &mut String| -> Result<(), Box<dyn std::error::Error>> {
+        let root = SVGBackend::with_string(svg, (960, 420)).into_drawing_area();
         root.fill(&WHITE)?;
         let (left, right) = root.split_horizontally(480);
         let n = history.len().max(2) as f64;
@@ -803,7 +769,8 @@ pub fn plot_learning_curve(path: &Path, history: &[EpochMetrics], recipe: Recipe
         root.present()?;
         Ok(())
     };
-    draw().map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))
+    draw(&mut svg).map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))?;
+    write_atomic(path, svg.as_bytes())
 }
 
 #[cfg(test)]
@@ -1037,6 +1004,7 @@ mod tests {
             epoch: 1,
             iteration: 4,
             history: Vec::new(),
+            data: None,
         };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("checkpoint.safetensors");
@@ -1082,6 +1050,174 @@ mod tests {
             format!("{err:#}").contains("checkpoint.safetensors"),
             "{err:#}"
         );
+    }
+
+    /// One epoch into `dir` (the "interrupted" run of the tests below).
+    fn one_epoch(dir: &Path, train_set: &Dataset, test_set: &Dataset) {
+        run_cpu(tiny_config(3), train_set, test_set, dir, false, Some(1)).unwrap();
+    }
+
+    #[test]
+    fn a_flipped_bit_in_a_checkpoint_is_caught_by_its_checksum() {
+        let (train_set, test_set) = (
+            crate::data::synthetic(64, 4, 1),
+            crate::data::synthetic(32, 4, 2),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        one_epoch(dir.path(), &train_set, &test_set);
+        let p = dir.path().join("checkpoint.safetensors");
+        let mut bytes = fs::read(&p).unwrap();
+        let last = bytes.len() - 3; // inside the last tensor's data
+        bytes[last] ^= 0x40; // an exponent bit: the value stays finite
+        fs::write(&p, &bytes).unwrap();
+        let err = format!("{:#}", load_checkpoint(&p, &Device::Cpu).unwrap_err());
+        assert!(
+            err.contains("damaged checkpoint") && err.contains("checksum"),
+            "{err}"
+        );
+        let err = format!(
+            "{:#}",
+            run_cpu(
+                tiny_config(3),
+                &train_set,
+                &test_set,
+                dir.path(),
+                true,
+                None
+            )
+            .unwrap_err()
+        );
+        assert!(
+            err.contains("--resume") && err.contains("checksum"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn resume_refuses_another_training_set_and_warns_on_another_test_set() {
+        let (train_set, test_set) = (
+            crate::data::synthetic(64, 4, 1),
+            crate::data::synthetic(32, 4, 2),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        one_epoch(dir.path(), &train_set, &test_set);
+        // Same size, other images (as another --data would give).
+        let other = crate::data::synthetic(64, 4, 9);
+        let err = format!(
+            "{:#}",
+            run_cpu(tiny_config(3), &other, &test_set, dir.path(), true, Some(1)).unwrap_err()
+        );
+        assert!(err.contains("training set differs"), "{err}");
+        // Another test set is allowed (a warning is printed).
+        let test2 = crate::data::synthetic(16, 4, 3);
+        run_cpu(
+            tiny_config(3),
+            &train_set,
+            &test2,
+            dir.path(),
+            true,
+            Some(1),
+        )
+        .unwrap();
+    }
+
+    /// A kill between the checkpoint and the metrics: resume rewrites the
+    /// metrics and the curve from the checkpoint's history.
+    #[test]
+    fn resume_brings_metrics_and_curve_back_in_step() {
+        let (train_set, test_set) = (
+            crate::data::synthetic(64, 4, 1),
+            crate::data::synthetic(32, 4, 2),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        one_epoch(dir.path(), &train_set, &test_set);
+        let csv = dir.path().join("metrics.csv");
+        let full = fs::read_to_string(&csv).unwrap();
+        fs::write(&csv, full.lines().next().unwrap()).unwrap(); // header only
+        fs::remove_file(dir.path().join("learning_curve.svg")).unwrap();
+        run_cpu(
+            tiny_config(3),
+            &train_set,
+            &test_set,
+            dir.path(),
+            true,
+            Some(0),
+        )
+        .unwrap();
+        assert_eq!(fs::read_to_string(&csv).unwrap(), full);
+        let svg = fs::read_to_string(dir.path().join("learning_curve.svg")).unwrap();
+        assert!(svg.trim_end().ends_with("</svg>"), "{svg}");
+        let json = fs::read_to_string(dir.path().join("metrics.json")).unwrap();
+        assert!(!json.contains("null"), "{json}");
+    }
+
+    #[test]
+    fn bad_learning_rates_are_refused() {
+        for lr in [0.0, -0.1, f64::NAN, f64::INFINITY] {
+            let e = TrainConfig::from_recipe(Recipe::Default, 64, Some(1), Some(16), Some(lr))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("--lr must be a positive, finite number"),
+                "{lr}: {e}"
+            );
+        }
+    }
+
+    /// `--lr 100`: the run ends with an error naming the epoch and step, and
+    /// the last good checkpoint (epoch 1, trained at a sane rate) stays
+    /// readable and resumable.
+    #[test]
+    fn a_diverging_run_fails_and_keeps_the_last_good_checkpoint() {
+        let (train_set, test_set) = (
+            crate::data::synthetic(64, 4, 1),
+            crate::data::synthetic(32, 4, 2),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        one_epoch(dir.path(), &train_set, &test_set);
+        let p = dir.path().join("checkpoint.safetensors");
+        // Same run, lr 100 from here on (what a bad --lr does to a fresh run
+        // from its first step).
+        let mut cfg = tiny_config(3);
+        cfg.schedule.base_lr = 100.0;
+        cfg.schedule.warmup = 0;
+        let mut ck = load_checkpoint(&p, &Device::Cpu).unwrap();
+        ck.meta.config = cfg.clone();
+        let t = model_from_checkpoint(&ck, &Device::Cpu).unwrap();
+        let opt = Sgd::new(t.named_vars(), cfg.sgd);
+        save_checkpoint(&p, &t, &opt, &ck.meta).unwrap();
+        let good = fs::read(&p).unwrap();
+        let err = format!(
+            "{:#}",
+            run_cpu(cfg.clone(), &train_set, &test_set, dir.path(), true, None).unwrap_err()
+        );
+        assert!(
+            err.contains("diverged") || err.contains("not saving"),
+            "{err}"
+        );
+        assert!(err.contains("epoch"), "{err}");
+        assert_eq!(
+            fs::read(&p).unwrap(),
+            good,
+            "the last good checkpoint was replaced"
+        );
+        assert_eq!(load_checkpoint(&p, &Device::Cpu).unwrap().meta.epoch, 1);
+    }
+
+    #[test]
+    fn a_failed_write_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // Renaming onto a non-empty folder fails, as a full disk would fail
+        // the write: the temporary file must go.
+        let target = dir.path().join("metrics.csv");
+        fs::create_dir(&target).unwrap();
+        fs::write(target.join("x"), b"x").unwrap();
+        assert!(write_atomic(&target, b"data").is_err());
+        let left: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("metrics.csv")]);
     }
 
     #[test]

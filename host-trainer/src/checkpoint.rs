@@ -1,0 +1,275 @@
+//! Checkpoints: model variables, momentum buffers and the run's metadata
+//! in one safetensors file, written atomically and checked when read.
+//!
+//! The metadata holds a checksum of every tensor's bytes, so a damaged file
+//! (a flipped bit, a NaN written by another tool) is an error naming the
+//! file rather than a run that trains on; and a fingerprint of the training
+//! set, so `--resume` refuses other data.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::optim::Sgd;
+use crate::train::{EpochMetrics, TrainConfig, Trainee};
+
+/// Checkpoint format tag, stored in the safetensors metadata.
+const CKPT_FORMAT: &str = "mini-resnet-checkpoint-v1";
+
+/// What a checkpoint holds besides tensors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    /// Run configuration.
+    pub config: TrainConfig,
+    /// Completed epochs.
+    pub epoch: usize,
+    /// Completed optimizer steps.
+    pub iteration: usize,
+    /// Metrics of every completed epoch.
+    pub history: Vec<EpochMetrics>,
+    /// The data the run trains and tests on (absent in checkpoints written
+    /// before it was recorded).
+    #[serde(default)]
+    pub data: Option<DataFingerprint>,
+}
+
+/// Which data a run uses: sizes and [`crate::data::Dataset::fingerprint`]s.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataFingerprint {
+    /// Training images.
+    pub train_images: usize,
+    /// MD5 of the training set.
+    pub train_md5: String,
+    /// Test images.
+    pub test_images: usize,
+    /// MD5 of the test set.
+    pub test_md5: String,
+}
+
+impl DataFingerprint {
+    /// The fingerprint of a run's two sets.
+    pub fn of(train: &crate::data::Dataset, test: &crate::data::Dataset) -> Self {
+        Self {
+            train_images: train.len(),
+            train_md5: train.fingerprint(),
+            test_images: test.len(),
+            test_md5: test.fingerprint(),
+        }
+    }
+
+    /// Checks that a resumed run sees the data it was trained on: another
+    /// training set is an error, another test set a warning (its figures
+    /// are then not comparable across the resume).
+    pub fn check_resume(&self, now: &DataFingerprint) -> Result<()> {
+        ensure!(
+            self.train_md5 == now.train_md5,
+            "--resume: the training set differs from the run's ({} images, MD5 {}; now {} images, MD5 {}). \
+             Resume with the same --data and --train-limit, or start a new --run-dir",
+            self.train_images,
+            self.train_md5,
+            now.train_images,
+            now.train_md5
+        );
+        if self.test_md5 != now.test_md5 {
+            eprintln!(
+                "warning: --resume: the test set differs from the run's ({} images before, {} now): \
+                 test figures before and after this point are not comparable",
+                self.test_images, now.test_images
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder,
+/// fsync, rename. A crash leaves either the old file or the new one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("out")
+    ));
+    let write = || -> Result<()> {
+        let mut f =
+            fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.sync_all()
+            .with_context(|| format!("syncing {}", tmp.display()))?;
+        drop(f);
+        fs::rename(&tmp, path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    };
+    if let Err(e) = write() {
+        // A full disk must not stay full of half-written temporaries.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// MD5 over every tensor's name, dtype, shape and bytes, in name order.
+fn tensor_checksum(st: &safetensors::SafeTensors) -> String {
+    use md5::{Digest, Md5};
+    let mut views = st.tensors();
+    views.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut h = Md5::new();
+    for (name, view) in views {
+        h.update(name.as_bytes());
+        h.update(format!("{:?}{:?}", view.dtype(), view.shape()).as_bytes());
+        h.update(view.data());
+    }
+    crate::data::hex(&h.finalize())
+}
+
+fn check_finite_metrics(path: &Path, meta: &CheckpointMeta) -> Result<()> {
+    for m in &meta.history {
+        let values = [
+            ("train loss", m.train_loss),
+            ("train accuracy", m.train_acc),
+            ("test loss", m.test_loss),
+            ("test accuracy", m.test_acc),
+            ("learning rate", m.lr),
+        ];
+        if let Some((what, v)) = values.iter().find(|(_, v)| !v.is_finite()) {
+            bail!(
+                "not saving {}: the {what} of epoch {} is {v} (the run diverged); \
+                 the file keeps the last good state",
+                path.display(),
+                m.epoch
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Saves model variables, momentum buffers and `meta` to `path` (atomic).
+///
+/// A state with a non-finite value (a diverged run) is refused with an
+/// error naming the tensor, and `path` keeps the last good state.
+pub fn save_checkpoint(path: &Path, t: &Trainee, opt: &Sgd, meta: &CheckpointMeta) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = t
+        .named_vars()
+        .into_iter()
+        .map(|(n, v)| (format!("model.{n}"), v.as_tensor().clone()))
+        .collect();
+    tensors.extend(
+        opt.state()
+            .map(|(n, m)| (format!("momentum.{n}"), m.clone())),
+    );
+    for (name, tensor) in &tensors {
+        let v: Vec<f32> = tensor.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            bail!(
+                "not saving {} (epoch {}): `{name}` holds {} at element {i}; \
+                 the file keeps the last good state",
+                path.display(),
+                meta.epoch,
+                v[i]
+            );
+        }
+    }
+    check_finite_metrics(path, meta)?;
+    let mut info = HashMap::new();
+    info.insert("format".to_string(), CKPT_FORMAT.to_string());
+    info.insert("meta".to_string(), serde_json::to_string(meta)?);
+    let serialize = |info: &HashMap<String, String>| {
+        safetensors::serialize(
+            tensors.iter().map(|(n, t)| (n.as_str(), t)),
+            Some(info.clone()),
+        )
+        .with_context(|| format!("serializing checkpoint {}", path.display()))
+    };
+    // The checksum covers the tensors' bytes as the file stores them.
+    let draft = serialize(&info)?;
+    let st = safetensors::SafeTensors::deserialize(&draft)
+        .map_err(|e| anyhow::anyhow!("re-reading the serialized checkpoint: {e}"))?;
+    info.insert("checksum".to_string(), tensor_checksum(&st));
+    write_atomic(path, &serialize(&info)?)
+}
+
+/// A checkpoint read back: metadata and tensors by name.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// Metadata.
+    pub meta: CheckpointMeta,
+    /// `model.*` and `momentum.*` tensors.
+    pub tensors: HashMap<String, Tensor>,
+}
+
+/// Reads a checkpoint written by [`save_checkpoint`].
+pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
+    let ctx = || format!("reading checkpoint {}", path.display());
+    let bytes = fs::read(path).with_context(ctx)?;
+    let (_, st_meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(ctx)?;
+    let info = st_meta.metadata().clone().unwrap_or_default();
+    match info.get("format").map(String::as_str) {
+        Some(CKPT_FORMAT) => {}
+        other => bail!(
+            "{}: not a Mini-ResNet checkpoint (format {:?}, expected {CKPT_FORMAT:?})",
+            path.display(),
+            other
+        ),
+    }
+    let meta: CheckpointMeta =
+        serde_json::from_str(info.get("meta").map(String::as_str).unwrap_or(""))
+            .with_context(|| format!("{}: damaged checkpoint metadata", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(ctx)?;
+    match info.get("checksum") {
+        Some(saved) => {
+            let now = tensor_checksum(&st);
+            ensure!(
+                *saved == now,
+                "{}: damaged checkpoint: its tensors' checksum is {now}, it was written as {saved}",
+                path.display()
+            );
+        }
+        None => eprintln!(
+            "warning: {} has no checksum (written before checksums were kept); its tensors are not verified",
+            path.display()
+        ),
+    }
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device).with_context(ctx)?;
+    for (name, t) in &tensors {
+        let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            bail!(
+                "{}: damaged checkpoint: `{name}` holds {} at element {i}",
+                path.display(),
+                v[i]
+            );
+        }
+    }
+    Ok(Checkpoint { meta, tensors })
+}
+
+/// Loads a checkpoint's `model.*` tensors into a fresh model of its arch.
+pub fn model_from_checkpoint(ck: &Checkpoint, device: &Device) -> Result<Trainee> {
+    let t = Trainee::new(&ck.meta.config.arch, ck.meta.config.seed, device)?;
+    for (name, var) in t.named_vars() {
+        let saved = ck
+            .tensors
+            .get(&format!("model.{name}"))
+            .with_context(|| format!("checkpoint lacks tensor `model.{name}`"))?;
+        ensure!(
+            saved.dims() == var.dims(),
+            "checkpoint tensor `model.{name}` has shape {:?}, the model needs {:?}",
+            saved.dims(),
+            var.dims()
+        );
+        var.set(saved)?;
+    }
+    Ok(t)
+}
