@@ -556,14 +556,21 @@ fn train_epoch(
         (loss_sum, correct) = sums.read()?;
         let mean = loss_sum / seen as f64;
         if !mean.is_finite() || mean > divergence_limit {
+            let ckpt = opts.run_dir.join("checkpoint.safetensors");
+            let kept = match epoch {
+                0 => "no epoch had completed, so no checkpoint was written".to_string(),
+                _ => format!(
+                    "the last good checkpoint is {} (epoch {epoch})",
+                    ckpt.display()
+                ),
+            };
             bail!(
                 "training diverged: the mean loss is {mean} by epoch {}, step {} (iteration {}, lr {lr}; \
-                 a loss above {divergence_limit:.0}, 20 times chance level, counts as diverged). \
-                 The last good checkpoint is {} (epoch {epoch}); lower --lr or check the data.",
+                 a loss above {divergence_limit:.0}, 20 times chance level, counts as diverged); \
+                 {kept}. Lower --lr or check the data.",
                 epoch + 1,
                 step + 1,
                 run.iteration - 1,
-                opts.run_dir.join("checkpoint.safetensors").display()
             );
         }
         bar.set_message(format!(
