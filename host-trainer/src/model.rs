@@ -732,7 +732,12 @@ mod tests {
             g.flatten_all().unwrap().to_vec1().unwrap()
         };
         let (stock, fast) = (grad_of(false), grad_of(true));
-        assert_eq!(stock, fast);
+        // The same pixels receive gradient; where a pixel is the maximum of
+        // several windows its sum may round differently.
+        for (i, (a, b)) in stock.iter().zip(&fast).enumerate() {
+            assert_eq!(*a == 0.0, *b == 0.0, "pixel {i}: {a} vs {b}");
+            assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "pixel {i}: {a} vs {b}");
+        }
         let total: f32 = stock.iter().sum();
         let expect = w.sum_all().unwrap().to_scalar::<f32>().unwrap();
         assert!((total - expect).abs() < 1e-4, "{total} vs {expect}");

@@ -293,7 +293,7 @@ impl std::fmt::Debug for Trainee {
 impl Trainee {
     /// A freshly initialized model. Initialization is a pure function of
     /// `seed` (candle cannot seed its CPU generator), see
-    /// [`crate::model::init_value`].
+    /// [`crate::model::init_values`].
     pub fn new(arch: &ArchConfig, seed: u64, device: &Device) -> Result<Self> {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);

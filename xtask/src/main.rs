@@ -92,6 +92,12 @@ fn ci() -> Result<(), String> {
             "warnings",
         ],
     )?;
+    // The coverage-guided fuzz targets (run with cargo-fuzz on nightly,
+    // docs/fuzzing.md) must keep compiling; a plain check needs neither.
+    run(
+        "cargo",
+        &["check", "--locked", "--manifest-path", "fuzz/Cargo.toml"],
+    )?;
     // Clippy on the MCU target: shared, the board image, the QEMU image.
     let mcu_builds: [&[&str]; 4] = [
         &["-p", "shared"],

@@ -244,3 +244,25 @@ fn fuzz_shipped_blob() {
     let t = fuzz(base, data_at + 4096, 600, 0x5EED_0002);
     assert!(t.checksum > 50 && t.rejected > 50 && t.ran > 20, "{t:?}");
 }
+
+/// The committed seed of the coverage-guided target `fuzz/fuzz_targets/blob.rs`
+/// is the hand-built blob, behind mode byte 1 (length and CRC fixed up).
+/// `MINI_RESNET_WRITE_FUZZ_SEED=1 cargo test -p shared fuzz_target_seed`
+/// rewrites it after a format change.
+#[test]
+fn fuzz_target_seed_is_the_hand_built_blob() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../fuzz/seeds/blob/residual.bin"
+    );
+    let mut want = vec![1u8];
+    want.extend_from_slice(&residual().bytes());
+    if std::env::var_os("MINI_RESNET_WRITE_FUZZ_SEED").is_some() {
+        std::fs::write(path, &want).unwrap();
+    }
+    let have = std::fs::read(path).unwrap_or_default();
+    assert!(
+        have == want,
+        "{path} is not the hand-built blob; rewrite it with MINI_RESNET_WRITE_FUZZ_SEED=1"
+    );
+}
