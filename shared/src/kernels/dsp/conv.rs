@@ -1025,8 +1025,8 @@ const _: () = assert!(
 #[inline(always)]
 unsafe fn store_4_folded(a: [i32; 4], r: *const LeanChannel, q: *mut i8, out_c: usize) {
     let [a0, a1, a2, a3] = a;
-    // SAFETY: reads the 16-byte record at `r`, writes the four outputs;
-    // QADD/SSAT set only Q.
+    // SAFETY: reads the 16-byte record at `r`, writes the four outputs. No
+    // `preserves_flags`: QADD and SSAT may set the Q flag.
     unsafe {
         core::arch::asm!(
             "ldrd {m}, {c}, [{r}, #4]",
@@ -1051,7 +1051,7 @@ unsafe fn store_4_folded(a: [i32; 4], r: *const LeanChannel, q: *mut i8, out_c: 
             c = out(reg) _,
             e = out(reg) _,
             t = out(reg) _,
-            options(nostack, preserves_flags),
+            options(nostack),
         );
     }
 }
