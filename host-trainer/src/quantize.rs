@@ -869,8 +869,13 @@ mod tests {
                 assert!(!(live && overlap), "{a} and {b} overlap");
             }
         }
-        assert!(total <= 100 + 52 + 72 + 12);
         assert!(off.iter().all(|o| o % 4 == 0));
+        // Not just under the sum of all sizes (true of any non-overlapping
+        // packing): the plan reaches the peak of live bytes, step 1's
+        // 100 + 50 + 70 (224 with 4-byte alignment), because tensor 3 reuses
+        // tensor 1's bytes (their lifetimes never meet).
+        assert_eq!(off, [0, 172, 100, 172]);
+        assert_eq!(total, 224);
     }
 
     #[test]
