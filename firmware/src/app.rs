@@ -96,7 +96,7 @@ impl<'a> Engine<'a> {
             .run(&self.input, self.arena, self.scratch, &mut logits)
             .map_err(AppError::Model)?;
         let out = self.model.output();
-        let (class, confidence_permille) = top1(&logits, out.scale, out.zero_point);
+        let (class, confidence_permille) = top1(&logits, out.scale);
         Ok(Classification {
             class,
             confidence_permille,
@@ -128,8 +128,10 @@ impl<'a> Engine<'a> {
 }
 
 /// The first maximum of `logits` and its softmax probability in per-mille
-/// (display only: floats here never feed back into the network).
-pub fn top1(logits: &[i8], scale: f32, zero_point: i32) -> (usize, u16) {
+/// (display only: floats here never feed back into the network). `scale`
+/// is the logits' quantization scale; their zero point is not needed, as
+/// softmax depends only on the differences `(v - top) * scale`.
+pub fn top1(logits: &[i8], scale: f32) -> (usize, u16) {
     let mut best = 0;
     for (i, &v) in logits.iter().enumerate() {
         if v > logits[best] {
@@ -141,7 +143,6 @@ pub fn top1(logits: &[i8], scale: f32, zero_point: i32) -> (usize, u16) {
         .iter()
         .map(|&v| micromath::F32Ext::exp((v as i32 - top) as f32 * scale))
         .sum();
-    let _ = zero_point; // cancels out of the softmax
     let p = if sum > 0.0 { 1000.0 / sum } else { 0.0 };
     (best, p as u16)
 }
@@ -153,13 +154,13 @@ mod tests {
     #[test]
     fn top1_and_confidence() {
         // Equal logits: first index wins, 1/10 each.
-        let (c, p) = top1(&[5; 10], 0.1, 0);
+        let (c, p) = top1(&[5; 10], 0.1);
         assert_eq!(c, 0);
         assert!((99..=101).contains(&p), "{p}");
         // One logit far ahead: confidence near 1000.
         let mut l = [-100i8; 10];
         l[7] = 100;
-        let (c, p) = top1(&l, 0.1, 3);
+        let (c, p) = top1(&l, 0.1);
         assert_eq!(c, 7);
         assert!(p >= 999, "{p}");
     }

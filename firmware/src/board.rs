@@ -47,9 +47,12 @@
 //!
 //! Init failures are `defmt::unwrap!` (a panic, printed by panic-probe). In
 //! the loop nothing panics: timeouts and DCMI errors bump the static
-//! counters, are logged with `defmt::warn!` and the frame is skipped. A
-//! missing or invalid model (the placeholder blob) is logged once with
-//! `defmt::error!`; the camera loop keeps running without classification.
+//! counters, are logged with `defmt::warn!` and the frame is skipped. The
+//! model is the blob committed in `shared` (built in; a blob of another
+//! format version does not compile). Should it still fail validation or
+//! not fit the static arena and scratch, that is logged once with
+//! `defmt::error!` and the camera loop keeps running without
+//! classification.
 
 use core::future::{poll_fn, Future};
 use core::pin::pin;

@@ -76,13 +76,20 @@ impl Clock {
     }
 }
 
+/// A file on the host, opened through semihosting (a handle QEMU gave).
 struct HostFile(isize);
 
 impl HostFile {
+    /// Opens `path` for reading; `path` carries its NUL terminator.
     fn open(path: &str) -> Result<Self, ()> {
-        // `path` must carry its NUL terminator; the length excludes it.
-        let fd =
-            unsafe { syscall!(OPEN, path.as_ptr(), nr::open::R_BINARY, path.len() - 1) } as isize;
+        // The length passed excludes the terminator.
+        let Some(len) = path.strip_suffix('\0').map(str::len) else {
+            return Err(());
+        };
+        // SAFETY: SYS_OPEN reads the NUL-terminated string at `path` (`len`
+        // bytes, then the NUL checked above), which lives across the call;
+        // it writes no target memory.
+        let fd = unsafe { syscall!(OPEN, path.as_ptr(), nr::open::R_BINARY, len) } as isize;
         if fd < 0 {
             Err(())
         } else {
@@ -92,6 +99,8 @@ impl HostFile {
 
     fn read_exact(&self, buf: &mut [u8]) -> Result<(), ()> {
         // SYS_READ returns the number of bytes *not* read.
+        // SAFETY: SYS_READ writes at most `buf.len()` bytes at `buf`, which
+        // is exclusively borrowed for the call; `self.0` is an open handle.
         let left = unsafe { syscall!(READ, self.0, buf.as_mut_ptr(), buf.len()) };
         if left == 0 {
             Ok(())
@@ -103,6 +112,8 @@ impl HostFile {
 
 impl Drop for HostFile {
     fn drop(&mut self) {
+        // SAFETY: SYS_CLOSE of the handle `open` returned, closed once here;
+        // it touches no target memory.
         unsafe { syscall!(CLOSE, self.0) };
     }
 }

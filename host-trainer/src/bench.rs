@@ -307,7 +307,7 @@ pub fn bench(
     )
 }
 
-/// [`bench`] with a chosen layer implementation.
+/// [`bench()`] with a chosen layer implementation.
 pub fn bench_backend(
     arch: &ArchConfig,
     batch_size: usize,

@@ -5,7 +5,7 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | [`quant`] | TFLM fixed-point requantization; the only rounding code |
+//! | [`quant`] | TFLM fixed-point requantization: the authoritative rounding (`kernels::dsp::requant` re-derives it for speed, tested bit-exact) |
 //! | [`kernels`] | int8 conv / max pool / avg pool / residual add / fully connected; Cortex-M7 fast paths in `kernels::dsp` |
 //! | [`model`] | int8 model blob: format, zero-copy parsing, validation, whole-network `run` |
 //! | [`preprocess`] | camera frame (RGB565/RGB888, any size) → 32x32x3 int8 input |

@@ -1,8 +1,9 @@
-//! Fixed-point requantization: the only rounding code in the crate.
+//! Fixed-point requantization: the authoritative definition of how every
+//! int8 kernel rounds.
 //!
-//! Every int8 kernel turns its int32 accumulator back into int8 through
-//! [`multiply_by_quantized_multiplier`], which is TensorFlow Lite Micro's
-//! default ("double rounding") arithmetic, taken from gemmlowp:
+//! Every int8 kernel turns its int32 accumulator back into int8 with the
+//! arithmetic of [`multiply_by_quantized_multiplier`], which is TensorFlow
+//! Lite Micro's default ("double rounding") arithmetic, taken from gemmlowp:
 //!
 //! 1. [`saturating_rounding_doubling_high_mul`]: `(a * b * 2) >> 32`, rounding
 //!    to nearest with ties towards +infinity, saturating the single overflow
@@ -15,6 +16,24 @@
 //! [`quantize_multiplier`] computes that pair from an `f64`; it is meant for
 //! the host (trainer/exporter) and is the only function here that touches
 //! floating point. Kernels never do.
+//!
+//! **Two implementations, one authority.** The reference kernels
+//! (`conv2d_s8_reference`, `fc_s8`, `add_s8_reference`, …) call these
+//! functions. The Cortex-M7 fast paths use
+//! [`kernels::dsp::requant`](crate::kernels::dsp::requant) instead, which
+//! re-derives the same arithmetic in faster forms: the per-channel work
+//! hoisted out of the pixel loop (`ChannelRequant`) or the whole of it folded
+//! into five DSP instructions (`FoldedRequant`, inlined into the kernels'
+//! `asm!`). Calling these functions from there would put the per-channel
+//! work back into every output, so the two stay separate: this module is
+//! the specification, `dsp::requant` proves each rewrite equal in its docs,
+//! falls back to this module outside the domain a rewrite covers, and is
+//! tested bit for bit against [`requantize`] (unit cases, proptest, and on
+//! the real instructions in the firmware's QEMU self-test). A change to the
+//! rounding starts here, and then `dsp::requant` must follow.
+//!
+//! (Average pooling's division and the preprocessing's area mean round too;
+//! they are not requantizations and are defined in their own modules.)
 
 /// Smallest `shift` accepted by [`multiply_by_quantized_multiplier`].
 pub const MIN_SHIFT: i32 = -31;
@@ -67,18 +86,6 @@ pub const fn multiply_by_quantized_multiplier(x: i32, multiplier: i32, shift: i3
         saturating_rounding_doubling_high_mul(x.wrapping_shl(left_shift as u32), multiplier),
         right_shift,
     )
-}
-
-/// Saturating cast of an `i32` to `i8`.
-#[inline(always)]
-pub const fn saturate_i8(x: i32) -> i8 {
-    if x > i8::MAX as i32 {
-        i8::MAX
-    } else if x < i8::MIN as i32 {
-        i8::MIN
-    } else {
-        x as i8
-    }
 }
 
 /// Clamps `x` to `[min, max]` and narrows it to `i8` (the fused activation of

@@ -1,9 +1,9 @@
 //! `cargo xtask <command>`: project automation without shell scripts.
 //!
 //! * `ci` — the one test command (README, `.ci/run`): sets the machine up,
-//!   then runs formatting, clippy on host and Cortex-M7, the MCU builds,
-//!   every test (the QEMU firmware test included) and the `cuda` feature's
-//!   build (`scripts/ci-cuda.sh`).
+//!   then runs formatting, clippy on host and Cortex-M7, rustdoc with
+//!   warnings denied, the MCU builds, every test (the QEMU firmware test
+//!   included) and the `cuda` feature's build (`scripts/ci-cuda.sh`).
 //! * `bench-mcu [--json] [--update-snapshot]` — instructions per inference
 //!   and per layer on the Cortex-M7 (QEMU, exact), flash/RAM of the board
 //!   image, beside CMSIS-NN; `--update-snapshot` records the counts in
@@ -44,9 +44,16 @@ fn main() -> ExitCode {
 
 /// Runs `program args…` from the workspace root, failing on a non-zero exit.
 fn run(program: &str, args: &[&str]) -> Result<(), String> {
-    eprintln!("\n$ {program} {}", args.join(" "));
+    run_env(&[], program, args)
+}
+
+/// [`run`] with the environment variables `env` set for the command.
+fn run_env(env: &[(&str, &str)], program: &str, args: &[&str]) -> Result<(), String> {
+    let shown: Vec<String> = env.iter().map(|(k, v)| format!("{k}='{v}' ")).collect();
+    eprintln!("\n$ {}{program} {}", shown.concat(), args.join(" "));
     let status = Command::new(program)
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(workspace_root())
         .status()
         .map_err(|e| format!("cannot start `{program}`: {e}"))?;
@@ -118,6 +125,13 @@ fn ci() -> Result<(), String> {
         args.extend_from_slice(&["--", "-D", "warnings"]);
         run("cargo", &args)?;
     }
+    // Rustdoc: broken intra-doc links and the like fail CI (host only, the
+    // workspace's own crates).
+    run_env(
+        &[("RUSTDOCFLAGS", "-D warnings")],
+        "cargo",
+        &["doc", "--no-deps", "--workspace"],
+    )?;
     run(
         "cargo",
         &["build", "-p", "shared", "--target", MCU_TARGET, "--release"],

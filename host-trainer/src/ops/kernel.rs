@@ -250,26 +250,35 @@ pub unsafe fn product(isa: Isa, t: &Tile, rows: usize, cols: usize) {
 }
 
 /// Plain loops, rows `r0..r0 + rows` and `cols ≤ 16`.
+///
+/// # Safety
+/// As [`product`], for rows `r0..r0 + rows` and columns `0..cols`.
 unsafe fn portable(t: &Tile, r0: usize, rows: usize, cols: usize) {
     for r in r0..r0 + rows {
         let (ar, or) = t.row(r);
         let mut acc = [0f32; 16];
         for &(sa, sb) in t.segs {
-            // SAFETY (all reads/writes below): the caller guarantees bounds.
+            // SAFETY: row `r`, segment start of `A`: in bounds (the caller).
             let mut a = unsafe { t.a.offset(sa + ar) };
+            // SAFETY: segment start of `B`: in bounds (the caller).
             let mut b = unsafe { t.b.offset(sb) };
             for _ in 0..t.k {
+                // SAFETY: `A(r, k)` of this segment, in bounds (the caller).
                 let av = unsafe { *a };
                 for (j, acc) in acc.iter_mut().enumerate().take(cols) {
+                    // SAFETY: `B(k, j)`, `j < cols`, in bounds (the caller).
                     *acc = av.mul_add(unsafe { *b.add(j) }, *acc);
                 }
                 a = a.wrapping_offset(t.a_ks);
                 b = b.wrapping_offset(t.b_ks);
             }
         }
+        // SAFETY: output row `r`, in bounds (the caller).
         let o = unsafe { t.out.offset(or) };
         let e = &t.epilogue;
         for (j, &v) in acc.iter().enumerate().take(cols) {
+            // SAFETY: output, bias and residual element `j < cols` of row
+            // `r`, in bounds (the caller); `out` aliases neither `A` nor `B`.
             unsafe {
                 if t.accumulate {
                     *o.add(j) += v;

@@ -189,6 +189,8 @@ struct SyncPtr(*mut f32);
 // SAFETY: every use below writes disjoint index sets from different threads
 // and the pointee outlives the parallel section.
 unsafe impl Send for SyncPtr {}
+// SAFETY: as `Send`: threads share the pointer only to write disjoint
+// elements.
 unsafe impl Sync for SyncPtr {}
 
 impl SyncPtr {

@@ -1025,8 +1025,8 @@ const _: () = assert!(
 #[inline(always)]
 unsafe fn store_4_folded(a: [i32; 4], r: *const LeanChannel, q: *mut i8, out_c: usize) {
     let [a0, a1, a2, a3] = a;
-    // SAFETY: reads the 16-byte record at `r`, writes the four outputs;
-    // QADD/SSAT set only Q.
+    // SAFETY: reads the 16-byte record at `r`, writes the four outputs. No
+    // `preserves_flags`: QADD and SSAT may set the Q flag.
     unsafe {
         core::arch::asm!(
             "ldrd {m}, {c}, [{r}, #4]",
@@ -1051,7 +1051,7 @@ unsafe fn store_4_folded(a: [i32; 4], r: *const LeanChannel, q: *mut i8, out_c: 
             c = out(reg) _,
             e = out(reg) _,
             t = out(reg) _,
-            options(nostack, preserves_flags),
+            options(nostack),
         );
     }
 }
@@ -1693,7 +1693,8 @@ pub(crate) fn conv2d_s8_dsp(
             let mut buf1 = [0i8; PAD_MAX];
             let mut oc = 0;
             while oc < out_c {
-                // The last odd channel runs as a pair with itself.
+                // An odd last channel runs alone (`dot_1x2`): `oc1 == oc`
+                // then, and only channel `oc` is stored.
                 let oc1 = (oc + 1).min(out_c - 1);
                 // SAFETY: rows `oc`, `oc1` of the filter; `j < valid`.
                 unsafe {
@@ -1703,7 +1704,7 @@ pub(crate) fn conv2d_s8_dsp(
                         let w1 = row_ptr(layer.filter, oc1, k, &mut buf1);
                         dot_2x2(w0, w1, col, k, [b0, b0, b1, b1])
                     } else {
-                        let d = dot_1x4_pair(w0, col, k, b0);
+                        let d = dot_1x2(w0, col, k, b0);
                         [d[0], d[1], b1, b1]
                     };
                     let r0 = rq(oc);
@@ -1727,13 +1728,13 @@ pub(crate) fn conv2d_s8_dsp(
     true
 }
 
-/// One output channel × the two pixels of a 2-pixel block (the odd last
-/// channel of the 2 × 2 tile).
+/// One output channel × the two pixels of a 2-pixel block: the 1 × 2 tile,
+/// for the odd last channel of the 2 × 2 tile.
 ///
 /// # Safety
 /// `w` holds `taps` values; `col` is a 2-pixel block of `k`.
 #[inline(always)]
-unsafe fn dot_1x4_pair(w: *const i8, col: *const i16, k: Cols, b: i32) -> [i32; 2] {
+unsafe fn dot_1x2(w: *const i8, col: *const i16, k: Cols, b: i32) -> [i32; 2] {
     let [mut a0, mut a1] = [b, b];
     let mut pw = w as *const u8;
     let mut pc = col as *const u8;

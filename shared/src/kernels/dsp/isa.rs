@@ -5,21 +5,27 @@
 //!
 //! Lanes: a `u32` holds two signed 16-bit halfwords (bottom = bits 0..16) or
 //! four signed bytes (byte 0 = bits 0..8).
+//!
+//! Flags: `options(preserves_flags)` promises the compiler that the block
+//! leaves every flag as it was, the sticky Q flag and the GE bits included.
+//! It is given only to instructions that write no APSR bit (SXTB16,
+//! SMMLAR); SMLAD, SSAT and QADD may set Q, SADD16 and SSUB8 set GE.
 
 #[cfg(armv7em)]
 use core::arch::asm;
 
 /// `SMLAD`: `acc + x.lo * y.lo + x.hi * y.hi` over signed halfwords, the
-/// sum wrapping modulo 2^32 (the hardware sets the Q flag instead).
+/// sum wrapping modulo 2^32 (the hardware wraps too, and sets the Q flag).
 #[inline(always)]
 pub fn smlad(x: u32, y: u32, acc: i32) -> i32 {
     #[cfg(armv7em)]
     {
         let r: i32;
-        // SAFETY: register-only arithmetic; SMLAD touches no memory or flags the compiler relies on (only Q).
+        // SAFETY: register-only arithmetic, no memory. SMLAD sets the Q
+        // flag on overflow, so no `preserves_flags` (it covers Q too).
         unsafe {
             asm!("smlad {r}, {x}, {y}, {a}", r = lateout(reg) r, x = in(reg) x, y = in(reg) y, a = in(reg) acc,
-                 options(pure, nomem, nostack, preserves_flags));
+                 options(pure, nomem, nostack));
         }
         r
     }
@@ -37,7 +43,9 @@ pub fn sxtb16(x: u32) -> u32 {
     #[cfg(armv7em)]
     {
         let r: u32;
-        // SAFETY: register-only arithmetic.
+        // SAFETY: register-only arithmetic, no memory. `preserves_flags`
+        // holds: SXTB16 writes no APSR bit (ARMv7-M ARM pseudocode: no N, Z,
+        // C, V, Q or GE update).
         unsafe {
             asm!("sxtb16 {r}, {x}", r = lateout(reg) r, x = in(reg) x,
                  options(pure, nomem, nostack, preserves_flags));
@@ -58,7 +66,8 @@ pub fn sxtb16_ror8(x: u32) -> u32 {
     #[cfg(armv7em)]
     {
         let r: u32;
-        // SAFETY: register-only arithmetic.
+        // SAFETY: register-only arithmetic, no memory. `preserves_flags`
+        // holds: SXTB16 writes no flags, with or without the rotation.
         unsafe {
             asm!("sxtb16 {r}, {x}, ror #8", r = lateout(reg) r, x = in(reg) x,
                  options(pure, nomem, nostack, preserves_flags));
@@ -146,10 +155,11 @@ pub fn ssat8(x: i32) -> i32 {
     #[cfg(armv7em)]
     {
         let r: i32;
-        // SAFETY: register-only arithmetic; SSAT sets only the Q flag.
+        // SAFETY: register-only arithmetic, no memory. SSAT sets the Q flag
+        // when it saturates, so no `preserves_flags`.
         unsafe {
             asm!("ssat {r}, #8, {x}", r = lateout(reg) r, x = in(reg) x,
-                 options(pure, nomem, nostack, preserves_flags));
+                 options(pure, nomem, nostack));
         }
         r
     }
@@ -165,10 +175,11 @@ pub fn ssat10(x: i32) -> i32 {
     #[cfg(armv7em)]
     {
         let r: i32;
-        // SAFETY: register-only arithmetic; SSAT sets only the Q flag.
+        // SAFETY: register-only arithmetic, no memory. SSAT sets the Q flag
+        // when it saturates, so no `preserves_flags`.
         unsafe {
             asm!("ssat {r}, #10, {x}", r = lateout(reg) r, x = in(reg) x,
-                 options(pure, nomem, nostack, preserves_flags));
+                 options(pure, nomem, nostack));
         }
         r
     }
@@ -184,10 +195,11 @@ pub fn qadd(x: i32, y: i32) -> i32 {
     #[cfg(armv7em)]
     {
         let r: i32;
-        // SAFETY: register-only arithmetic; QADD sets only the Q flag.
+        // SAFETY: register-only arithmetic, no memory. QADD sets the Q flag
+        // when it saturates, so no `preserves_flags`.
         unsafe {
             asm!("qadd {r}, {x}, {y}", r = lateout(reg) r, x = in(reg) x, y = in(reg) y,
-                 options(pure, nomem, nostack, preserves_flags));
+                 options(pure, nomem, nostack));
         }
         r
     }
@@ -203,7 +215,9 @@ pub fn smmlar(x: i32, y: i32, acc: i32) -> i32 {
     #[cfg(armv7em)]
     {
         let r: i32;
-        // SAFETY: register-only arithmetic.
+        // SAFETY: register-only arithmetic, no memory. `preserves_flags`
+        // holds: SMMLAR writes no APSR bit, Q included (ARMv7-M ARM
+        // pseudocode: the 64-bit sum wraps, nothing saturates).
         unsafe {
             asm!("smmlar {r}, {x}, {y}, {a}", r = lateout(reg) r, x = in(reg) x, y = in(reg) y, a = in(reg) acc,
                  options(pure, nomem, nostack, preserves_flags));

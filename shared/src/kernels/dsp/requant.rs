@@ -23,8 +23,9 @@ use crate::quant::{multiply_by_quantized_multiplier, requantize};
 macro_rules! channel_requant_asm {
     ($q:expr, $acc:expr, [$($tail:literal),*] $(, $name:ident = in(reg) $val:expr)*) => {{
         let r: i32;
-        // SAFETY: register-only arithmetic; flags are clobbered (no
-        // `preserves_flags`); QADD/SSAT set only Q.
+        // SAFETY: register-only arithmetic, no memory. No
+        // `preserves_flags`: ADDS/LSRS/ASRS/CMP set N, Z, C, V and
+        // QADD/SSAT may set Q.
         unsafe {
             core::arch::asm!(
                 "smull {lo}, {hi}, {x}, {m}",
@@ -292,7 +293,8 @@ impl FoldedRequant {
         #[cfg(armv7em)]
         {
             let r: i32;
-            // SAFETY: register-only arithmetic; QADD/SSAT set only Q.
+            // SAFETY: register-only arithmetic, no memory. QADD and SSAT
+            // may set the Q flag, so no `preserves_flags`.
             unsafe {
                 core::arch::asm!(
                     folded_requant!("x", "t"),
@@ -301,7 +303,7 @@ impl FoldedRequant {
                     t = out(reg) _,
                     m = in(reg) self.multiplier,
                     e = in(reg) self.e,
-                    options(pure, nomem, nostack, preserves_flags),
+                    options(pure, nomem, nostack),
                 );
             }
             r
