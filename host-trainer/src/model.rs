@@ -736,7 +736,10 @@ mod tests {
         // several windows its sum may round differently.
         for (i, (a, b)) in stock.iter().zip(&fast).enumerate() {
             assert_eq!(*a == 0.0, *b == 0.0, "pixel {i}: {a} vs {b}");
-            assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "pixel {i}: {a} vs {b}");
+            assert!(
+                (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
+                "pixel {i}: {a} vs {b}"
+            );
         }
         let total: f32 = stock.iter().sum();
         let expect = w.sum_all().unwrap().to_scalar::<f32>().unwrap();
