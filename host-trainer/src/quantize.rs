@@ -498,7 +498,38 @@ pub fn build_blob(graph: &Graph, q: &TensorQuant, meta: &str) -> Result<Vec<u8>>
         "{} layers: the blob format allows 1 to {MAX_LAYERS}",
         graph.layers.len()
     );
-    // Lifetimes in layer steps; the input is alive from step 0.
+    let life = tensor_lifetimes(graph)?;
+    let sizes: Vec<usize> = graph.tensors.iter().map(|t| t.dims.len()).collect();
+    let (offsets, arena) = plan_arena(&sizes, &life);
+
+    let mut data = DataSection::default();
+    let mut scratch = 0usize;
+    let records = graph
+        .layers
+        .iter()
+        .map(|l| layer_record(l, graph, q, &mut data, &mut scratch))
+        .collect::<Result<Vec<_>>>()?;
+    data.align();
+    ensure!(
+        arena <= MAX_ARENA_LEN,
+        "the activation arena needs {arena} bytes, more than the {MAX_ARENA_LEN} the blob format allows"
+    );
+    ensure!(
+        scratch <= MAX_SCRATCH_LEN,
+        "the conv scratch needs {scratch} i16, more than the {MAX_SCRATCH_LEN} the blob format allows"
+    );
+    let mut blob = encode(graph, q, meta, &offsets, (arena, scratch), &records, &data)?;
+    let crc = crc32(&blob[16..]);
+    blob[12..16].copy_from_slice(&crc.to_le_bytes());
+    // Writer and reader agree: what is written here is what `parse` accepts.
+    OwnedModel::new(&blob).context("the written blob fails shared's validation")?;
+    Ok(blob)
+}
+
+/// Each tensor's lifetime `(written at, last read at)` in layer steps; the
+/// input is alive from step 0 and the logits are read after the last layer.
+fn tensor_lifetimes(graph: &Graph) -> Result<Vec<(usize, usize)>> {
+    let n_t = graph.tensors.len();
     let mut life: Vec<(usize, usize)> = vec![(usize::MAX, 0); n_t];
     life[0] = (0, 0);
     let io_of = |l: &FLayer| -> (Vec<usize>, usize) {
@@ -523,109 +554,115 @@ pub fn build_blob(graph: &Graph, q: &TensorQuant, meta: &str) -> Result<Vec<u8>>
         life.iter().all(|l| l.0 != usize::MAX),
         "graph has a tensor nobody writes"
     );
-    let sizes: Vec<usize> = graph.tensors.iter().map(|t| t.dims.len()).collect();
-    let (offsets, arena) = plan_arena(&sizes, &life);
+    Ok(life)
+}
 
-    let mut data = DataSection::default();
-    let mut records = Vec::new();
-    let mut scratch = 0usize;
-    for l in &graph.layers {
-        let rec = match l {
-            FLayer::Conv {
-                name,
-                io,
-                w,
-                b,
-                k,
-                stride,
-                relu,
-            } => {
-                let (sin, zin) = q[io.0];
-                let (sout, zout) = q[io.1];
-                let tables = data.channelwise(w, b, sin, sout);
-                scratch = scratch
-                    .max(shared::kernels::IM2COL_COLUMNS * k * k * graph.tensors[io.0].dims.c);
-                let (k8, s8, p8) = (
-                    small(*k, "kernel")?,
-                    small(*stride, "stride")?,
-                    small(k / 2, "padding")?,
-                );
-                Record {
-                    op: Op::Conv,
-                    geom: [k8, k8, s8, s8, p8, p8],
-                    act: (if *relu { zout as i8 } else { -128 }, 127),
-                    io: (io.0 as u16, NO_TENSOR, io.1 as u16),
-                    offsets: (-zin, zout),
-                    data: tables,
-                    name: name.clone(),
-                }
+/// The layer record of `l`; its tables go into `data`, and `scratch` grows
+/// to what the layer's conv needs.
+fn layer_record(
+    l: &FLayer,
+    graph: &Graph,
+    q: &TensorQuant,
+    data: &mut DataSection,
+    scratch: &mut usize,
+) -> Result<Record> {
+    Ok(match l {
+        FLayer::Conv {
+            name,
+            io,
+            w,
+            b,
+            k,
+            stride,
+            relu,
+        } => {
+            let (sin, zin) = q[io.0];
+            let (sout, zout) = q[io.1];
+            let tables = data.channelwise(w, b, sin, sout);
+            *scratch = (*scratch)
+                .max(shared::kernels::IM2COL_COLUMNS * k * k * graph.tensors[io.0].dims.c);
+            let (k8, s8, p8) = (
+                small(*k, "kernel")?,
+                small(*stride, "stride")?,
+                small(k / 2, "padding")?,
+            );
+            Record {
+                op: Op::Conv,
+                geom: [k8, k8, s8, s8, p8, p8],
+                act: (if *relu { zout as i8 } else { -128 }, 127),
+                io: (io.0 as u16, NO_TENSOR, io.1 as u16),
+                offsets: (-zin, zout),
+                data: tables,
+                name: name.clone(),
             }
-            FLayer::MaxPool { io } => Record {
-                op: Op::MaxPool,
-                geom: [3, 3, 2, 2, 1, 1],
+        }
+        FLayer::MaxPool { io } => Record {
+            op: Op::MaxPool,
+            geom: [3, 3, 2, 2, 1, 1],
+            act: (-128, 127),
+            io: (io.0 as u16, NO_TENSOR, io.1 as u16),
+            offsets: (0, 0),
+            data: [0; 5],
+            name: "maxpool".into(),
+        },
+        FLayer::Gap { io } => {
+            let d = graph.tensors[io.0].dims;
+            Record {
+                op: Op::AvgPool,
+                geom: [small(d.h, "pool")?, small(d.w, "pool")?, 1, 1, 0, 0],
                 act: (-128, 127),
                 io: (io.0 as u16, NO_TENSOR, io.1 as u16),
                 offsets: (0, 0),
                 data: [0; 5],
-                name: "maxpool".into(),
-            },
-            FLayer::Gap { io } => {
-                let d = graph.tensors[io.0].dims;
-                Record {
-                    op: Op::AvgPool,
-                    geom: [small(d.h, "pool")?, small(d.w, "pool")?, 1, 1, 0, 0],
-                    act: (-128, 127),
-                    io: (io.0 as u16, NO_TENSOR, io.1 as u16),
-                    offsets: (0, 0),
-                    data: [0; 5],
-                    name: "avgpool".into(),
-                }
+                name: "avgpool".into(),
             }
-            FLayer::Add { name, io } => {
-                let p = AddParams::from_scales(
-                    (q[io.0].0, q[io.0].1),
-                    (q[io.1].0, q[io.1].1),
-                    (q[io.2].0, q[io.2].1),
-                    true,
-                );
-                let params = p.to_array();
-                Record {
-                    op: Op::Add,
-                    geom: [0; 6],
-                    act: (p.act_min, p.act_max),
-                    io: (io.0 as u16, io.1 as u16, io.2 as u16),
-                    offsets: (0, 0),
-                    data: [0, 0, data.i32s(&params), 0, 0],
-                    name: name.clone(),
-                }
+        }
+        FLayer::Add { name, io } => {
+            let p = AddParams::from_scales(
+                (q[io.0].0, q[io.0].1),
+                (q[io.1].0, q[io.1].1),
+                (q[io.2].0, q[io.2].1),
+                true,
+            );
+            let params = p.to_array();
+            Record {
+                op: Op::Add,
+                geom: [0; 6],
+                act: (p.act_min, p.act_max),
+                io: (io.0 as u16, io.1 as u16, io.2 as u16),
+                offsets: (0, 0),
+                data: [0, 0, data.i32s(&params), 0, 0],
+                name: name.clone(),
             }
-            FLayer::Fc { io, w, b } => {
-                let (sin, zin) = q[io.0];
-                let (sout, zout) = q[io.1];
-                let tables = data.channelwise(w, b, sin, sout);
-                Record {
-                    op: Op::FullyConnected,
-                    geom: [0; 6],
-                    act: (-128, 127),
-                    io: (io.0 as u16, NO_TENSOR, io.1 as u16),
-                    offsets: (-zin, zout),
-                    data: tables,
-                    name: "fc".into(),
-                }
+        }
+        FLayer::Fc { io, w, b } => {
+            let (sin, zin) = q[io.0];
+            let (sout, zout) = q[io.1];
+            let tables = data.channelwise(w, b, sin, sout);
+            Record {
+                op: Op::FullyConnected,
+                geom: [0; 6],
+                act: (-128, 127),
+                io: (io.0 as u16, NO_TENSOR, io.1 as u16),
+                offsets: (-zin, zout),
+                data: tables,
+                name: "fc".into(),
             }
-        };
-        records.push(rec);
-    }
-    data.align();
-    ensure!(
-        arena <= MAX_ARENA_LEN,
-        "the activation arena needs {arena} bytes, more than the {MAX_ARENA_LEN} the blob format allows"
-    );
-    ensure!(
-        scratch <= MAX_SCRATCH_LEN,
-        "the conv scratch needs {scratch} i16, more than the {MAX_SCRATCH_LEN} the blob format allows"
-    );
+        }
+    })
+}
 
+/// Header (CRC left 0), meta, tensor table, layer table and data section.
+fn encode(
+    graph: &Graph,
+    q: &TensorQuant,
+    meta: &str,
+    offsets: &[usize],
+    (arena, scratch): (usize, usize),
+    records: &[Record],
+    data: &DataSection,
+) -> Result<Vec<u8>> {
+    let n_t = graph.tensors.len();
     // Layout: header, meta (padded), tensor table, layer table, data.
     let mut meta_bytes = meta.as_bytes().to_vec();
     let meta_len = meta_bytes.len();
@@ -677,15 +714,11 @@ pub fn build_blob(graph: &Graph, q: &TensorQuant, meta: &str) -> Result<Vec<u8>>
         blob.extend_from_slice(&(q[t].0 as f32).to_bits().to_le_bytes());
         blob.extend_from_slice(&q[t].1.to_le_bytes());
     }
-    for r in &records {
+    for r in records {
         blob.extend_from_slice(&r.encode()?);
     }
     blob.extend_from_slice(&data.0);
     ensure!(blob.len() == total, "internal error: blob layout");
-    let crc = crc32(&blob[16..]);
-    blob[12..16].copy_from_slice(&crc.to_le_bytes());
-    // Writer and reader agree: what is written here is what `parse` accepts.
-    OwnedModel::new(&blob).context("the written blob fails shared's validation")?;
     Ok(blob)
 }
 
