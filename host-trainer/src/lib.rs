@@ -1,20 +1,22 @@
 //! Mini-ResNet training on CIFAR-10 with candle (CPU, or CUDA behind the
-//! `cuda` feature): data loading, model, optimizer, schedules, training
-//! loop with checkpoints, evaluation and benchmarks.
+//! `cuda` feature), and its conversion to the int8 model the firmware runs.
+//!
+//! The pipeline, by stage:
+//!
+//! 1. [`train`]: CIFAR-10 ([`data`], [`augment`]) → the float network
+//!    ([`model`], on the CPU through the custom ops of [`ops`]) trained with
+//!    [`optim`] and [`schedule`] into a [`checkpoint`];
+//! 2. [`int8`]: checkpoint → BN folding, calibration, per-channel int8
+//!    weights and TFLM requantization → the model blob in `shared`
+//!    ([`export`], [`quantize`]), checked against the float model;
+//! 3. [`bench`]: training and inference speed against PyTorch ([`peer`]).
 //!
 //! The `host-trainer` binary is the command-line front end.
 
-pub mod agreement;
-pub mod augment;
 pub mod bench;
-pub mod checkpoint;
-pub mod data;
-pub mod export;
-pub mod model;
-pub mod ops;
-pub mod optim;
-pub mod peer;
-pub mod quantize;
-pub mod resident;
-pub mod schedule;
+pub mod int8;
 pub mod train;
+
+pub use bench::peer;
+pub use int8::{export, quantize};
+pub use train::{agreement, augment, checkpoint, data, model, ops, optim, resident, schedule};

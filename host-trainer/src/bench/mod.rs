@@ -2,14 +2,16 @@
 //! on random data, median of several timed runs after warm-up, and the
 //! comparison with the same model in PyTorch ([`crate::peer`]).
 
+pub mod peer;
+
 use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
+use crate::bench::peer::PeerResult;
 use crate::model::{ArchConfig, Backend};
 use crate::optim::{Sgd, SgdConfig};
-use crate::peer::PeerResult;
 use crate::train::{smoothed_cross_entropy, Trainee};
 
 /// Throughput figures, images per second (medians).

@@ -1,0 +1,7 @@
+//! Stage 2: from a float checkpoint to the int8 model blob. BN folding,
+//! calibration, per-channel quantization with TFLM requantization, blob
+//! writing ([`quantize`]), and the export with its float-vs-int8 comparison
+//! ([`export`]).
+
+pub mod export;
+pub mod quantize;
