@@ -9,7 +9,7 @@
 //! 2. [`int8`]: checkpoint → BN folding, calibration, per-channel int8
 //!    weights and TFLM requantization → the model blob in `shared`
 //!    ([`export`], [`quantize`]), checked against the float model;
-//! 3. [`bench`]: training and inference speed against PyTorch ([`peer`]).
+//! 3. [`mod@bench`]: training and inference speed against PyTorch ([`peer`]).
 //!
 //! The `host-trainer` binary is the command-line front end.
 

@@ -1,6 +1,6 @@
 //! Stage 1: training in float. Data loading and augmentation, the model,
 //! the fast CPU ops, the optimizer and schedules, checkpoints, the training
-//! loop ([`run`], re-exported here), and the CPU-vs-device agreement check.
+//! loop (`run.rs`, re-exported here), and the CPU-vs-device agreement check.
 
 pub mod agreement;
 pub mod augment;
