@@ -311,3 +311,181 @@ pub(crate) fn conv2d_s8_dsp(
     }
     true
 }
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::{ConvPath, ConvPlan};
+    use crate::kernels::{Conv2d, Conv2dParams, Dims, Requant};
+    use crate::model::{default_model, LayerKind, SCRATCH_LEN, SCRATCH_LEN_FAST};
+    use std::{format, string::String, vec, vec::Vec};
+
+    const WIDE: ConvPath = ConvPath::Wide;
+    const STEM: ConvPath = ConvPath::Stem { blocks: true };
+    const ROWS: ConvPath = ConvPath::Lean { rows: true };
+    const T2X2: ConvPath = ConvPath::Tile2x2 { padded: false };
+
+    /// The path each conv of the shipped Mini-ResNet takes with the
+    /// firmware's scratch ([`SCRATCH_LEN_FAST`]) and with the minimum
+    /// ([`SCRATCH_LEN`]): `(name, in_c, out_c, kernel, stride, fast, min)`.
+    /// A fast path that stops firing changes a row here.
+    fn expected(name: &str) -> (usize, usize, usize, usize, ConvPath, ConvPath) {
+        let stage = |s: &str| -> usize { 16 << (s.as_bytes()[5] - b'1') };
+        match name {
+            "stem.conv" => (3, 16, 3, 1, STEM, STEM),
+            // Stage 1: 16 -> 16, 3x3 s1.
+            n if n.starts_with("layer1.") => (16, 16, 3, 1, WIDE, ROWS),
+            // Stages 2-4: the first conv halves the size (3x3 s2), the
+            // shortcut is 1x1 s2.
+            n if n.ends_with(".0.conv1") => {
+                let c = stage(n);
+                (c / 2, c, 3, 2, WIDE, ROWS)
+            }
+            n if n.ends_with(".0.short") => (stage(n) / 2, stage(n), 1, 2, ROWS, ROWS),
+            // 3x3 s1 at the stage's width (the minimum scratch holds no
+            // widened input; at 128 channels, 1152 taps, only two columns).
+            n => {
+                let c = stage(n);
+                (c, c, 3, 1, WIDE, if c == 128 { T2X2 } else { ROWS })
+            }
+        }
+    }
+
+    #[test]
+    fn mini_resnet_conv_paths() {
+        let m = default_model().unwrap();
+        assert_eq!(m.fast_scratch_len(), SCRATCH_LEN_FAST);
+        let mut rows: Vec<String> = vec![];
+        let mut n = 0;
+        for layer in m.layers() {
+            let LayerKind::Conv(conv) = layer.kind else {
+                continue;
+            };
+            let (ind, outd) = (
+                m.tensor(layer.input).unwrap().dims,
+                m.tensor(layer.output).unwrap().dims,
+            );
+            let p = &conv.params;
+            let (in_c, out_c, kernel, stride, fast, min) = expected(layer.name);
+            let shape = (
+                ind.c, outd.c, p.kernel_h, p.kernel_w, p.stride_h, p.stride_w,
+            );
+            assert_eq!(
+                shape,
+                (in_c, out_c, kernel, kernel, stride, stride),
+                "{}",
+                layer.name
+            );
+            let got_fast = ConvPlan::new(&conv, ind, outd.c, SCRATCH_LEN_FAST).path;
+            let got_min = ConvPlan::new(&conv, ind, outd.c, SCRATCH_LEN).path;
+            rows.push(format!(
+                "{:16} {in_c:3}->{out_c:3} {kernel}x{kernel} s{stride} {:2}x{:<2} fast {got_fast:?} min {got_min:?}",
+                layer.name, ind.h, ind.w
+            ));
+            assert_eq!((got_fast, got_min), (fast, min), "{}", layer.name);
+            n += 1;
+        }
+        std::println!("{}", rows.join("\n"));
+        // The stem, 2 * (3 + 4 + 6 + 3) stage convs, 3 shortcuts.
+        assert_eq!(n, 36);
+    }
+
+    /// A layer of `in_c` -> `out_c` channels, `kernel` square, `stride`,
+    /// padding `kernel / 2`, every channel in the folded domain.
+    fn plan(in_c: usize, out_c: usize, kernel: usize, stride: usize, scratch: usize) -> ConvPath {
+        plan_with(in_c, out_c, kernel, stride, scratch, i8::MIN, (1 << 30) + 1)
+    }
+
+    fn plan_with(
+        in_c: usize,
+        out_c: usize,
+        kernel: usize,
+        stride: usize,
+        scratch: usize,
+        act_min: i8,
+        multiplier: i32,
+    ) -> ConvPath {
+        let params = Conv2dParams {
+            kernel_h: kernel,
+            kernel_w: kernel,
+            stride_h: stride,
+            stride_w: stride,
+            pad_h: kernel / 2,
+            pad_w: kernel / 2,
+            input_offset: 3,
+            output_offset: -5,
+            act_min,
+            act_max: i8::MAX,
+        };
+        let taps = kernel * kernel * in_c;
+        // 4-byte aligned filter rows.
+        let filter_words = vec![0u32; out_c * taps / 4 + 1];
+        let filter: &[i8] = &bytemuck::cast_slice(&filter_words)[..out_c * taps];
+        let bias = vec![0i32; out_c];
+        let (mult, shift) = (vec![multiplier; out_c], vec![-8i32; out_c]);
+        let layer = Conv2d {
+            params,
+            filter,
+            bias: &bias,
+            requant: Requant {
+                multiplier: &mult,
+                shift: &shift,
+            },
+        };
+        ConvPlan::new(&layer, Dims::new(32, 32, in_c), out_c, scratch).path
+    }
+
+    /// The Mini-ResNet shapes and the other paths, independent of the
+    /// shipped blob's requantization.
+    #[test]
+    fn paths_by_shape() {
+        let big = 1 << 20;
+        assert_eq!(plan(3, 16, 3, 1, big), STEM);
+        assert_eq!(plan(3, 16, 3, 2, big), ConvPath::Stem { blocks: false });
+        for (in_c, out_c, stride) in [
+            (16, 16, 1),
+            (16, 32, 2),
+            (32, 64, 2),
+            (64, 128, 2),
+            (128, 128, 1),
+        ] {
+            assert_eq!(
+                plan(in_c, out_c, 3, stride, big),
+                WIDE,
+                "{in_c}->{out_c} s{stride}"
+            );
+            // Scratch for the block only.
+            assert_eq!(plan(in_c, out_c, 3, stride, 4 * 9 * in_c), ROWS);
+            // Clamped: no unclamped rows loop.
+            let lean = ConvPath::Lean { rows: false };
+            assert_eq!(
+                plan_with(in_c, out_c, 3, stride, 4 * 9 * in_c, 0, (1 << 30) + 1),
+                lean
+            );
+            assert_eq!(plan(in_c, out_c, 3, stride, 2 * 9 * in_c), T2X2);
+        }
+        for (in_c, out_c) in [(16, 32), (32, 64), (64, 128)] {
+            assert_eq!(plan(in_c, out_c, 1, 2, big), ROWS, "1x1 {in_c}->{out_c}");
+        }
+        // Outside the folded domain: every channel (more outliers than
+        // the lean loop takes) or `i32::MIN` (not run here at all).
+        let t1x4 = ConvPath::Tile1x4 { padded: false };
+        assert_eq!(plan_with(16, 16, 3, 1, big, i8::MIN, 1 << 30), t1x4);
+        assert_eq!(
+            plan_with(16, 16, 3, 1, big, i8::MIN, i32::MIN),
+            ConvPath::Reference
+        );
+        assert_eq!(plan(16, 16, 3, 1, 2 * 9 * 16 - 1), ConvPath::Reference);
+        // Taps not a multiple of 4, too many channels for the stem's copy.
+        assert_eq!(plan(3, 64, 3, 1, big), ConvPath::Tile1x4 { padded: true });
+        assert_eq!(
+            plan(3, 64, 3, 1, 2 * 28),
+            ConvPath::Tile2x2 { padded: true }
+        );
+        // More than 128 output channels: no lean table.
+        assert_eq!(
+            plan(16, 256, 3, 1, big),
+            ConvPath::Tile1x4 { padded: false }
+        );
+    }
+}
