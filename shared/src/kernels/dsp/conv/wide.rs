@@ -36,6 +36,8 @@ pub(super) unsafe fn run(io: &ConvIo<'_, '_>, plan: &ConvPlan) {
     unsafe { widen(wbuf, io.input, dims, p) };
     let fix = (plan.outliers.n > 0).then_some(&plan.outliers);
     let (pixels, ow, out) = (io.pixels(), io.out_dims.w, io.output);
+    // In registers: the `asm!` gathers may write memory.
+    let (sh, sw, kh, run) = (p.stride_h, p.stride_w, p.kernel_h, p.kernel_w * c);
     let mut pix = 0;
     while pix < pixels {
         let valid = (pixels - pix).min(4);
@@ -49,8 +51,8 @@ pub(super) unsafe fn run(io: &ConvIo<'_, '_>, plan: &ConvPlan) {
             // ..+ kernel_w`, inside the widened input (validated output
             // size); slot `4 * j` of the block.
             unsafe {
-                let s = wbuf.add((oy * p.stride_h * ww + ox * p.stride_w) * c);
-                gather_wide(col.add(4 * j), s, p.kernel_h, p.kernel_w * c, ww * c);
+                let s = wbuf.add((oy * sh * ww + ox * sw) * c);
+                gather_wide(col.add(4 * j), s, kh, run, ww * c);
             }
         }
         // SAFETY: pixels `pix..pix + valid` are in the output; the filter,
