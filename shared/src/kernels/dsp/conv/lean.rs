@@ -52,7 +52,7 @@ pub(super) unsafe fn run(io: &ConvIo<'_, '_>, plan: &ConvPlan, rows: bool) {
         // SAFETY: the block holds 4 columns; pixels `pix..pix + valid` are
         // in the output; the table is written.
         unsafe {
-            io.gather_block(k, pix, valid, None);
+            io.gather_block_outlined(k, pix, valid, None);
             let o = out.add(pix * out_c);
             if valid == 4 {
                 full_block(layer, f, r, col, k.taps, o, out_c, fix);

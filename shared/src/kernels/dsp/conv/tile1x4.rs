@@ -26,7 +26,7 @@ pub(super) unsafe fn run(io: &ConvIo<'_, '_>, plan: &ConvPlan, padded: bool) {
         // valid` are in the output; the filter, bias and requantization
         // hold `out_c` channels.
         unsafe {
-            io.gather_block(k, pix, valid, cb);
+            io.gather_block_outlined(k, pix, valid, cb);
             let o = io.output.add(pix * out_c);
             block_1x4(io.layer, io.col, k, o, out_c, valid, &mut buf, plan.folded);
         }

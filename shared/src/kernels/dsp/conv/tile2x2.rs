@@ -22,7 +22,7 @@ pub(super) unsafe fn run(io: &ConvIo<'_, '_>, plan: &ConvPlan, padded: bool) {
         // SAFETY: the block holds 2 columns of `k`; pixels `pix..pix +
         // valid` are in the output.
         unsafe {
-            io.gather_block(k, pix, valid, cb);
+            io.gather_block_outlined(k, pix, valid, cb);
             block_2x2(io, k, io.output.add(pix * out_c), valid);
         }
         pix += 2;
