@@ -22,8 +22,9 @@
 # status is that of the agreement check.
 #   GPU_CHECK_EPOCHS (5), GPU_CHECK_BATCH (128), GPU_CHECK_LR (recipe's),
 #   GPU_CHECK_BENCH (batch sizes to benchmark, "128 512"; empty: none),
-#   GPU_CHECK_DEADLINE_S (480: no stage starts or runs past it; the
-#   training stage leaves 100 s of it for the batch-512 benchmarks).
+#   GPU_CHECK_DEADLINE_S (480: no stage starts or runs past it; when
+#   benchmarks are on, training leaves the last 100 s of it to those after
+#   it, batch sizes other than 128).
 set -uo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
