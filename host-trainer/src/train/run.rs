@@ -534,7 +534,7 @@ fn train_epoch(
     let sync_every = if device.is_cpu() { 1 } else { GPU_SYNC_EVERY };
     // Cross-entropy at chance is ln(classes); a healthy run stays far below
     // 20 times that even in its first steps.
-    let divergence_limit = 20.0 * (cfg.arch.classes as f64).ln();
+    let divergence_limit = 20.0 * (cfg.arch.classes.max(2) as f64).ln();
     let t0 = Instant::now();
     let mut sums = RunningSums::new(device)?;
     let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0.0f64, 0usize);
