@@ -526,11 +526,33 @@ pub fn init_values(name: &str, dims: &[usize], seed: u64) -> Vec<f32> {
 /// The input must be non-negative (it follows a ReLU), so zero padding is
 /// the same as −∞ padding. The nine window taps are strided views of the
 /// padded input, stacked; the output is the sum of the taps weighted by a
-/// constant one-hot mask of the first maximum in window order (row-major).
-/// So the gradient flows to that one tap, as in PyTorch and the fast op;
+/// constant one-hot mask of the first maximum among the window's image
+/// pixels (never the padding), in window order (row-major). So the gradient
+/// flows to that one pixel, as in PyTorch and the fast op;
 /// candle's `max` would give it to every tied tap, which over-counts the
 /// gradient wherever an image has flat regions. Works on any device.
 pub fn maxpool_3x3_s2_p1(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let taps = window_taps(x)?;
+    // Which taps are image pixels rather than padding: a window whose
+    // maximum is 0 must send its gradient to an image pixel, as the fast
+    // op does, not to a padding zero.
+    let inside = window_taps(&Tensor::ones((1, 1, h, w), x.dtype(), x.device())?)?;
+    let max = taps.max_keepdim(4)?;
+    let is_max = taps
+        .broadcast_eq(&max)?
+        .to_dtype(taps.dtype())?
+        .broadcast_mul(&inside)?
+        .detach();
+    // Among tied taps, keep the first: the one where the running count of
+    // maxima reaches 1.
+    let first = is_max.mul(&is_max.cumsum(4)?.eq(1.0)?.to_dtype(taps.dtype())?)?;
+    taps.mul(&first.detach())?.sum(4)
+}
+
+/// The nine taps of every 3x3 stride-2 window of `x` (zero-padded by 1),
+/// stacked: `(n, c, ho, wo, 9)`, window order row-major.
+fn window_taps(x: &Tensor) -> candle_core::Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
     // Pad to 2*ho + 2 rows/cols: 1 in front, the rest behind.
@@ -552,13 +574,7 @@ pub fn maxpool_3x3_s2_p1(x: &Tensor) -> candle_core::Result<Tensor> {
             taps.push(t.reshape((n, c, ho, wo))?);
         }
     }
-    let taps = Tensor::stack(&taps, 4)?;
-    let max = taps.max_keepdim(4)?;
-    let is_max = taps.broadcast_eq(&max)?.to_dtype(taps.dtype())?.detach();
-    // Among tied taps, keep the first: the one where the running count of
-    // maxima reaches 1.
-    let first = is_max.mul(&is_max.cumsum(4)?.eq(1.0)?.to_dtype(taps.dtype())?)?;
-    taps.mul(&first.detach())?.sum(4)
+    Tensor::stack(&taps, 4)
 }
 
 #[cfg(test)]
@@ -701,7 +717,8 @@ mod tests {
     #[test]
     fn maxpool_ties_route_gradient_to_the_first_maximum() {
         let dev = Device::Cpu;
-        // Values in {0, 0.5, 1}: most windows hold ties.
+        // Values in {0, 0.5, 1}: most windows hold ties, some border
+        // windows a maximum of 0 that ties with the padding.
         let x = Tensor::rand(0f32, 1., (2, 5, 9, 8), &dev)
             .unwrap()
             .affine(2.0, 0.0)
