@@ -130,6 +130,12 @@ fn tensor_checksum(st: &safetensors::SafeTensors) -> String {
     crate::data::hex(&h.finalize())
 }
 
+/// The first NaN or infinite element of `t` and its index, if any.
+fn first_non_finite(t: &Tensor) -> Result<Option<(usize, f32)>> {
+    let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    Ok(v.into_iter().enumerate().find(|(_, x)| !x.is_finite()))
+}
+
 fn check_finite_metrics(path: &Path, meta: &CheckpointMeta) -> Result<()> {
     for m in &meta.history {
         let values = [
@@ -166,14 +172,12 @@ pub fn save_checkpoint(path: &Path, t: &Trainee, opt: &Sgd, meta: &CheckpointMet
             .map(|(n, m)| (format!("momentum.{n}"), m.clone())),
     );
     for (name, tensor) in &tensors {
-        let v: Vec<f32> = tensor.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        if let Some((i, v)) = first_non_finite(tensor)? {
             bail!(
-                "not saving {} (epoch {}): `{name}` holds {} at element {i}; \
+                "not saving {} (epoch {}): `{name}` holds {v} at element {i}; \
                  the file keeps the last good state",
                 path.display(),
                 meta.epoch,
-                v[i]
             );
         }
     }
@@ -243,12 +247,10 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
     }
     let tensors = candle_core::safetensors::load_buffer(&bytes, device).with_context(ctx)?;
     for (name, t) in &tensors {
-        let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        if let Some((i, v)) = first_non_finite(t)? {
             bail!(
-                "{}: damaged checkpoint: `{name}` holds {} at element {i}",
-                path.display(),
-                v[i]
+                "{}: damaged checkpoint: `{name}` holds {v} at element {i}",
+                path.display()
             );
         }
     }

@@ -1059,6 +1059,14 @@ mod tests {
         );
     }
 
+    /// The toy training and test sets of the checkpoint tests.
+    fn toy_sets() -> (Dataset, Dataset) {
+        (
+            crate::data::synthetic(64, 4, 1),
+            crate::data::synthetic(32, 4, 2),
+        )
+    }
+
     /// One epoch into `dir` (the "interrupted" run of the tests below).
     fn one_epoch(dir: &Path, train_set: &Dataset, test_set: &Dataset) {
         run_cpu(tiny_config(3), train_set, test_set, dir, false, Some(1)).unwrap();
@@ -1066,10 +1074,7 @@ mod tests {
 
     #[test]
     fn a_flipped_bit_in_a_checkpoint_is_caught_by_its_checksum() {
-        let (train_set, test_set) = (
-            crate::data::synthetic(64, 4, 1),
-            crate::data::synthetic(32, 4, 2),
-        );
+        let (train_set, test_set) = toy_sets();
         let dir = tempfile::tempdir().unwrap();
         one_epoch(dir.path(), &train_set, &test_set);
         let p = dir.path().join("checkpoint.safetensors");
@@ -1102,10 +1107,7 @@ mod tests {
 
     #[test]
     fn resume_refuses_another_training_set_and_warns_on_another_test_set() {
-        let (train_set, test_set) = (
-            crate::data::synthetic(64, 4, 1),
-            crate::data::synthetic(32, 4, 2),
-        );
+        let (train_set, test_set) = toy_sets();
         let dir = tempfile::tempdir().unwrap();
         one_epoch(dir.path(), &train_set, &test_set);
         // Same size, other images (as another --data would give).
@@ -1132,10 +1134,7 @@ mod tests {
     /// metrics and the curve from the checkpoint's history.
     #[test]
     fn resume_brings_metrics_and_curve_back_in_step() {
-        let (train_set, test_set) = (
-            crate::data::synthetic(64, 4, 1),
-            crate::data::synthetic(32, 4, 2),
-        );
+        let (train_set, test_set) = toy_sets();
         let dir = tempfile::tempdir().unwrap();
         one_epoch(dir.path(), &train_set, &test_set);
         let csv = dir.path().join("metrics.csv");
@@ -1176,10 +1175,7 @@ mod tests {
     /// readable and resumable.
     #[test]
     fn a_diverging_run_fails_and_keeps_the_last_good_checkpoint() {
-        let (train_set, test_set) = (
-            crate::data::synthetic(64, 4, 1),
-            crate::data::synthetic(32, 4, 2),
-        );
+        let (train_set, test_set) = toy_sets();
         let dir = tempfile::tempdir().unwrap();
         one_epoch(dir.path(), &train_set, &test_set);
         let p = dir.path().join("checkpoint.safetensors");
