@@ -19,4 +19,6 @@ pub mod train;
 
 pub use bench::peer;
 pub use int8::{export, quantize};
-pub use train::{agreement, augment, checkpoint, data, model, ops, optim, resident, schedule};
+pub use train::{
+    agreement, augment, camera_aug, checkpoint, data, model, ops, optim, resident, schedule,
+};

@@ -4,6 +4,7 @@
 
 pub mod agreement;
 pub mod augment;
+pub mod camera_aug;
 pub mod checkpoint;
 pub mod data;
 pub mod model;

@@ -66,6 +66,11 @@ impl Resident {
         })
     }
 
+    /// The device the set lives on.
+    pub fn device(&self) -> Device {
+        self.pixels.device().clone()
+    }
+
     /// Number of images.
     pub fn len(&self) -> usize {
         self.len
@@ -132,8 +137,8 @@ impl Resident {
 pub enum Batches<'a> {
     /// [`crate::augment::batch`] on the host, uploaded to the device.
     Host(&'a Dataset, Device),
-    /// [`Resident::batch`].
-    Resident(Resident),
+    /// [`Resident::batch`] (and the host set, for camera batches).
+    Resident(Resident, &'a Dataset),
 }
 
 impl<'a> Batches<'a> {
@@ -142,7 +147,7 @@ impl<'a> Batches<'a> {
         Ok(if device.is_cpu() {
             Self::Host(ds, device.clone())
         } else {
-            Self::Resident(Resident::upload(ds, device)?)
+            Self::Resident(Resident::upload(ds, device)?, ds)
         })
     }
 
@@ -154,8 +159,26 @@ impl<'a> Batches<'a> {
     ) -> Result<(Tensor, Tensor)> {
         match self {
             Self::Host(ds, device) => crate::augment::batch(ds, indices, augment, device),
-            Self::Resident(r) => r.batch(indices, augment),
+            Self::Resident(r, _) => r.batch(indices, augment),
         }
+    }
+
+    /// The batch of images `indices` with camera augmentations (see
+    /// [`crate::camera_aug`]). Built on the host on every device: the
+    /// per-image filters run on the CPU's threads, and a GPU receives the
+    /// finished batch.
+    pub fn camera_batch(
+        &self,
+        indices: &[usize],
+        aug: &crate::camera_aug::CameraAug,
+        seed: u64,
+        epoch: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let (ds, device) = match self {
+            Self::Host(ds, device) => (*ds, device.clone()),
+            Self::Resident(r, ds) => (*ds, r.device()),
+        };
+        crate::camera_aug::batch(ds, indices, aug, seed, epoch, &device)
     }
 }
 
