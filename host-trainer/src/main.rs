@@ -217,6 +217,12 @@ struct EvalArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Camera-realism benchmark of the int8 --model: the test images as
+    /// 160x120 RGB565 frames through the board's preprocessing, clean and
+    /// with 7 CIFAR-10-C corruptions at severities 1, 3 and 5 (22 passes;
+    /// --test-limit makes it shorter).
+    #[arg(long, requires = "model")]
+    camera: bool,
     #[command(flatten)]
     data: DataArgs,
 }
@@ -516,6 +522,19 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     let device = train::device(&a.data.device)?;
     let src = data_source(&a.data.data)?;
     let test_set = load_split(&src, data::Split::Test, a.data.test_limit)?;
+    if a.camera {
+        let m = load_model(a.model.as_deref().unwrap_or("default"))?;
+        let t0 = std::time::Instant::now();
+        let report = host_trainer::camera::run(&m, &test_set, None, |pass| {
+            eprintln!("  {pass} done ({:.0} s)", t0.elapsed().as_secs_f64())
+        })?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print!("{}", host_trainer::camera::format_report(&report));
+        }
+        return Ok(());
+    }
     let float = match &a.checkpoint {
         Some(p) => {
             let ck = train::load_checkpoint(p, &device)?;

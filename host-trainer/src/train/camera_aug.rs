@@ -10,7 +10,7 @@
 //!    object fills more or less of the crop), resampled bilinearly;
 //!    pixels from outside the image are 128 (0.0 after normalization);
 //! 2. **exposure and colour:** brightness, contrast and saturation jitter;
-//! 3. **optics and sensor:** a mild separable blur, Gaussian noise;
+//! 3. **optics and sensor:** a separable Gaussian blur, Gaussian noise;
 //! 4. **RGB565:** the pixel rounded to 5/6/5 bits and widened by bit
 //!    replication, as [`shared::preprocess::rgb565_to_rgb888`] does;
 //! 5. **cutout:** a square set to 0.0 (regularization).
@@ -42,14 +42,14 @@ pub struct CameraAug {
     pub jitter_p: f32,
     /// Largest brightness shift, in 8-bit pixel units.
     pub brightness: f32,
-    /// Largest relative contrast change (0.3: a factor in `[0.7, 1.3]`).
-    pub contrast: f32,
+    /// Contrast factor range `[min, max]` around the image's mean grey.
+    pub contrast: [f32; 2],
     /// Largest relative saturation change.
     pub saturation: f32,
     /// Probability of a blur.
     pub blur_p: f32,
-    /// Largest side weight `a` of the blur kernel `[a, 1 - 2a, a]` (≤ 1/3).
-    pub blur_max: f32,
+    /// Blur standard deviation range `[min, max]`, in pixels.
+    pub blur_sigma: [f32; 2],
     /// Probability of sensor noise.
     pub noise_p: f32,
     /// Largest noise standard deviation, in 8-bit pixel units.
@@ -70,12 +70,12 @@ impl CameraAug {
             scale: [0.85, 1.25],
             jitter_p: 0.8,
             brightness: 32.0,
-            contrast: 0.3,
+            contrast: [0.4, 1.3],
             saturation: 0.3,
-            blur_p: 0.2,
-            blur_max: 0.25,
-            noise_p: 0.25,
-            noise_sigma: 8.0,
+            blur_p: 0.25,
+            blur_sigma: [0.3, 1.2],
+            noise_p: 0.3,
+            noise_sigma: 20.0,
             rgb565_p: 0.5,
             cutout_p: 0.5,
             cutout_size: 8,
@@ -84,11 +84,16 @@ impl CameraAug {
 
     /// Checks the ranges (a configuration file may have been edited).
     pub fn validate(&self) -> Result<()> {
-        let [lo, hi] = self.scale;
-        ensure!(
-            lo.is_finite() && hi.is_finite() && 0.25 <= lo && lo <= hi && hi <= 4.0,
-            "camera augmentation: scale [{lo}, {hi}] must satisfy 0.25 <= min <= max <= 4"
-        );
+        for (name, [lo, hi], min, max) in [
+            ("scale", self.scale, 0.25, 4.0),
+            ("contrast", self.contrast, 0.0, 4.0),
+            ("blur_sigma", self.blur_sigma, 0.0, 4.0),
+        ] {
+            ensure!(
+                lo.is_finite() && hi.is_finite() && min <= lo && lo <= hi && hi <= max,
+                "camera augmentation: {name} [{lo}, {hi}] must satisfy {min} <= min <= max <= {max}"
+            );
+        }
         for (name, p) in [
             ("jitter_p", self.jitter_p),
             ("blur_p", self.blur_p),
@@ -103,9 +108,7 @@ impl CameraAug {
         }
         for (name, v, max) in [
             ("brightness", self.brightness, 255.0),
-            ("contrast", self.contrast, 1.0),
             ("saturation", self.saturation, 1.0),
-            ("blur_max", self.blur_max, 1.0 / 3.0),
             ("noise_sigma", self.noise_sigma, 128.0),
         ] {
             ensure!(
@@ -134,10 +137,8 @@ impl CameraAug {
             self.jitter(&mut px, &mut rng);
         }
         if rng.chance(self.blur_p) {
-            blur(
-                &mut px,
-                rng.uniform(0.05f32.min(self.blur_max), self.blur_max),
-            );
+            let [lo, hi] = self.blur_sigma;
+            blur(&mut px, rng.uniform(lo, hi));
         }
         if rng.chance(self.noise_p) {
             let sigma = rng.uniform(0.0, self.noise_sigma);
@@ -197,7 +198,7 @@ impl CameraAug {
     /// (around each pixel's grey), clamped to `[0, 255]`.
     fn jitter(&self, px: &mut [f32], rng: &mut Rng) {
         let b = rng.uniform(-self.brightness, self.brightness);
-        let k = 1.0 + rng.uniform(-self.contrast, self.contrast);
+        let k = rng.uniform(self.contrast[0], self.contrast[1]);
         let sat = 1.0 + rng.uniform(-self.saturation, self.saturation);
         let grey = |p: &[f32]| 0.299 * p[0] + 0.587 * p[1] + 0.114 * p[2];
         let mean = px.chunks_exact(3).map(grey).sum::<f32>() / (SIZE * SIZE) as f32;
@@ -211,27 +212,34 @@ impl CameraAug {
     }
 }
 
-/// Separable blur with kernel `[a, 1 - 2a, a]`, edges clamped.
-fn blur(px: &mut [f32], a: f32) {
+/// Separable Gaussian blur of standard deviation `sigma` pixels (cut at
+/// 2.5σ), edges clamped. No-op for `sigma <= 0`.
+fn blur(px: &mut [f32], sigma: f32) {
+    if sigma <= 0.0 {
+        return;
+    }
+    let half = (2.5 * sigma).ceil() as isize;
+    let taps: Vec<f32> = (-half..=half)
+        .map(|d| (-((d * d) as f32) / (2.0 * sigma * sigma)).exp())
+        .collect();
+    let total: f32 = taps.iter().sum();
     let at = |y: usize, x: usize, c: usize| (y * SIZE + x) * 3 + c;
+    let clamp = |i: usize, d: isize| (i as isize + d).clamp(0, SIZE as isize - 1) as usize;
     for horizontal in [true, false] {
         let src = px.to_vec();
         for y in 0..SIZE {
             for x in 0..SIZE {
                 for c in 0..3 {
-                    let (prev, next) = if horizontal {
-                        (
-                            at(y, x.saturating_sub(1), c),
-                            at(y, (x + 1).min(SIZE - 1), c),
-                        )
-                    } else {
-                        (
-                            at(y.saturating_sub(1), x, c),
-                            at((y + 1).min(SIZE - 1), x, c),
-                        )
-                    };
-                    px[at(y, x, c)] =
-                        a * src[prev] + (1.0 - 2.0 * a) * src[at(y, x, c)] + a * src[next];
+                    let mut acc = 0.0;
+                    for (w, d) in taps.iter().zip(-half..=half) {
+                        let i = if horizontal {
+                            at(y, clamp(x, d), c)
+                        } else {
+                            at(clamp(y, d), x, c)
+                        };
+                        acc += w * src[i];
+                    }
+                    px[at(y, x, c)] = acc / total;
                 }
             }
         }
@@ -381,15 +389,19 @@ mod tests {
         // A flat grey image: blur and geometry (zoom 1) leave it unchanged.
         let flat = vec![100u8; IMAGE_BYTES];
         let mut px: Vec<f32> = flat.iter().map(|&p| p as f32).collect();
-        blur(&mut px, 0.25);
-        assert!(px.iter().all(|&v| (v - 100.0).abs() < 1e-4));
-        // Blur spreads a single bright pixel to its 3x3 neighbourhood.
+        blur(&mut px, 1.2);
+        assert!(px.iter().all(|&v| (v - 100.0).abs() < 1e-3));
+        // Blur spreads a single bright pixel as a normalized Gaussian:
+        // σ 0.4 → 3 taps per axis, weights exp(-d²/0.32).
         let mut dot = vec![0f32; LEN];
-        dot[(10 * SIZE + 10) * 3] = 160.0;
-        blur(&mut dot, 0.25);
-        assert_eq!(dot[(10 * SIZE + 10) * 3], 40.0);
-        assert_eq!(dot[(9 * SIZE + 11) * 3], 10.0);
+        dot[(10 * SIZE + 10) * 3] = 1.0;
+        blur(&mut dot, 0.4);
+        let side = (-1.0f32 / 0.32).exp();
+        let w = |d: f32| if d == 0.0 { 1.0 } else { side } / (1.0 + 2.0 * side);
+        assert!((dot[(10 * SIZE + 10) * 3] - w(0.0) * w(0.0)).abs() < 1e-6);
+        assert!((dot[(9 * SIZE + 11) * 3] - w(1.0) * w(1.0)).abs() < 1e-6);
         assert_eq!(dot[(12 * SIZE + 10) * 3], 0.0);
+        assert!((dot.iter().sum::<f32>() - 1.0).abs() < 1e-5);
         // Cutout zeroes exactly a clipped square in all three planes.
         let mut out = vec![1f32; LEN];
         cutout(&mut out, 0, 31, 8);
