@@ -18,7 +18,7 @@ pub mod int8;
 pub mod train;
 
 pub use bench::peer;
-pub use int8::{camera, export, quantize};
+pub use int8::{camera, export, quantize, ship};
 pub use train::{
     agreement, augment, camera_aug, checkpoint, data, model, ops, optim, resident, schedule,
 };

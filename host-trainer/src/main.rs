@@ -73,13 +73,18 @@ struct QuantArgs {
 
 #[derive(Debug, Args)]
 struct ExportArgs {
-    /// Checkpoint to export (`<run>/checkpoint.safetensors`).
+    /// Checkpoint to export (`<run>/checkpoint.safetensors`, or `default`
+    /// for the float checkpoint committed with the shipped model).
     #[arg(long)]
     checkpoint: PathBuf,
-    /// `shared` (the model committed in `shared/src/model/generated/`) or a
-    /// `.bin` file path.
+    /// `shared` (replace the model committed in
+    /// `shared/src/model/generated/`, if the new one is at least as
+    /// accurate) or a `.bin` file path.
     #[arg(long, default_value = "shared")]
     out: String,
+    /// Replace the shipped model even with a less accurate one.
+    #[arg(long)]
+    force: bool,
     #[command(flatten)]
     quant: QuantArgs,
     #[command(flatten)]
@@ -193,10 +198,16 @@ struct TrainArgs {
     /// Hide progress bars.
     #[arg(long)]
     quiet: bool,
-    /// Where to export the int8 model at the end: `shared` (also writes
-    /// `<run>/model.bin`), `run` (only `<run>/model.bin`) or `none`.
-    #[arg(long, value_enum, default_value_t = ExportTarget::Shared)]
+    /// Where to export the int8 model at the end: `run` (`<run>/model.bin`),
+    /// `shared` (also replace the shipped model, if the new one is at least
+    /// as accurate on the test set) or `none`. Without a subcommand,
+    /// `host-trainer` trains with `--export shared`.
+    #[arg(long, value_enum, default_value_t = ExportTarget::Run)]
     export: ExportTarget,
+    /// With `--export shared`: replace the shipped model even with a less
+    /// accurate one.
+    #[arg(long)]
+    force: bool,
     #[command(flatten)]
     quant: QuantArgs,
     #[command(flatten)]
@@ -207,7 +218,8 @@ struct TrainArgs {
 
 #[derive(Debug, Args)]
 struct EvalArgs {
-    /// Float checkpoint (`<run>/checkpoint.safetensors`).
+    /// Float checkpoint (`<run>/checkpoint.safetensors`, or `default` for
+    /// the one committed with the shipped model).
     #[arg(long, required_unless_present = "model")]
     checkpoint: Option<PathBuf>,
     /// Int8 model: a `.bin` file, or `default` for the one in `shared`. With
@@ -275,7 +287,7 @@ fn main() -> Result<()> {
     };
     host_trainer::ops::configure_threads(threads)?;
     host_trainer::ops::on_worker(|| match cli.command {
-        None => match Cli::parse_from(["host-trainer", "train"]).command {
+        None => match Cli::parse_from(["host-trainer", "train", "--export", "shared"]).command {
             Some(Command::Train(a)) => run_train(a),
             _ => anyhow::bail!("internal error: default `train` arguments did not parse"),
         },
@@ -378,18 +390,29 @@ fn load_model(spec: &str) -> Result<host_trainer::quantize::OwnedModel> {
     }
 }
 
+/// `default` → the float checkpoint committed with the shipped model.
+fn checkpoint_path(p: &std::path::Path) -> PathBuf {
+    if p == std::path::Path::new("default") {
+        host_trainer::ship::shipped_checkpoint()
+    } else {
+        p.to_path_buf()
+    }
+}
+
 /// Exports a checkpoint once and writes the blob to every destination in
-/// `outs` (`shared` or a file path).
+/// `outs` (`shared`, under the shipping rule, or a file path).
+#[allow(clippy::too_many_arguments)]
 fn export_checkpoint(
     ck_path: &std::path::Path,
     outs: &[&str],
     quant: &QuantArgs,
+    force: bool,
     src: &data::Source,
     train_set: &data::Dataset,
     test_set: &data::Dataset,
     device: &candle_core::Device,
 ) -> Result<()> {
-    let ck = train::load_checkpoint(ck_path, device)?;
+    let ck = train::load_checkpoint(&checkpoint_path(ck_path), device)?;
     let t = train::model_from_checkpoint(&ck, device)?;
     let opts = host_trainer::export::ExportOptions {
         calib_images: quant.calib_images,
@@ -402,15 +425,17 @@ fn export_checkpoint(
     for &out in outs {
         if out == "shared" {
             let dir = host_trainer::export::shared_generated_dir();
-            host_trainer::export::write_shared(&blob, &dir)?;
-            host_trainer::export::write_float_reference(
-                &t.model,
+            let shipment = host_trainer::ship::Shipment {
+                blob: &blob,
+                int8_accuracy: cmp.int8_accuracy,
+                checkpoint: &ck,
+                model: &t.model,
                 test_set,
-                &dir.join("float_reference.txt"),
-                device,
-            )?;
+                force,
+            };
+            host_trainer::ship::ship(&shipment, &dir, device)?;
             println!(
-                "int8 model ({} bytes) written to {}",
+                "int8 model ({} bytes) and its float checkpoint written to {}",
                 blob.len(),
                 dir.display()
             );
@@ -494,7 +519,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
     };
     if !outs.is_empty() {
         export_checkpoint(
-            &ck_path, &outs, &a.quant, &src, &train_set, &test_set, &device,
+            &ck_path, &outs, &a.quant, a.force, &src, &train_set, &test_set, &device,
         )?;
     }
     let epochs = out.history.len();
@@ -537,7 +562,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     }
     let float = match &a.checkpoint {
         Some(p) => {
-            let ck = train::load_checkpoint(p, &device)?;
+            let ck = train::load_checkpoint(&checkpoint_path(p), &device)?;
             Some((train::model_from_checkpoint(&ck, &device)?, ck.meta.epoch))
         }
         None => None,
@@ -623,6 +648,7 @@ fn run_export(a: ExportArgs) -> Result<()> {
         &a.checkpoint,
         &[a.out.as_str()],
         &a.quant,
+        a.force,
         &src,
         &train_set,
         &test_set,

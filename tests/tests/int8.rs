@@ -30,7 +30,7 @@ fn fixture() -> &'static Fixture {
         let train_set = synthetic(384, 4, 11);
         let test_set = synthetic(256, 4, 12);
         let mut cfg = TrainConfig::from_recipe(
-            Recipe::Default,
+            Recipe::Linear,
             train_set.len(),
             Some(3),
             Some(32),

@@ -1,9 +1,10 @@
 //! Stage 2: from a float checkpoint to the int8 model blob. BN folding,
 //! calibration, per-channel quantization with TFLM requantization, blob
 //! writing ([`quantize`]), and the export with its float-vs-int8 comparison
-//! ([`export`]); the camera-realism benchmark of an int8 model
+//! ([`export`]); shipping into `shared` ([`ship`]); the camera-realism benchmark of an int8 model
 //! ([`camera`]).
 
 pub mod camera;
 pub mod export;
 pub mod quantize;
+pub mod ship;

@@ -182,9 +182,24 @@ pub fn save_checkpoint(path: &Path, t: &Trainee, opt: &Sgd, meta: &CheckpointMet
         }
     }
     check_finite_metrics(path, meta)?;
+    write_checked(path, &tensors, meta, None)
+}
+
+/// Serializes `tensors` with `meta` (and the provenance line that marks a
+/// weights-only file),
+/// adds the checksum, and writes the file atomically.
+fn write_checked(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    meta: &CheckpointMeta,
+    provenance: Option<&str>,
+) -> Result<()> {
     let mut info = HashMap::new();
     info.insert("format".to_string(), CKPT_FORMAT.to_string());
     info.insert("meta".to_string(), serde_json::to_string(meta)?);
+    if let Some(p) = provenance {
+        info.insert("provenance".to_string(), p.to_string());
+    }
     let serialize = |info: &HashMap<String, String>| {
         safetensors::serialize(
             tensors.iter().map(|(n, t)| (n.as_str(), t)),
@@ -200,6 +215,36 @@ pub fn save_checkpoint(path: &Path, t: &Trainee, opt: &Sgd, meta: &CheckpointMet
     write_atomic(path, &serialize(&info)?)
 }
 
+/// Writes the model part of `ck` (weights and batch-norm statistics, f32;
+/// no momentum) with its metadata and a `provenance` line: the float
+/// checkpoint committed next to the shipped model. It loads like any
+/// checkpoint for `eval`, `export` and fine-tuning, but cannot be resumed.
+pub fn save_weights(path: &Path, ck: &Checkpoint, provenance: &str) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = ck
+        .tensors
+        .iter()
+        .filter(|(n, _)| n.starts_with("model."))
+        .map(|(n, t)| Ok((n.clone(), t.to_dtype(DType::F32)?)))
+        .collect::<Result<_>>()?;
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    ensure!(
+        !tensors.is_empty(),
+        "{}: the checkpoint has no model tensors",
+        path.display()
+    );
+    write_checked(path, &tensors, &ck.meta, Some(provenance))
+}
+
+/// The provenance line of a checkpoint written by [`save_weights`].
+pub fn read_provenance(path: &Path) -> Result<Option<String>> {
+    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (_, m) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(m.metadata()
+        .as_ref()
+        .and_then(|i| i.get("provenance").cloned()))
+}
+
 /// A checkpoint read back: metadata and tensors by name.
 #[derive(Debug)]
 pub struct Checkpoint {
@@ -207,6 +252,8 @@ pub struct Checkpoint {
     pub meta: CheckpointMeta,
     /// `model.*` and `momentum.*` tensors.
     pub tensors: HashMap<String, Tensor>,
+    /// Written by [`save_weights`]: no optimizer state, cannot be resumed.
+    pub weights_only: bool,
 }
 
 /// Reads a checkpoint written by [`save_checkpoint`].
@@ -254,7 +301,11 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
             );
         }
     }
-    Ok(Checkpoint { meta, tensors })
+    Ok(Checkpoint {
+        meta,
+        tensors,
+        weights_only: info.contains_key("provenance"),
+    })
 }
 
 /// Loads a checkpoint's `model.*` tensors into a fresh model of its arch.

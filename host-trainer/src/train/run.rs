@@ -413,6 +413,12 @@ fn open_run(
         )
     })?;
     check_resume_config(&ck.meta.config, cfg)?;
+    ensure!(
+        !ck.weights_only,
+        "--resume: {} holds weights only (no momentum buffers), so the run cannot continue \
+         bit-exactly; start a new --run-dir",
+        ckpt_path.display()
+    );
     match &ck.meta.data {
         Some(saved) => saved.check_resume(data)?,
         None => eprintln!(
@@ -1102,6 +1108,49 @@ mod tests {
         run_cpu(tiny_config(3), train_set, test_set, dir, false, Some(1)).unwrap();
     }
 
+    /// The committed float checkpoint: weights and BN statistics only,
+    /// the same eval logits, its provenance kept, and no resume from it.
+    #[test]
+    fn a_weights_only_checkpoint_evaluates_the_same_and_cannot_be_resumed() {
+        let (train_set, test_set) = toy_sets();
+        let dir = tempfile::tempdir().unwrap();
+        one_epoch(dir.path(), &train_set, &test_set);
+        let p = dir.path().join("checkpoint.safetensors");
+        let full = load_checkpoint(&p, &Device::Cpu).unwrap();
+        assert!(!full.weights_only);
+        let w = dir.path().join("weights.safetensors");
+        crate::checkpoint::save_weights(&w, &full, "test rev").unwrap();
+        let slim = load_checkpoint(&w, &Device::Cpu).unwrap();
+        assert!(slim.weights_only);
+        assert!(slim.tensors.keys().all(|n| n.starts_with("model.")));
+        assert!(full.tensors.keys().any(|n| n.starts_with("momentum.")));
+        assert_eq!(
+            crate::checkpoint::read_provenance(&w).unwrap().as_deref(),
+            Some("test rev")
+        );
+        let eval = |ck: &crate::checkpoint::Checkpoint| {
+            let t = model_from_checkpoint(ck, &Device::Cpu).unwrap();
+            evaluate(&t.model, &test_set, 64, &Device::Cpu)
+                .unwrap()
+                .loss
+        };
+        assert_eq!(eval(&full), eval(&slim));
+        fs::rename(&w, &p).unwrap();
+        let err = format!(
+            "{:#}",
+            run_cpu(
+                tiny_config(3),
+                &train_set,
+                &test_set,
+                dir.path(),
+                true,
+                None
+            )
+            .unwrap_err()
+        );
+        assert!(err.contains("weights only"), "{err}");
+    }
+
     #[test]
     fn a_flipped_bit_in_a_checkpoint_is_caught_by_its_checksum() {
         let (train_set, test_set) = toy_sets();
@@ -1285,5 +1334,17 @@ mod tests {
             (5, 64, 0.9, 0.01)
         );
         assert!(TrainConfig::from_recipe(Recipe::Default, 10, None, None, None).is_err());
+        // The default: step decay, 390 steps per epoch, 100 epochs.
+        let d = TrainConfig::from_recipe(Recipe::Default, 50_000, None, None, None).unwrap();
+        assert_eq!((d.epochs, d.batch_size), (100, 128));
+        let lr = |it: usize| d.schedule.lr(it);
+        assert!((lr(0) - 0.1 / 780.0).abs() < 1e-12, "2-epoch warm-up");
+        assert_eq!([lr(779), lr(19_499)], [0.1, 0.1]);
+        assert!((lr(19_500) - 0.01).abs() < 1e-12 && (lr(29_249) - 0.01).abs() < 1e-12);
+        assert!((lr(29_250) - 0.001).abs() < 1e-12 && (lr(38_999) - 0.001).abs() < 1e-12);
+        assert_eq!(d.camera, Some(CameraAug::standard()));
+        let l = TrainConfig::from_recipe(Recipe::Linear, 50_000, None, None, None).unwrap();
+        assert_eq!((l.epochs, l.camera.clone()), (30, None));
+        assert!((l.schedule.lr(390 * 15) - 0.05).abs() < 1e-3);
     }
 }

@@ -1,0 +1,165 @@
+//! Shipping: replacing the model committed in `shared`.
+//!
+//! The committed model is what every firmware build and test uses, so it is
+//! only replaced on request (`train --export shared`, `export --out
+//! shared`) and never by a model that measures worse: the candidate's int8
+//! accuracy is compared with the shipped model's on the same test images,
+//! and a lower figure is refused unless forced. Shipping writes the blob,
+//! its generated `mod.rs`, the float reference logits and the float
+//! checkpoint (weights and batch-norm statistics only) side by side.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+
+use crate::checkpoint::{save_weights, Checkpoint};
+use crate::data::Dataset;
+use crate::export::{
+    argmax, int8_logits, shared_generated_dir, write_float_reference, write_shared,
+};
+use crate::model::MiniResNet;
+use crate::quantize::OwnedModel;
+
+/// File name of the committed float checkpoint, next to `model.bin`.
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+
+/// The committed float checkpoint (`--checkpoint default`).
+pub fn shipped_checkpoint() -> PathBuf {
+    shared_generated_dir().join(CHECKPOINT_FILE)
+}
+
+/// Int8 top-1 accuracy (%) of `m` on `ds`.
+pub fn int8_accuracy(m: &OwnedModel, ds: &Dataset) -> Result<f64> {
+    let logits = int8_logits(m, ds)?;
+    let hits = logits
+        .iter()
+        .zip(&ds.labels)
+        .filter(|(l, &y)| argmax(l) == y as usize)
+        .count();
+    Ok(100.0 * hits as f64 / ds.len().max(1) as f64)
+}
+
+/// Decides whether a candidate of int8 accuracy `candidate` (on `test_set`)
+/// may replace the model in `dir`: yes when there is none, when the file
+/// there is not a valid model (with a warning), or when the candidate is
+/// at least as accurate; otherwise only with `force` (with a warning).
+pub fn check_replace(dir: &Path, candidate: f64, test_set: &Dataset, force: bool) -> Result<()> {
+    let path = dir.join("model.bin");
+    if !path.exists() {
+        return Ok(());
+    }
+    let shipped = match OwnedModel::load(&path) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!(
+                "warning: the shipped model {} is not valid ({e:#}); replacing it",
+                path.display()
+            );
+            return Ok(());
+        }
+    };
+    let now = int8_accuracy(&shipped, test_set)
+        .with_context(|| format!("measuring the shipped model {}", path.display()))?;
+    let n = test_set.len();
+    if candidate >= now {
+        eprintln!(
+            "shipping: int8 {candidate:.2}% on {n} test images, the shipped model had {now:.2}%"
+        );
+        return Ok(());
+    }
+    if force {
+        eprintln!(
+            "warning: --force: replacing the shipped model (int8 {now:.2}% on {n} test images) \
+             with a less accurate one ({candidate:.2}%)"
+        );
+        return Ok(());
+    }
+    bail!(
+        "not replacing the shipped model {}: its int8 accuracy is {now:.2}% on these {n} test images, \
+         the new model's {candidate:.2}%. Pass --force to replace it anyway",
+        path.display()
+    )
+}
+
+/// What is shipped together.
+#[derive(Debug)]
+pub struct Shipment<'a> {
+    /// The int8 blob.
+    pub blob: &'a [u8],
+    /// Its int8 accuracy on `test_set`.
+    pub int8_accuracy: f64,
+    /// The float checkpoint it was exported from.
+    pub checkpoint: &'a Checkpoint,
+    /// The float model (for the reference logits).
+    pub model: &'a MiniResNet,
+    /// The test set both were measured on.
+    pub test_set: &'a Dataset,
+    /// Replace even a more accurate shipped model.
+    pub force: bool,
+}
+
+/// Ships into `dir` (normally [`shared_generated_dir`]) under the rule of
+/// [`check_replace`].
+pub fn ship(s: &Shipment<'_>, dir: &Path, device: &Device) -> Result<()> {
+    check_replace(dir, s.int8_accuracy, s.test_set, s.force)?;
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    save_weights(&dir.join(CHECKPOINT_FILE), s.checkpoint, &provenance())?;
+    write_float_reference(
+        s.model,
+        s.test_set,
+        &dir.join("float_reference.txt"),
+        device,
+    )?;
+    write_shared(s.blob, dir)
+}
+
+/// The git revision of the workspace, for the checkpoint's provenance.
+fn provenance() -> String {
+    let rev = std::process::Command::new("git")
+        .args([
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "describe",
+            "--always",
+            "--dirty",
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    format!("host-trainer {} at git {rev}", env!("CARGO_PKG_VERSION"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::synthetic;
+
+    #[test]
+    fn a_less_accurate_model_is_refused_unless_forced() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = synthetic(20, 10, 1);
+        // No shipped model: anything goes.
+        check_replace(dir.path(), 0.0, &ds, false).unwrap();
+        // A damaged file is replaced, with a warning.
+        fs::write(dir.path().join("model.bin"), b"not a model").unwrap();
+        check_replace(dir.path(), 0.0, &ds, false).unwrap();
+        // A real model: its accuracy on `ds` is the bar.
+        let blob = shared::model::BLOB.0.to_vec();
+        fs::write(dir.path().join("model.bin"), &blob).unwrap();
+        let now = int8_accuracy(&OwnedModel::new(&blob).unwrap(), &ds).unwrap();
+        check_replace(dir.path(), now, &ds, false).unwrap();
+        let e = check_replace(dir.path(), now - 0.5, &ds, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("{now:.2}%")) && e.contains("--force"),
+            "{e}"
+        );
+        assert!(e.contains(&format!("{:.2}%", now - 0.5)), "{e}");
+        check_replace(dir.path(), now - 0.5, &ds, true).unwrap();
+    }
+}
