@@ -712,12 +712,12 @@ fn classify_one(
     };
     let mut input = [0i8; shared::preprocess::INPUT_LEN];
     shared::preprocess::preprocess(&frame, &mut input)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        .with_context(|| format!("preprocessing {}", path.display()))?;
     let out = model.output();
     let mut logits = vec![0i8; out.dims.len()];
     model
         .run(&input, arena, scratch, &mut logits)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        .with_context(|| format!("running the model on {}", path.display()))?;
     let real: Vec<f64> = logits
         .iter()
         .map(|&q| (q as i32 - out.zero_point) as f64 * out.scale as f64)

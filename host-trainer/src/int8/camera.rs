@@ -407,11 +407,11 @@ fn classify_frame(
         height: FRAME_H,
         format: PixelFormat::Rgb565Be,
     };
-    preprocess(&f, &mut input).map_err(|e| anyhow::anyhow!("preprocessing a frame: {e}"))?;
+    preprocess(&f, &mut input).context("preprocessing a frame")?;
     let (arena, scratch, logits) = bufs;
     model
         .run(&input, arena, scratch, logits)
-        .map_err(|e| anyhow::anyhow!("running the int8 model: {e}"))?;
+        .context("running the int8 model")?;
     Ok(argmax(&logits[..]))
 }
 

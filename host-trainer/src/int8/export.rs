@@ -68,7 +68,7 @@ pub fn int8_logits(m: &OwnedModel, ds: &Dataset) -> Result<Vec<Vec<i8>>> {
                 let mut logits = vec![0i8; classes];
                 model
                     .run(&input, arena, scratch, &mut logits)
-                    .map_err(|e| anyhow::anyhow!("image {i}: {e}"))?;
+                    .with_context(|| format!("running the int8 model on test image {i}"))?;
                 Ok(logits)
             },
         )

@@ -757,7 +757,7 @@ impl OwnedModel {
 
     /// The parsed model.
     pub fn model(&self) -> Result<Model<'_>> {
-        Model::parse(self.bytes()).map_err(|e| anyhow::anyhow!("{e}"))
+        Ok(Model::parse(self.bytes())?)
     }
 }
 
@@ -784,7 +784,7 @@ pub fn int8_input(img: &[u8]) -> Result<[i8; shared::preprocess::INPUT_LEN]> {
         },
         &mut out,
     )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    .context("preprocessing a 32x32 image")?;
     Ok(out)
 }
 

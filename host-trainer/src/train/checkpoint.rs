@@ -210,7 +210,7 @@ fn write_checked(
     // The checksum covers the tensors' bytes as the file stores them.
     let draft = serialize(&info)?;
     let st = safetensors::SafeTensors::deserialize(&draft)
-        .map_err(|e| anyhow::anyhow!("re-reading the serialized checkpoint: {e}"))?;
+        .context("re-reading the serialized checkpoint")?;
     info.insert("checksum".to_string(), tensor_checksum(&st));
     write_atomic(path, &serialize(&info)?)
 }
@@ -239,7 +239,7 @@ pub fn save_weights(path: &Path, ck: &Checkpoint, provenance: &str) -> Result<()
 pub fn read_provenance(path: &Path) -> Result<Option<String>> {
     let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let (_, m) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        .with_context(|| format!("reading the metadata of {}", path.display()))?;
     Ok(m.metadata()
         .as_ref()
         .and_then(|i| i.get("provenance").cloned()))
@@ -261,7 +261,6 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
     let ctx = || format!("reading checkpoint {}", path.display());
     let bytes = fs::read(path).with_context(ctx)?;
     let (_, st_meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(ctx)?;
     let info = st_meta.metadata().clone().unwrap_or_default();
     match info.get("format").map(String::as_str) {
@@ -276,7 +275,6 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
         serde_json::from_str(info.get("meta").map(String::as_str).unwrap_or(""))
             .with_context(|| format!("{}: damaged checkpoint metadata", path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(ctx)?;
     match info.get("checksum") {
         Some(saved) => {

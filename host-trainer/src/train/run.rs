@@ -812,6 +812,8 @@ pub fn plot_learning_curve(path: &Path, history: &[EpochMetrics], recipe: Recipe
         root.present()?;
         Ok(())
     };
+    // plotters' error is a `Box<dyn Error>` without `Send`: anyhow cannot
+    // hold it as a source, so its message is kept.
     draw(&mut svg).map_err(|e| anyhow::anyhow!("drawing {}: {e}", path.display()))?;
     write_atomic(path, svg.as_bytes())
 }
