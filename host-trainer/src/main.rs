@@ -115,6 +115,10 @@ struct DataArgs {
     /// Use only N test images, spread evenly over the set (quick checks).
     #[arg(long)]
     test_limit: Option<usize>,
+    /// For a folder of `<class>/` folders: the share of each class's images
+    /// held out as the test split (deterministic; default 0.2).
+    #[arg(long)]
+    val_split: Option<f64>,
     /// Compute device: `cpu`, or `cuda` (needs the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -341,8 +345,30 @@ fn run_device_check(a: DeviceCheckArgs) -> Result<()> {
     Ok(())
 }
 
-/// The data source for `--data`, or the default chain.
-fn data_source(arg: &Option<PathBuf>) -> Result<data::Source> {
+/// The data source for `--data` (with `--val-split`), or the default chain.
+fn data_source(a: &DataArgs) -> Result<data::Source> {
+    let src = default_source(&a.data)?;
+    match (src, a.val_split) {
+        (data::Source::ClassFolders { root, .. }, Some(v)) => Ok(data::Source::ClassFolders {
+            root,
+            val_split: v,
+        }),
+        (data::Source::ClassFolders { root, val_split }, None) => {
+            eprintln!(
+                "data: {} holds one folder per class: {:.0}% of each class's images are the test split (--val-split)",
+                root.display(),
+                100.0 * val_split
+            );
+            Ok(data::Source::ClassFolders { root, val_split })
+        }
+        (src, None) => Ok(src),
+        (_, Some(_)) => anyhow::bail!(
+            "--val-split applies only to a folder of <class>/ folders; this data set has its own test split"
+        ),
+    }
+}
+
+fn default_source(arg: &Option<PathBuf>) -> Result<data::Source> {
     if let Some(p) = arg {
         return data::detect(p);
     }
@@ -371,9 +397,17 @@ fn data_source(arg: &Option<PathBuf>) -> Result<data::Source> {
 /// A short name of the data source for provenance.
 fn dataset_name(src: &data::Source) -> String {
     match src {
-        data::Source::ImageFolders(p) => format!(
-            "CIFAR-10 (JPEG re-encode) {}",
-            p.file_name().and_then(|n| n.to_str()).unwrap_or("")
+        data::Source::ImageFolders(p) => {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            match name.to_ascii_lowercase().contains("cifar") {
+                true => format!("CIFAR-10 (JPEG re-encode) {name}"),
+                false => format!("image folders {name}"),
+            }
+        }
+        data::Source::ClassFolders { root, val_split } => format!(
+            "image folders {} ({:.0}% of each class held out for testing)",
+            root.file_name().and_then(|n| n.to_str()).unwrap_or(""),
+            100.0 * val_split
         ),
         data::Source::BinaryDir(_) | data::Source::Tarball(_) => {
             "CIFAR-10 (official binary)".into()
@@ -472,6 +506,22 @@ fn load_split(
     Ok(ds)
 }
 
+/// The classes and their image counts, when they are not CIFAR-10's.
+fn print_class_counts(train: &data::Dataset, test: &data::Dataset) {
+    if train.classes.iter().map(String::as_str).eq(data::CLASSES) {
+        return;
+    }
+    eprintln!("{} classes (training / test images):", train.classes.len());
+    for ((name, tr), te) in train
+        .classes
+        .iter()
+        .zip(train.class_counts())
+        .zip(test.class_counts())
+    {
+        eprintln!("  {name:<24} {tr:>6} / {te}");
+    }
+}
+
 fn run_train(a: TrainArgs) -> Result<()> {
     let device = train::device(&a.data.device)?;
     let arch = a.arch.resolve()?;
@@ -483,12 +533,14 @@ fn run_train(a: TrainArgs) -> Result<()> {
         arch.parameters(),
         arch.macs() as f64 / 1e6
     );
-    let src = data_source(&a.data.data)?;
+    let src = data_source(&a.data)?;
     let train_set = load_split(&src, data::Split::Train, a.train_limit)?;
     let test_set = load_split(&src, data::Split::Test, a.data.test_limit)?;
     let mut cfg =
         TrainConfig::from_recipe(a.recipe, train_set.len(), a.epochs, a.batch_size, a.lr)?;
     cfg.arch = arch;
+    cfg.arch.classes = train_set.classes.len();
+    print_class_counts(&train_set, &test_set);
     cfg.seed = a.seed;
     let run_dir = a.run_dir.unwrap_or_else(|| {
         PathBuf::from("runs").join(
@@ -545,7 +597,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
 
 fn run_eval(a: EvalArgs) -> Result<()> {
     let device = train::device(&a.data.device)?;
-    let src = data_source(&a.data.data)?;
+    let src = data_source(&a.data)?;
     let test_set = load_split(&src, data::Split::Test, a.data.test_limit)?;
     if a.camera {
         let m = load_model(a.model.as_deref().unwrap_or("default"))?;
@@ -641,7 +693,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
 
 fn run_export(a: ExportArgs) -> Result<()> {
     let device = train::device(&a.data.device)?;
-    let src = data_source(&a.data.data)?;
+    let src = data_source(&a.data)?;
     let train_set = load_split(&src, data::Split::Train, None)?;
     let test_set = load_split(&src, data::Split::Test, a.data.test_limit)?;
     export_checkpoint(

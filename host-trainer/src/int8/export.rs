@@ -9,7 +9,7 @@ use candle_core::Device;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::data::{Dataset, CLASSES};
+use crate::data::Dataset;
 use crate::model::MiniResNet;
 use crate::quantize::{build_blob, calibrate, int8_input, meta_text, Calibration, OwnedModel};
 use crate::train::{write_atomic, Checkpoint};
@@ -35,6 +35,8 @@ pub struct Comparison {
     pub float_per_class: Vec<f64>,
     /// Int8 accuracy per class, %.
     pub int8_per_class: Vec<f64>,
+    /// Class names (the test set's).
+    pub classes: Vec<String>,
 }
 
 /// Float logits `(N, classes)` of `model` on `ds`.
@@ -128,6 +130,7 @@ pub fn compare(
         mean_logit_error: sum_err / (n * classes as f64),
         float_per_class: per.iter().map(|p| pct(p[1], p[0])).collect(),
         int8_per_class: per.iter().map(|p| pct(p[2], p[0])).collect(),
+        classes: ds.classes.clone(),
     })
 }
 
@@ -143,7 +146,7 @@ impl Comparison {
         {
             s.push_str(&format!(
                 "{:<12} {f:>8.2} {q:>8.2}\n",
-                CLASSES.get(c).unwrap_or(&"?")
+                self.classes.get(c).map_or("?", String::as_str)
             ));
         }
         s.push_str(&format!(

@@ -260,8 +260,7 @@ pub struct Checkpoint {
 pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
     let ctx = || format!("reading checkpoint {}", path.display());
     let bytes = fs::read(path).with_context(ctx)?;
-    let (_, st_meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .with_context(ctx)?;
+    let (_, st_meta) = safetensors::SafeTensors::read_metadata(&bytes).with_context(ctx)?;
     let info = st_meta.metadata().clone().unwrap_or_default();
     match info.get("format").map(String::as_str) {
         Some(CKPT_FORMAT) => {}
@@ -274,8 +273,7 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
     let meta: CheckpointMeta =
         serde_json::from_str(info.get("meta").map(String::as_str).unwrap_or(""))
             .with_context(|| format!("{}: damaged checkpoint metadata", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .with_context(ctx)?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).with_context(ctx)?;
     match info.get("checksum") {
         Some(saved) => {
             let now = tensor_checksum(&st);

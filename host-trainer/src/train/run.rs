@@ -17,7 +17,7 @@ pub use crate::checkpoint::{
     load_checkpoint, model_from_checkpoint, save_checkpoint, write_atomic, Checkpoint,
     CheckpointMeta, DataFingerprint,
 };
-use crate::data::{Dataset, CLASSES};
+use crate::data::Dataset;
 use crate::model::{ArchConfig, MiniResNet};
 use crate::optim::{Sgd, SgdConfig};
 use crate::resident::Batches;
@@ -212,9 +212,16 @@ pub struct Evaluation {
     pub accuracy: f64,
     /// `confusion[true][predicted]` counts.
     pub confusion: Vec<Vec<usize>>,
+    /// Class names (the test set's).
+    pub classes: Vec<String>,
 }
 
 impl Evaluation {
+    /// The name of class `c` (`?` if unknown).
+    pub fn class_name(&self, c: usize) -> &str {
+        self.classes.get(c).map_or("?", String::as_str)
+    }
+
     /// Accuracy of each class, %.
     pub fn per_class(&self) -> Vec<f64> {
         self.confusion
@@ -298,6 +305,7 @@ pub fn evaluate(
         loss: loss_sum / ds.len().max(1) as f64,
         accuracy: 100.0 * correct as f64 / ds.len().max(1) as f64,
         confusion,
+        classes: ds.classes.clone(),
     })
 }
 
@@ -708,9 +716,7 @@ pub fn write_metrics(dir: &Path, history: &[EpochMetrics]) -> Result<()> {
 /// Writes `confusion.csv` (rows: true class, columns: predicted) and
 /// `per_class.json`.
 pub fn write_confusion(dir: &Path, ev: &Evaluation) -> Result<()> {
-    let names: Vec<&str> = (0..ev.confusion.len())
-        .map(|c| CLASSES.get(c).copied().unwrap_or("?"))
-        .collect();
+    let names: Vec<&str> = (0..ev.confusion.len()).map(|c| ev.class_name(c)).collect();
     let mut csv = format!("true\\predicted,{}\n", names.join(","));
     for (c, row) in ev.confusion.iter().enumerate() {
         let cells: Vec<String> = row.iter().map(|v| v.to_string()).collect();
@@ -732,14 +738,12 @@ pub fn write_confusion(dir: &Path, ev: &Evaluation) -> Result<()> {
 pub fn format_confusion(ev: &Evaluation) -> String {
     let mut s = String::from("true \\ pred  ");
     for c in 0..ev.confusion.len() {
-        s.push_str(&format!(
-            "{:>6}",
-            &CLASSES.get(c).unwrap_or(&"?")[..4.min(CLASSES.get(c).unwrap_or(&"?").len())]
-        ));
+        let short: String = ev.class_name(c).chars().take(4).collect();
+        s.push_str(&format!("{short:>6}"));
     }
     s.push_str("   acc\n");
     for (c, (row, acc)) in ev.confusion.iter().zip(ev.per_class()).enumerate() {
-        s.push_str(&format!("{:<12} ", CLASSES.get(c).unwrap_or(&"?")));
+        s.push_str(&format!("{:<12} ", ev.class_name(c)));
         for v in row {
             s.push_str(&format!("{v:>6}"));
         }

@@ -1,9 +1,10 @@
-//! CIFAR-10 loading: the official binary release (as a folder or as the
-//! `.tar.gz` itself), folders of JPEG/PNG images, and a checked download.
+//! Data sets: CIFAR-10's official binary release (as a folder or as the
+//! `.tar.gz` itself) with a checked download, and labelled folders of
+//! JPEG/PNG images with any classes ([`folders`]).
 //!
 //! Every loader returns a [`Dataset`]: 32x32 RGB images in HWC order
-//! (`r,g,b` interleaved, rows top to bottom) and labels in `0..=9` that index
-//! [`CLASSES`].
+//! (`r,g,b` interleaved, rows top to bottom), labels, and the class names
+//! the labels index.
 //!
 //! ```ignore
 //! # use std::path::Path;
@@ -19,7 +20,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, File};
-use std::io::{self, BufReader, Cursor, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -27,7 +28,8 @@ use anyhow::{bail, ensure, Context, Result};
 use flate2::read::GzDecoder;
 use indicatif::{ProgressBar, ProgressStyle};
 use md5::{Digest, Md5};
-use rayon::prelude::*;
+pub mod folders;
+pub use folders::network_pixels;
 
 /// Class names in the official CIFAR-10 label order: label `i` is `CLASSES[i]`.
 pub const CLASSES: [&str; 10] = shared::CIFAR10_CLASSES;
@@ -53,8 +55,6 @@ const TRAIN_BATCHES: [&str; 5] = [
 const TEST_BATCHES: [&str; 1] = ["test_batch.bin"];
 /// Folder the official tarball unpacks into.
 const BINARY_SUBDIR: &str = "cifar-10-batches-bin";
-/// File extensions accepted in image folders (compared case-insensitively).
-const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
 
 /// URL of the official CIFAR-10 binary release.
 pub const CIFAR10_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";
@@ -64,15 +64,17 @@ pub const CIFAR10_MD5: &str = "c32a1d4ab5d03f1284b67883e8d87530";
 /// A set of labelled images.
 ///
 /// Images are 32x32 RGB, HWC order (`r,g,b` interleaved), row-major, `u8`,
-/// stored back to back in `images`; `labels[i]` (in `0..=9`, an index into
-/// [`CLASSES`]) belongs to the `i`-th image. `images.len()` is always
+/// stored back to back in `images`; `labels[i]` (an index into `classes`)
+/// belongs to the `i`-th image. `images.len()` is always
 /// `labels.len() * IMAGE_BYTES`.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Dataset {
     /// All images, `IMAGE_BYTES` each, HWC.
     pub images: Vec<u8>,
-    /// One label per image, `0..=9`.
+    /// One label per image, an index into `classes`.
     pub labels: Vec<u8>,
+    /// Class names: label `i` is `classes[i]`.
+    pub classes: Vec<String>,
 }
 
 impl Dataset {
@@ -117,7 +119,10 @@ impl Dataset {
         if n >= len {
             return self.clone();
         }
-        let mut out = Dataset::default();
+        let mut out = Dataset {
+            classes: self.classes.clone(),
+            ..Dataset::default()
+        };
         for k in 0..n {
             let i = k * len / n;
             out.images.extend_from_slice(self.image(i));
@@ -156,13 +161,38 @@ pub fn synthetic(n: usize, classes: usize, seed: u64) -> Dataset {
             }
         }
     }
-    Dataset { images, labels }
+    Dataset {
+        images,
+        labels,
+        classes: (0..classes.max(1)).map(|k| format!("class{k}")).collect(),
+    }
+}
+
+impl Dataset {
+    /// An empty set of CIFAR-10's classes.
+    pub fn cifar10() -> Self {
+        Self {
+            classes: CLASSES.iter().map(|c| c.to_string()).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// Images per class.
+    pub fn class_counts(&self) -> Vec<usize> {
+        let mut counts = vec![0usize; self.classes.len()];
+        for &l in &self.labels {
+            if let Some(c) = counts.get_mut(usize::from(l)) {
+                *c += 1;
+            }
+        }
+        counts
+    }
 }
 
 impl fmt::Debug for Dataset {
     /// Summarises instead of dumping megabytes of pixels.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut counts = [0usize; CLASSES.len()];
+        let mut counts = vec![0usize; self.classes.len().max(CLASSES.len())];
         for &l in &self.labels {
             if let Some(c) = counts.get_mut(usize::from(l)) {
                 *c += 1;
@@ -210,27 +240,42 @@ impl fmt::Display for Split {
 }
 
 /// Where a dataset lives and in which layout; usually built by [`detect`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Source {
     /// A folder holding the official `*_batch*.bin` files, directly or in a
     /// `cifar-10-batches-bin/` subfolder.
     BinaryDir(PathBuf),
     /// The official `cifar-10-binary.tar.gz`, read without extracting it.
     Tarball(PathBuf),
-    /// `root/{train,test}/<class>/*.{jpg,jpeg,png}` with `<class>` one of [`CLASSES`].
+    /// `root/{train,test}/<class>/*.{jpg,jpeg,png}`, any classes
+    /// ([`folders::load_split_folders`]).
     ImageFolders(PathBuf),
+    /// `root/<class>/*.{jpg,jpeg,png}`, a per-class fraction of the images
+    /// held out as the test split ([`folders::load_flat_folders`]).
+    ClassFolders {
+        /// The folder holding one folder per class.
+        root: PathBuf,
+        /// Share of each class's images in the test split.
+        val_split: f64,
+    },
 }
+
+/// Test share of a `root/<class>/` set unless `--val-split` says otherwise.
+pub const DEFAULT_VAL_SPLIT: f64 = 0.2;
 
 /// Text listing the accepted layouts, for error messages.
 const LAYOUTS: &str = "expected one of:\n  \
      - a .tar.gz/.tgz file (the official cifar-10-binary.tar.gz)\n  \
      - a folder with train/ and test/ subfolders of <class>/*.{jpg,jpeg,png}\n  \
+     - a folder of <class>/*.{jpg,jpeg,png} folders (a share held out for testing: --val-split)\n  \
      - a folder with the official *_batch*.bin files, directly or in cifar-10-batches-bin/";
 
 /// Works out which layout `path` holds.
 ///
 /// * a file named `*.tar.gz` or `*.tgz` → [`Source::Tarball`];
 /// * a folder with `train/` and `test/` subfolders → [`Source::ImageFolders`];
+/// * a folder of class folders holding images → [`Source::ClassFolders`]
+///   with [`DEFAULT_VAL_SPLIT`];
 /// * a folder with `*_batch*.bin` files, directly or in `cifar-10-batches-bin/`
 ///   → [`Source::BinaryDir`] (holding `path` itself);
 /// * anything else is an error naming `path` and listing these layouts.
@@ -252,9 +297,15 @@ pub fn detect(path: &Path) -> Result<Source> {
         if has_batch_files(path)? || (sub.is_dir() && has_batch_files(&sub)?) {
             return Ok(Source::BinaryDir(path.to_path_buf()));
         }
+        if folders::is_flat_layout(path) {
+            return Ok(Source::ClassFolders {
+                root: path.to_path_buf(),
+                val_split: DEFAULT_VAL_SPLIT,
+            });
+        }
     }
     bail!(
-        "{} is not a CIFAR-10 dataset in a known layout; {LAYOUTS}",
+        "{} is not a data set in a known layout; {LAYOUTS}",
         path.display()
     )
 }
@@ -281,7 +332,10 @@ pub fn load(source: &Source, split: Split) -> Result<Dataset> {
     match source {
         Source::BinaryDir(dir) => load_binary_dir(dir, split),
         Source::Tarball(path) => load_tarball(path, split),
-        Source::ImageFolders(root) => load_image_folders(root, split),
+        Source::ImageFolders(root) => folders::load_split_folders(root, split),
+        Source::ClassFolders { root, val_split } => {
+            folders::load_flat_folders(root, *val_split, split)
+        }
     }
 }
 
@@ -361,7 +415,7 @@ fn load_binary_dir(dir: &Path, split: Split) -> Result<Dataset> {
         dir.display(),
         missing.join(", ")
     );
-    let mut out = Dataset::default();
+    let mut out = Dataset::cifar10();
     for path in &paths {
         let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         append_records(&bytes, &mut out).with_context(|| format!("reading {}", path.display()))?;
@@ -411,135 +465,13 @@ fn load_tarball(path: &Path, split: Split) -> Result<Dataset> {
         path.display(),
         missing.join(", ")
     );
-    let mut out = Dataset::default();
+    let mut out = Dataset::cifar10();
     for name in wanted {
         let (entry_path, bytes) = &found[name];
         append_records(bytes, &mut out)
             .with_context(|| format!("reading {} in {}", entry_path.display(), path.display()))?;
     }
     Ok(out)
-}
-
-// ---------------------------------------------------------------------------
-// Image folders
-// ---------------------------------------------------------------------------
-
-/// Lists `root/<split>/<class>/*.{jpg,jpeg,png}` as `(path, label)`, classes in
-/// label order and files sorted by name within each class. Anything else in
-/// the split or class folders is an error.
-fn list_image_files(root: &Path, split: Split) -> Result<Vec<(PathBuf, u8)>> {
-    let split_dir = root.join(split.name());
-    ensure!(
-        split_dir.is_dir(),
-        "missing split folder {} (expected {}/<class>/*.{{jpg,jpeg,png}})",
-        split_dir.display(),
-        split_dir.display()
-    );
-    let ctx = |p: &Path| format!("reading {}", p.display());
-
-    let mut class_dirs: Vec<(u8, PathBuf)> = Vec::new();
-    for entry in fs::read_dir(&split_dir).with_context(|| ctx(&split_dir))? {
-        let path = entry.with_context(|| ctx(&split_dir))?.path();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-        let label = name
-            .as_deref()
-            .and_then(|n| CLASSES.iter().position(|c| *c == n));
-        match label {
-            Some(label) if path.is_dir() => class_dirs.push((label as u8, path)),
-            _ if path.is_dir() => bail!(
-                "unknown class folder {} (expected one of: {})",
-                path.display(),
-                CLASSES.join(", ")
-            ),
-            _ => bail!(
-                "unexpected file {} (a split folder may only hold class folders: {})",
-                path.display(),
-                CLASSES.join(", ")
-            ),
-        }
-    }
-    class_dirs.sort_by_key(|(label, _)| *label);
-    let missing: Vec<&str> = CLASSES
-        .iter()
-        .enumerate()
-        .filter(|(c, _)| !class_dirs.iter().any(|(l, _)| *l as usize == *c))
-        .map(|(_, name)| *name)
-        .collect();
-    if !missing.is_empty() && !class_dirs.is_empty() {
-        eprintln!(
-            "warning: {} has no folder for {}: those classes have no {} images",
-            split_dir.display(),
-            missing.join(", "),
-            split.name()
-        );
-    }
-
-    let mut files = Vec::new();
-    for (label, dir) in class_dirs {
-        let mut class_files = Vec::new();
-        for entry in fs::read_dir(&dir).with_context(|| ctx(&dir))? {
-            let path = entry.with_context(|| ctx(&dir))?.path();
-            let ext_ok = path
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)));
-            ensure!(
-                ext_ok && path.is_file(),
-                "unexpected entry {} (a class folder may only hold .jpg, .jpeg or .png files)",
-                path.display()
-            );
-            class_files.push(path);
-        }
-        ensure!(
-            !class_files.is_empty(),
-            "class folder {} holds no images (remove it, or add .jpg/.jpeg/.png files)",
-            dir.display()
-        );
-        class_files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
-        files.extend(class_files.into_iter().map(|p| (p, label)));
-    }
-    ensure!(
-        !files.is_empty(),
-        "split folder {} holds no images",
-        split_dir.display()
-    );
-    Ok(files)
-}
-
-/// Reads and decodes one image file into `out` (`IMAGE_BYTES` long) as RGB8 HWC.
-fn decode_image(path: &Path, out: &mut [u8]) -> Result<()> {
-    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let decode = || -> Result<image::DynamicImage> {
-        Ok(image::ImageReader::new(Cursor::new(bytes))
-            .with_guessed_format()?
-            .decode()?)
-    };
-    let img = decode().with_context(|| format!("decoding {}", path.display()))?;
-    let (w, h) = (img.width(), img.height());
-    ensure!(
-        (w as usize, h as usize) == (SIDE, SIDE),
-        "{} is {w}x{h}, expected {SIDE}x{SIDE}",
-        path.display()
-    );
-    out.copy_from_slice(img.into_rgb8().as_raw());
-    Ok(())
-}
-
-fn load_image_folders(root: &Path, split: Split) -> Result<Dataset> {
-    let files = list_image_files(root, split)?;
-    let mut images = vec![0u8; files.len() * IMAGE_BYTES];
-    // Decode in parallel; report the first failure in file order so errors are
-    // deterministic too.
-    let first_error = images
-        .par_chunks_mut(IMAGE_BYTES)
-        .zip(&files)
-        .map(|(out, (path, _))| decode_image(path, out))
-        .find_first(Result::is_err);
-    if let Some(Err(err)) = first_error {
-        return Err(err);
-    }
-    let labels = files.into_iter().map(|(_, label)| label).collect();
-    Ok(Dataset { images, labels })
 }
 
 // ---------------------------------------------------------------------------
@@ -935,23 +867,27 @@ mod tests {
     }
 
     /// Train: cat/{b.png, a.png, c.jpg}, airplane/{z.png, 1.JPEG}; test: truck/t.png.
+    /// `train/{airplane,cat}` with 5 images each (mixed formats, names out
+    /// of order), `test/{airplane,cat}` with one each.
     fn write_image_folders(root: &Path) {
-        let cat = root.join("train/cat");
-        let airplane = root.join("train/airplane");
-        let truck = root.join("test/truck");
-        for d in [&cat, &airplane, &truck] {
-            fs::create_dir_all(d).unwrap();
+        for (class, base) in [("airplane", 10u8), ("cat", 20)] {
+            let train = root.join("train").join(class);
+            let test = root.join("test").join(class);
+            fs::create_dir_all(&train).unwrap();
+            fs::create_dir_all(&test).unwrap();
+            for (k, name) in ["e.png", "b.png", "d.png", "a.png"].iter().enumerate() {
+                rgb(base + k as u8, 32, 32).save(train.join(name)).unwrap();
+            }
+            let mut jpeg = Vec::new();
+            rgb(base + 9, 32, 32)
+                .write_to(
+                    &mut std::io::Cursor::new(&mut jpeg),
+                    image::ImageFormat::Jpeg,
+                )
+                .unwrap();
+            fs::write(train.join("c.JPEG"), jpeg).unwrap();
+            rgb(base + 5, 32, 32).save(test.join("t.png")).unwrap();
         }
-        rgb(1, 32, 32).save(cat.join("b.png")).unwrap();
-        rgb(2, 32, 32).save(cat.join("a.png")).unwrap();
-        rgb(3, 32, 32).save(cat.join("c.jpg")).unwrap();
-        rgb(4, 32, 32).save(airplane.join("z.png")).unwrap();
-        let mut jpeg = Vec::new();
-        rgb(5, 32, 32)
-            .write_to(&mut Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
-            .unwrap();
-        fs::write(airplane.join("1.JPEG"), jpeg).unwrap();
-        rgb(6, 32, 32).save(truck.join("t.png")).unwrap();
     }
 
     #[test]
@@ -962,35 +898,37 @@ mod tests {
         assert_eq!(source, Source::ImageFolders(tmp.path().to_path_buf()));
 
         let train = load(&source, Split::Train).unwrap();
-        assert_eq!(train.labels, [0, 0, 3, 3, 3]);
-        // airplane: 1.JPEG, z.png; cat: a.png, b.png, c.jpg
-        assert_eq!(train.image(1), rgb(4, 32, 32).as_raw().as_slice());
-        assert_eq!(train.image(2), rgb(2, 32, 32).as_raw().as_slice());
-        assert_eq!(train.image(3), rgb(1, 32, 32).as_raw().as_slice());
+        assert_eq!(train.classes, ["airplane", "cat"]);
+        assert_eq!(train.labels, [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]);
+        // airplane: a.png (seed 13), b.png (11), c.JPEG (19), d.png (12), e.png (10)
+        assert_eq!(train.image(0), rgb(13, 32, 32).as_raw().as_slice());
+        assert_eq!(train.image(1), rgb(11, 32, 32).as_raw().as_slice());
+        assert_eq!(train.image(4), rgb(10, 32, 32).as_raw().as_slice());
+        assert_eq!(train.image(9), rgb(20, 32, 32).as_raw().as_slice());
         // JPEG is lossy: only check it is close.
-        for (i, seed) in [(0, 5), (4, 3)] {
-            let want = rgb(seed, 32, 32);
-            let err: f64 = train
-                .image(i)
-                .iter()
-                .zip(want.as_raw())
-                .map(|(&a, &b)| f64::from(a.abs_diff(b)))
-                .sum::<f64>()
-                / IMAGE_BYTES as f64;
-            assert!(err < 20.0, "image {i}: mean abs error {err}");
-        }
+        let err: f64 = train
+            .image(2)
+            .iter()
+            .zip(rgb(19, 32, 32).as_raw())
+            .map(|(&a, &b)| f64::from(a.abs_diff(b)))
+            .sum::<f64>()
+            / IMAGE_BYTES as f64;
+        assert!(err < 20.0, "mean abs error {err}");
 
         let test = load(&source, Split::Test).unwrap();
-        assert_eq!(test.labels, [9]);
-        assert_eq!(test.image(0), rgb(6, 32, 32).as_raw().as_slice());
+        assert_eq!(
+            (test.labels.clone(), test.classes.clone()),
+            (vec![0, 1], train.classes)
+        );
+        assert_eq!(test.image(1), rgb(25, 32, 32).as_raw().as_slice());
     }
 
     #[test]
     fn image_folders_convert_gray_and_rgba() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("test/frog");
-        fs::create_dir_all(&dir).unwrap();
-        fs::create_dir_all(tmp.path().join("train")).unwrap();
+        write_image_folders(tmp.path());
+        let dir = tmp.path().join("test/cat");
+        fs::remove_file(dir.join("t.png")).unwrap();
         image::GrayImage::from_fn(32, 32, |x, y| image::Luma([(x + y) as u8]))
             .save(dir.join("a.png"))
             .unwrap();
@@ -1001,77 +939,193 @@ mod tests {
             .save(dir.join("c.jpg"))
             .unwrap();
         let test = load(&detect(tmp.path()).unwrap(), Split::Test).unwrap();
-        assert_eq!(test.labels, [6, 6, 6]);
+        assert_eq!(test.labels, [0, 1, 1, 1]);
         let p = (5 * 32 + 3) * 3; // (x, y) = (3, 5)
-        assert_eq!(test.image(0)[p..p + 3], [8, 8, 8]);
-        assert_eq!(test.image(1)[p..p + 3], [3, 5, 7]);
-        assert!(test.image(2).iter().all(|&v| v.abs_diff(200) <= 2));
+        assert_eq!(test.image(1)[p..p + 3], [8, 8, 8]);
+        assert_eq!(test.image(2)[p..p + 3], [3, 5, 7]);
+        assert!(test.image(3).iter().all(|&v| v.abs_diff(200) <= 2));
+    }
+
+    /// Images of any size go through the board's preprocessing: the same
+    /// bytes as `shared::preprocess` on that image, and a 64x48 image of
+    /// 2x2 blocks becomes its centre 48x48 averaged.
+    #[test]
+    fn image_folders_take_any_size_through_the_board_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_image_folders(tmp.path());
+        let big = rgb(3, 64, 48);
+        big.save(tmp.path().join("test/cat/big.png")).unwrap();
+        let tiny = rgb(4, 8, 6);
+        tiny.save(tmp.path().join("test/cat/tiny.png")).unwrap();
+        let test = load(&detect(tmp.path()).unwrap(), Split::Test).unwrap();
+        assert_eq!(test.len(), 4);
+        let mut want = [0i8; shared::preprocess::INPUT_LEN];
+        let frame = shared::preprocess::Frame {
+            data: big.as_raw(),
+            width: 64,
+            height: 48,
+            format: shared::preprocess::PixelFormat::Rgb888,
+        };
+        shared::preprocess::preprocess(&frame, &mut want).unwrap();
+        let want: Vec<u8> = want.iter().map(|&q| (q as i16 + 128) as u8).collect();
+        assert_eq!(test.image(1), want.as_slice()); // big.png sorts first
+        assert_eq!(network_pixels(&tiny).unwrap().len(), IMAGE_BYTES);
+    }
+
+    #[test]
+    fn flat_class_folders_split_deterministically() {
+        let tmp = tempfile::tempdir().unwrap();
+        for (class, n) in [("ok", 10u8), ("damaged", 12)] {
+            let dir = tmp.path().join(class);
+            fs::create_dir_all(&dir).unwrap();
+            for k in 0..n {
+                rgb(k, 40, 40)
+                    .save(dir.join(format!("{k:02}.png")))
+                    .unwrap();
+            }
+        }
+        let source = detect(tmp.path()).unwrap();
+        assert_eq!(
+            source,
+            Source::ClassFolders {
+                root: tmp.path().to_path_buf(),
+                val_split: DEFAULT_VAL_SPLIT
+            }
+        );
+        let train = load(&source, Split::Train).unwrap();
+        let test = load(&source, Split::Test).unwrap();
+        assert_eq!(train.classes, ["damaged", "ok"]);
+        assert_eq!(train.class_counts(), [10, 8]);
+        assert_eq!(test.class_counts(), [2, 2]);
+        // No image in both, none lost, and the same split every time.
+        for i in 0..test.len() {
+            assert!((0..train.len()).all(|j| train.image(j) != test.image(i)));
+        }
+        assert_eq!(load(&source, Split::Test).unwrap(), test);
+        let half = Source::ClassFolders {
+            root: tmp.path().to_path_buf(),
+            val_split: 0.5,
+        };
+        assert_eq!(load(&half, Split::Test).unwrap().class_counts(), [6, 5]);
+        let bad = Source::ClassFolders {
+            root: tmp.path().to_path_buf(),
+            val_split: 1.0,
+        };
+        assert!(chain(&load(&bad, Split::Train).unwrap_err()).contains("--val-split"));
     }
 
     #[test]
     fn image_folders_errors_name_the_culprit() {
-        // Corrupt file.
         let tmp = tempfile::tempdir().unwrap();
         write_image_folders(tmp.path());
+        let source = Source::ImageFolders(tmp.path().to_path_buf());
+        let expect_err = |split: Split, needles: &[&str]| {
+            let msg = chain(&load(&source, split).unwrap_err());
+            for n in needles {
+                assert!(msg.contains(n), "{n:?} not in: {msg}");
+            }
+        };
+        // Corrupt file.
         let bad = tmp.path().join("train/cat/x.jpg");
         fs::write(&bad, [0x13u8, 0x37, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3]).unwrap();
-        let source = Source::ImageFolders(tmp.path().to_path_buf());
-        let msg = chain(&load(&source, Split::Train).unwrap_err());
-        assert!(msg.contains(&bad.display().to_string()), "{msg}");
+        expect_err(Split::Train, &[&bad.display().to_string()]);
         fs::remove_file(&bad).unwrap();
 
-        // Wrong size.
-        let small = tmp.path().join("train/cat/small.png");
-        rgb(0, 31, 32).save(&small).unwrap();
-        let msg = chain(&load(&source, Split::Train).unwrap_err());
-        assert!(msg.contains(&small.display().to_string()), "{msg}");
-        assert!(msg.contains("31x32"), "{msg}");
-        fs::remove_file(&small).unwrap();
-
-        // Unknown class folder.
-        let unknown = tmp.path().join("train/cats");
+        // A test class the training folder lacks.
+        let unknown = tmp.path().join("test/dog");
         fs::create_dir(&unknown).unwrap();
-        let msg = chain(&load(&source, Split::Train).unwrap_err());
-        assert!(msg.contains(&unknown.display().to_string()), "{msg}");
-        assert!(msg.contains("unknown class folder"), "{msg}");
-        fs::remove_dir(&unknown).unwrap();
+        rgb(0, 32, 32).save(unknown.join("a.png")).unwrap();
+        expect_err(
+            Split::Test,
+            &[&unknown.display().to_string(), "no counterpart"],
+        );
+        fs::remove_dir_all(&unknown).unwrap();
 
-        // Other extension in a class folder.
+        // Other extension in a class folder; stray file in the split folder.
         let txt = tmp.path().join("train/cat/notes.txt");
         fs::write(&txt, "hi").unwrap();
-        let msg = chain(&load(&source, Split::Train).unwrap_err());
-        assert!(msg.contains(&txt.display().to_string()), "{msg}");
+        expect_err(Split::Train, &[&txt.display().to_string()]);
         fs::remove_file(&txt).unwrap();
-
-        // Stray file in the split folder.
         let stray = tmp.path().join("train/labels.csv");
         fs::write(&stray, "x").unwrap();
-        let msg = chain(&load(&source, Split::Train).unwrap_err());
-        assert!(msg.contains(&stray.display().to_string()), "{msg}");
+        expect_err(Split::Train, &[&stray.display().to_string()]);
         fs::remove_file(&stray).unwrap();
 
         // Everything fine again.
-        assert_eq!(load(&source, Split::Train).unwrap().len(), 5);
+        assert_eq!(load(&source, Split::Train).unwrap().len(), 10);
 
-        // Empty and missing split folders.
+        // A class with no test images; an empty class folder; a missing split.
+        fs::remove_dir_all(tmp.path().join("test/cat")).unwrap();
+        expect_err(Split::Test, &["\"cat\" has no test images"]);
+        let cat = tmp.path().join("test/cat");
+        fs::create_dir_all(&cat).unwrap();
+        expect_err(
+            Split::Test,
+            &[&cat.display().to_string(), "holds no images"],
+        );
         fs::remove_dir_all(tmp.path().join("test")).unwrap();
-        let msg = chain(&load(&source, Split::Test).unwrap_err());
-        assert!(msg.contains("missing split folder"), "{msg}");
+        expect_err(Split::Test, &["missing split folder"]);
+    }
+
+    /// Data sets a classifier cannot be trained on: each error names the
+    /// folder (or the class) at fault.
+    #[test]
+    fn bad_class_sets_are_clear_errors() {
+        let make = |classes: &[&str], per: usize| {
+            let tmp = tempfile::tempdir().unwrap();
+            for c in classes {
+                for split in ["train", "test"] {
+                    let d = tmp.path().join(split).join(c);
+                    fs::create_dir_all(&d).unwrap();
+                    for k in 0..per {
+                        rgb(k as u8, 32, 32)
+                            .save(d.join(format!("{k}.png")))
+                            .unwrap();
+                    }
+                }
+            }
+            tmp
+        };
+        let err = |tmp: &tempfile::TempDir| {
+            chain(
+                &load(
+                    &Source::ImageFolders(tmp.path().to_path_buf()),
+                    Split::Train,
+                )
+                .unwrap_err(),
+            )
+        };
+        let one = make(&["only"], 5);
         assert!(
-            msg.contains(&tmp.path().join("test").display().to_string()),
-            "{msg}"
+            err(&one).contains("1 class folder(s) (only)"),
+            "{}",
+            err(&one)
         );
-        fs::create_dir_all(tmp.path().join("test")).unwrap();
-        let msg = chain(&load(&source, Split::Test).unwrap_err());
-        assert!(msg.contains("holds no images"), "{msg}");
-        // An empty class folder is an error naming it.
-        let ship = tmp.path().join("test/ship");
-        fs::create_dir_all(&ship).unwrap();
-        let msg = chain(&load(&source, Split::Test).unwrap_err());
+        let names: Vec<String> = (0..101).map(|k| format!("c{k:03}")).collect();
+        let many = make(&names.iter().map(String::as_str).collect::<Vec<_>>(), 1);
+        assert!(err(&many).contains("101 class folder(s)"), "{}", err(&many));
+        let few = make(&["a", "b"], 4);
         assert!(
-            msg.contains(&ship.display().to_string()) && msg.contains("holds no images"),
-            "{msg}"
+            err(&few).contains("\"a\"") && err(&few).contains("4 training image"),
+            "{}",
+            err(&few)
         );
+        let long = make(&["a", &"x".repeat(33)], 5);
+        assert!(err(&long).contains("1 to 32 bytes"), "{}", err(&long));
+        #[cfg(unix)]
+        {
+            use std::os::unix::ffi::OsStrExt;
+            let ok = make(&["a", "b"], 5);
+            let name = std::ffi::OsStr::from_bytes(b"caf\xe9");
+            let bad = ok.path().join("train").join(name);
+            fs::create_dir_all(&bad).unwrap();
+            assert!(err(&ok).contains("not valid UTF-8"), "{}", err(&ok));
+            assert!(
+                err(&ok).contains(&bad.display().to_string()),
+                "{}",
+                err(&ok)
+            );
+        }
     }
 
     #[test]
@@ -1102,6 +1156,7 @@ mod tests {
         let d = Dataset {
             images: (0..6).flat_map(|i| vec![i as u8; IMAGE_BYTES]).collect(),
             labels: vec![0, 0, 1, 1, 2, 2],
+            ..Dataset::cifar10()
         };
         assert!(!d.is_empty());
         assert_eq!(d.subsample(10), d);
