@@ -21,4 +21,5 @@ pub use bench::peer;
 pub use int8::{camera, export, quantize, ship};
 pub use train::{
     agreement, augment, camera_aug, checkpoint, data, model, ops, optim, resident, schedule,
+    transfer,
 };

@@ -196,6 +196,15 @@ struct TrainArgs {
     /// Continue the run in --run-dir from its last checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Start from this checkpoint's backbone (`default`: the float
+    /// checkpoint of the shipped model), with a new head for the data set's
+    /// classes.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Epochs at the start that train only the new head (default: the
+    /// recipe's; `finetune` uses 2).
+    #[arg(long)]
+    freeze_epochs: Option<usize>,
     /// Use only N training images, spread evenly over the set (quick checks).
     #[arg(long)]
     train_limit: Option<usize>,
@@ -540,6 +549,15 @@ fn run_train(a: TrainArgs) -> Result<()> {
         TrainConfig::from_recipe(a.recipe, train_set.len(), a.epochs, a.batch_size, a.lr)?;
     cfg.arch = arch;
     cfg.arch.classes = train_set.classes.len();
+    cfg.init = a.init.as_deref().map(checkpoint_path);
+    if let Some(k) = a.freeze_epochs {
+        cfg.freeze_epochs = k;
+    }
+    anyhow::ensure!(
+        cfg.init.is_some() || (a.recipe != Recipe::Finetune && cfg.freeze_epochs == 0),
+        "--recipe finetune and --freeze-epochs start from trained weights: add --init default (the shipped \
+         model's checkpoint) or --init <run>/checkpoint.safetensors"
+    );
     print_class_counts(&train_set, &test_set);
     cfg.seed = a.seed;
     let run_dir = a.run_dir.unwrap_or_else(|| {

@@ -13,5 +13,6 @@ pub mod optim;
 pub mod resident;
 mod run;
 pub mod schedule;
+pub mod transfer;
 
 pub use run::*;

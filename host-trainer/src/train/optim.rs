@@ -81,12 +81,26 @@ impl Sgd {
 
     /// Applies one update with learning rate `lr`.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        self.step_where(grads, lr, |_| true)
+    }
+
+    /// [`step`](Self::step) for the parameters whose name passes `train`
+    /// only; the others (and their momentum) are left as they are.
+    pub fn step_where(
+        &mut self,
+        grads: &GradStore,
+        lr: f64,
+        train: impl Fn(&str) -> bool,
+    ) -> Result<()> {
         let SgdConfig {
             momentum,
             nesterov,
             weight_decay,
         } = self.cfg;
         for (name, p) in self.params.iter_mut() {
+            if !train(name) {
+                continue;
+            }
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };

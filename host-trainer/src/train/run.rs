@@ -41,6 +41,9 @@ pub enum Recipe {
     /// The previous default: as `default` but a 1-epoch warm-up then linear
     /// decay to 0, crop + flip only, 30 epochs.
     Linear,
+    /// Fine-tuning from `--init` on a small data set: as `default` but lr
+    /// 0.01, batch 32, 15 epochs, the first 2 training only the new head.
+    Finetune,
     /// The article's Momentum run: lr 0.01, momentum 0.9, batch 64, 5 epochs.
     SeedMomentum,
     /// The article's SGD run: lr 0.1 ×0.1 every 4000 iterations, batch 64, 10 epochs.
@@ -69,6 +72,12 @@ pub struct TrainConfig {
     /// Camera augmentations on top of crop + flip (when `augment`).
     #[serde(default)]
     pub camera: Option<CameraAug>,
+    /// Checkpoint whose backbone the run starts from (`--init`).
+    #[serde(default)]
+    pub init: Option<PathBuf>,
+    /// Epochs at the start that train only the FC head.
+    #[serde(default)]
+    pub freeze_epochs: usize,
     /// Seed for initialization, shuffling and augmentation.
     pub seed: u64,
 }
@@ -86,11 +95,13 @@ impl TrainConfig {
         let (def_epochs, def_batch) = match recipe {
             Recipe::Default => (100, 128),
             Recipe::Linear => (30, 128),
+            Recipe::Finetune => (15, 32),
             Recipe::SeedMomentum => (5, 64),
             Recipe::SeedSgdStep => (10, 64),
         };
         let epochs = epochs.unwrap_or(def_epochs);
-        let batch_size = batch_size.unwrap_or(def_batch);
+        // A set smaller than the recipe's batch trains in one batch.
+        let batch_size = batch_size.unwrap_or(def_batch.min(train_len.max(2)));
         ensure!(epochs > 0, "--epochs must be at least 1");
         if let Some(lr) = lr {
             ensure!(
@@ -118,6 +129,18 @@ impl TrainConfig {
                         gamma: 0.1,
                     },
                     warmup: (2 * per_epoch).min(total / 4),
+                },
+                0.1,
+            ),
+            Recipe::Finetune => (
+                NESTEROV,
+                Schedule {
+                    base_lr: lr.unwrap_or(0.01),
+                    decay: Decay::Milestones {
+                        at: vec![total / 2, total * 3 / 4],
+                        gamma: 0.1,
+                    },
+                    warmup: 0,
                 },
                 0.1,
             ),
@@ -169,7 +192,9 @@ impl TrainConfig {
             schedule,
             label_smoothing,
             augment: true,
-            camera: (recipe == Recipe::Default).then(CameraAug::standard),
+            camera: matches!(recipe, Recipe::Default | Recipe::Finetune).then(CameraAug::standard),
+            init: None,
+            freeze_epochs: if recipe == Recipe::Finetune { 2 } else { 0 },
             seed: 0,
         })
     }
@@ -405,6 +430,18 @@ fn open_run(
             opts.run_dir.display()
         );
         let trainee = Trainee::new(&cfg.arch, cfg.seed, device)?;
+        if let Some(init) = &cfg.init {
+            let n = crate::transfer::init_from(&trainee, cfg, init, device)?;
+            eprintln!(
+                "init: {n} backbone tensors from {}, a new head for {} classes{}",
+                init.display(),
+                cfg.arch.classes,
+                match cfg.freeze_epochs {
+                    0 => String::new(),
+                    k => format!("; epochs 1-{k} train only the head"),
+                }
+            );
+        }
         let opt = Sgd::new(trainee.named_vars(), cfg.sgd);
         return Ok(RunState {
             trainee,
@@ -591,7 +628,8 @@ fn train_epoch(
         let loss = smoothed_cross_entropy(&logits, &y, cfg.label_smoothing)?;
         sums.add(&loss, &logits, &y)?;
         let grads = loss.backward()?;
-        run.opt.step(&grads, lr)?;
+        run.opt
+            .step_where(&grads, lr, |n| crate::transfer::trains(cfg, epoch, n))?;
         run.iteration += 1;
         seen += idx.len();
         if (step + 1) % sync_every != 0 && step + 1 != steps {
@@ -1114,6 +1152,65 @@ mod tests {
         run_cpu(tiny_config(3), train_set, test_set, dir, false, Some(1)).unwrap();
     }
 
+    /// `--init`: the backbone comes from the checkpoint, the head is new
+    /// and sized to the new classes; a frozen epoch moves only the head
+    /// (and the BN statistics); a later epoch moves everything. A
+    /// checkpoint of another architecture is an error naming it.
+    #[test]
+    fn init_copies_the_backbone_and_freezing_trains_only_the_head() {
+        let (train_set, test_set) = toy_sets();
+        let src = tempfile::tempdir().unwrap();
+        one_epoch(src.path(), &train_set, &test_set);
+        let init = src.path().join("checkpoint.safetensors");
+        let source =
+            model_from_checkpoint(&load_checkpoint(&init, &Device::Cpu).unwrap(), &Device::Cpu)
+                .unwrap();
+        let (three, three_test) = (
+            crate::data::synthetic(48, 3, 7),
+            crate::data::synthetic(24, 3, 8),
+        );
+        let mut cfg = tiny_config(2);
+        cfg.arch.classes = 3;
+        cfg.init = Some(init.clone());
+        cfg.freeze_epochs = 1;
+        let dir = tempfile::tempdir().unwrap();
+        let frozen = run_cpu(cfg.clone(), &three, &three_test, dir.path(), false, Some(1)).unwrap();
+        let before = weights(&source);
+        let after = weights(&frozen.trainee);
+        let conv =
+            |w: &[(String, Vec<f32>)], n: &str| w.iter().find(|(k, _)| k == n).unwrap().1.clone();
+        assert_eq!(
+            conv(&after, "stem.conv.weight"),
+            conv(&before, "stem.conv.weight")
+        );
+        assert_eq!(conv(&after, "fc.weight").len(), 3 * 8);
+        assert_ne!(conv(&after, "fc.bias"), vec![0.0; 3]);
+        let thawed = run_cpu(cfg.clone(), &three, &three_test, dir.path(), true, None).unwrap();
+        assert_ne!(
+            conv(&weights(&thawed.trainee), "stem.conv.weight"),
+            conv(&before, "stem.conv.weight")
+        );
+
+        let mut other = cfg;
+        other.arch.widths = vec![4, 16];
+        let e = format!(
+            "{:#}",
+            run_cpu(
+                other,
+                &three,
+                &three_test,
+                tempfile::tempdir().unwrap().path(),
+                false,
+                None
+            )
+            .unwrap_err()
+        );
+        assert!(
+            e.contains("--init") && e.contains(&init.display().to_string()) && e.contains("widths"),
+            "{e}"
+        );
+    }
+
     /// The committed float checkpoint: weights and BN statistics only,
     /// the same eval logits, its provenance kept, and no resume from it.
     #[test]
@@ -1339,7 +1436,17 @@ mod tests {
             (m.epochs, m.batch_size, m.sgd.momentum, m.schedule.base_lr),
             (5, 64, 0.9, 0.01)
         );
-        assert!(TrainConfig::from_recipe(Recipe::Default, 10, None, None, None).is_err());
+        // A set smaller than the recipe's batch is one batch; an explicit
+        // batch larger than the set, or a one-image set, is an error.
+        let small = TrainConfig::from_recipe(Recipe::Default, 10, None, None, None).unwrap();
+        assert_eq!(small.batch_size, 10);
+        assert!(TrainConfig::from_recipe(Recipe::Default, 10, None, Some(16), None).is_err());
+        assert!(TrainConfig::from_recipe(Recipe::Default, 1, None, None, None).is_err());
+        let f = TrainConfig::from_recipe(Recipe::Finetune, 450, None, None, None).unwrap();
+        assert_eq!(
+            (f.epochs, f.batch_size, f.freeze_epochs, f.schedule.base_lr),
+            (15, 32, 2, 0.01)
+        );
         // The default: step decay, 390 steps per epoch, 100 epochs.
         let d = TrainConfig::from_recipe(Recipe::Default, 50_000, None, None, None).unwrap();
         assert_eq!((d.epochs, d.batch_size), (100, 128));
