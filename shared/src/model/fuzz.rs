@@ -106,8 +106,12 @@ fn mutate(base: &[u8], hot: usize, rng: &mut Rng) -> (Vec<u8>, String) {
                     b.insert(p, rng.next() as u8);
                 }
             }
-            let len = b.len() as u32;
-            b[8..12].copy_from_slice(&len.to_le_bytes());
+            let head = b.first_chunk().expect("at least a header is kept");
+            let h = format::Header {
+                total_len: b.len() as u32,
+                ..format::Header::decode(head)
+            };
+            b[..HEADER_LEN].copy_from_slice(&h.encode());
             ("resize, length and CRC fixed", true)
         }
         4 | 5 => {
@@ -135,9 +139,8 @@ fn mutate(base: &[u8], hot: usize, rng: &mut Rng) -> (Vec<u8>, String) {
             ("field writes, CRC fixed", true)
         }
     };
-    if fix_crc && b.len() >= 16 {
-        let crc = crc32(&b[16..]);
-        b[12..16].copy_from_slice(&crc.to_le_bytes());
+    if fix_crc && b.len() >= format::CRC_FROM {
+        format::seal(&mut b);
     }
     (b, String::from(kind))
 }

@@ -6,11 +6,9 @@
 //! Lengths are computed in `u64` before any `usize` product, so a blob
 //! cannot overflow the 32-bit target's arithmetic.
 
-use super::{
-    overlaps, span, u16_at, u32_at, Layer, LayerKind, Model, ModelError, LAYER_RECORD_LEN,
-    TENSOR_RECORD_LEN,
-};
-use crate::kernels::{conv2d_s8_validate, Dims, IM2COL_COLUMNS};
+use super::format::LayerRecord;
+use super::{overlaps, span, Layer, LayerKind, Model, ModelError};
+use crate::kernels::{conv2d_s8_scratch_len, conv2d_s8_validate, Dims, IM2COL_COLUMNS};
 use crate::preprocess::{INPUT_CHANNELS, INPUT_SIZE};
 
 /// Whether `m` is a valid requantization multiplier: `[2^30, 2^31)` or 0
@@ -18,6 +16,10 @@ use crate::preprocess::{INPUT_CHANNELS, INPUT_SIZE};
 fn multiplier_ok(m: i32) -> bool {
     m == 0 || m >= 1 << 30
 }
+
+// `IM2COL_COLUMNS * taps` fits a `usize` for any `taps` of a slice length
+// (at most `isize::MAX`): the validator relies on it.
+const _: () = assert!(IM2COL_COLUMNS <= 2);
 
 /// Where a read tensor's contents come from.
 enum Source {
@@ -65,9 +67,8 @@ impl Model<'_> {
 
     fn validate_tensor(&self, t: u16) -> Result<(), ModelError> {
         let bad = |field| ModelError::Tensor { index: t, field };
-        let at = self.tensors_at + t as usize * TENSOR_RECORD_LEN;
-        let b = self.blob;
-        if u16_at(b, at + 6) != 0 || u32_at(b, at + 12) != 0 {
+        let r = self.tensor_record(t);
+        if r.reserved_a != 0 || r.reserved_b != 0 {
             return Err(bad("reserved"));
         }
         let info = self.tensor_at(t);
@@ -95,8 +96,8 @@ impl Model<'_> {
     fn validate_layer(&self, i: u16, layer: &Layer<'_>) -> Result<(), ModelError> {
         let bad = |field| ModelError::Layer { index: i, field };
         let kernel = |error| ModelError::Kernel { index: i, error };
-        let rec = &self.blob[self.layers_at + i as usize * LAYER_RECORD_LEN..];
-        if rec[9..12].iter().chain(&rec[18..20]).any(|&x| x != 0) {
+        let r = LayerRecord::decode(self.layer_bytes(i));
+        if r.reserved_a != [0; 3] || r.reserved_b != 0 {
             return Err(bad("reserved"));
         }
         let in0 = self.tensor(layer.input).ok_or(bad("input"))?;
@@ -127,7 +128,10 @@ impl Model<'_> {
                 if taps * out.dims.c as u64 != conv.filter.len() as u64 {
                     return Err(bad("filter"));
                 }
-                if taps * IM2COL_COLUMNS as u64 > self.scratch_len as u64 {
+                // The filter holds `taps` bytes per output channel, so
+                // `taps` fits a slice length and the scratch formula cannot
+                // overflow (see the assertion on `IM2COL_COLUMNS` above).
+                if conv2d_s8_scratch_len(p, in0.dims.c) > self.scratch_len {
                     return Err(bad("scratch"));
                 }
                 // The fast kernel sizes its widened input from the padding:
@@ -258,10 +262,7 @@ impl Model<'_> {
 
     /// The output tensor index of layer `j` (a validated layer).
     fn output_of(&self, j: u16) -> u16 {
-        u16_at(
-            self.blob,
-            self.layers_at + j as usize * LAYER_RECORD_LEN + 16,
-        )
+        LayerRecord::decode(self.layer_bytes(j)).output
     }
 }
 
@@ -270,6 +271,7 @@ pub(super) mod tests {
     //! `parse` on small hand-built blobs: a valid residual network, and
     //! each defect a CRC-valid blob can carry, one at a time.
 
+    use super::super::format::{self, Header, LayerRecord, TensorRecord};
     use super::super::*;
     use crate::kernels::testutil::{ref_clamp, ref_requant};
     use crate::kernels::{AddParams, IM2COL_COLUMNS};
@@ -334,64 +336,54 @@ pub(super) mod tests {
 
         pub(in crate::model) fn bytes(&self) -> Vec<u8> {
             let meta = b"model=hand-built\n";
-            let meta_at = HEADER_LEN;
-            let tensors_at = (meta_at + meta.len()).next_multiple_of(4);
-            let layers_at = tensors_at + self.tensors.len() * TENSOR_RECORD_LEN;
-            let data_at = layers_at + self.layers.len() * LAYER_RECORD_LEN;
-            let total = data_at + self.data.len();
-            let mut b = Vec::with_capacity(total);
-            b.extend_from_slice(&MAGIC);
-            b.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-            b.extend_from_slice(&(HEADER_LEN as u16).to_le_bytes());
-            b.extend_from_slice(&(total as u32).to_le_bytes());
-            b.extend_from_slice(&0u32.to_le_bytes());
-            b.extend_from_slice(&self.arena.to_le_bytes());
-            b.extend_from_slice(&self.scratch.to_le_bytes());
-            for v in [
-                self.tensors.len() as u16,
-                self.layers.len() as u16,
-                self.input,
-                self.output,
-            ] {
-                b.extend_from_slice(&v.to_le_bytes());
-            }
-            let (data_len, meta_len) = (self.data.len(), meta.len());
-            for v in [
-                meta_at, meta_len, tensors_at, layers_at, data_at, data_len, 0, 0,
-            ] {
-                b.extend_from_slice(&(v as u32).to_le_bytes());
-            }
+            let h = Header {
+                arena_len: self.arena,
+                scratch_len: self.scratch,
+                input: self.input,
+                output: self.output,
+                ..Header::layout(
+                    meta.len(),
+                    self.tensors.len() as u16,
+                    self.layers.len() as u16,
+                    self.data.len(),
+                )
+                .unwrap()
+            };
+            let mut b = h.encode().to_vec();
             b.extend_from_slice(meta);
-            b.resize(tensors_at, 0);
+            b.resize(h.tensors_at as usize, 0);
             for t in &self.tensors {
-                for v in [t.dims[0], t.dims[1], t.dims[2], 0] {
-                    b.extend_from_slice(&v.to_le_bytes());
-                }
-                b.extend_from_slice(&t.offset.to_le_bytes());
-                b.extend_from_slice(&0u32.to_le_bytes());
-                b.extend_from_slice(&t.scale.to_bits().to_le_bytes());
-                b.extend_from_slice(&t.zp.to_le_bytes());
+                b.extend_from_slice(&TensorRecord::new(t.dims, t.offset, t.scale, t.zp).encode());
             }
             for l in &self.layers {
-                let mut r = [0u8; LAYER_RECORD_LEN];
-                r[0] = l.op as u8;
-                r[1..7].copy_from_slice(&l.geom);
-                (r[7], r[8]) = (l.act.0 as u8, l.act.1 as u8);
-                r[12..14].copy_from_slice(&l.io.0.to_le_bytes());
-                r[14..16].copy_from_slice(&l.io.1.to_le_bytes());
-                r[16..18].copy_from_slice(&l.io.2.to_le_bytes());
-                r[20..24].copy_from_slice(&l.offsets.0.to_le_bytes());
-                r[24..28].copy_from_slice(&l.offsets.1.to_le_bytes());
-                for (k, v) in l.data.iter().enumerate() {
-                    r[28 + 4 * k..32 + 4 * k].copy_from_slice(&v.to_le_bytes());
-                }
-                r[48..52].copy_from_slice(b"test");
-                b.extend_from_slice(&r);
+                let [filter, filter_len, bias, multiplier, shift] = l.data;
+                let r = LayerRecord {
+                    kernel_h: l.geom[0],
+                    kernel_w: l.geom[1],
+                    stride_h: l.geom[2],
+                    stride_w: l.geom[3],
+                    pad_h: l.geom[4],
+                    pad_w: l.geom[5],
+                    act_min: l.act.0,
+                    act_max: l.act.1,
+                    input: l.io.0,
+                    input2: l.io.1,
+                    output: l.io.2,
+                    input_offset: l.offsets.0,
+                    output_offset: l.offsets.1,
+                    filter,
+                    filter_len,
+                    bias,
+                    multiplier,
+                    shift,
+                    name: format::name_field("test").unwrap(),
+                    ..LayerRecord::new(l.op)
+                };
+                b.extend_from_slice(&r.encode());
             }
             b.extend_from_slice(&self.data);
-            assert_eq!(b.len(), total);
-            let crc = crc32(&b[16..]);
-            b[12..16].copy_from_slice(&crc.to_le_bytes());
+            assert_eq!(b.len(), h.total_len as usize);
+            format::seal(&mut b);
             b
         }
     }
@@ -838,8 +830,7 @@ pub(super) mod tests {
         );
         let mut bytes = residual().bytes();
         bytes[60] = 1;
-        let crc = crc32(&bytes[16..]);
-        bytes[12..16].copy_from_slice(&crc.to_le_bytes());
+        format::seal(&mut bytes);
         assert_eq!(
             with_model(&bytes, |r| r.err()),
             Some(ModelError::Header { field: "reserved" })
