@@ -459,7 +459,7 @@ mod tests {
             let typical = 128.0 * 64.0 * (taps as f64).sqrt();
             let (mult, shift): (Vec<i32>, Vec<i32>) = (0..out_c)
                 .map(|_| {
-                    let f = (rng.next() % 1000) as f64 / 250.0 + 0.1;
+                    let f = (rng.next_u64() % 1000) as f64 / 250.0 + 0.1;
                     crate::quant::quantize_multiplier(f * 100.0 / typical)
                 })
                 .unzip();
