@@ -31,6 +31,7 @@ pub mod format;
 #[cfg(test)]
 mod fuzz;
 mod generated;
+mod top1;
 mod validate;
 
 pub use format::{
@@ -40,6 +41,7 @@ pub use format::{
 use format::{Header, LayerRecord, TensorRecord, CRC_FROM};
 
 pub use generated::{ARENA_LEN, BLOB, SCRATCH_LEN, SCRATCH_LEN_FAST};
+pub use top1::{argmax, top1};
 
 /// An `i16` scratch buffer with 4-byte alignment, so the fast conv reads
 /// its columns with aligned word loads (it realigns any other buffer by one
