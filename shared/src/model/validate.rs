@@ -7,8 +7,12 @@
 //! cannot overflow the 32-bit target's arithmetic.
 
 use super::format::LayerRecord;
-use super::{overlaps, span, Layer, LayerKind, Model, ModelError};
-use crate::kernels::{conv2d_s8_scratch_len, conv2d_s8_validate, Dims, IM2COL_COLUMNS};
+use super::{overlaps, span, Layer, LayerKind, Model, ModelError, TensorInfo};
+use crate::error::Error;
+use crate::kernels::{
+    conv2d_s8_scratch_len, conv2d_s8_validate, AddParams, Conv2d, Dims, FullyConnected, PoolParams,
+    IM2COL_COLUMNS,
+};
 use crate::preprocess::{INPUT_CHANNELS, INPUT_SIZE};
 
 /// Whether `m` is a valid requantization multiplier: `[2^30, 2^31)` or 0
@@ -29,6 +33,108 @@ enum Source {
     Unwritten,
     /// This layer's output overwrote it in the arena after it was written.
     Overwritten(u16),
+}
+
+/// Layer `i` with its input and output tensors, for the checks of
+/// its parameters.
+struct LayerCheck {
+    i: u16,
+    in0: TensorInfo,
+    out: TensorInfo,
+}
+
+impl LayerCheck {
+    fn bad(&self, field: &'static str) -> ModelError {
+        ModelError::Layer {
+            index: self.i,
+            field,
+        }
+    }
+
+    fn kernel(&self, error: Error) -> ModelError {
+        ModelError::Kernel {
+            index: self.i,
+            error,
+        }
+    }
+
+    /// A conv's or FC's offsets agree with its tensors' zero points.
+    fn offsets(&self, input: i32, output: i32) -> Result<(), ModelError> {
+        if input != -self.in0.zero_point {
+            Err(self.bad("input_offset"))
+        } else if output != self.out.zero_point {
+            Err(self.bad("output_offset"))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Every per-channel multiplier is in range.
+    fn multipliers(&self, m: &[i32]) -> Result<(), ModelError> {
+        if m.iter().all(|&m| multiplier_ok(m)) {
+            Ok(())
+        } else {
+            Err(self.bad("multiplier"))
+        }
+    }
+
+    fn validate_pool(&self, p: &PoolParams) -> Result<(), ModelError> {
+        let (in0, out) = (&self.in0, &self.out);
+        p.validate_dims(in0.dims, out.dims)
+            .map_err(|e| self.kernel(e))?;
+        // Pools keep their input's quantization.
+        if out.zero_point != in0.zero_point {
+            return Err(self.bad("zero_point"));
+        }
+        if out.scale.to_bits() != in0.scale.to_bits() {
+            return Err(self.bad("scale"));
+        }
+        Ok(())
+    }
+
+    /// A residual add reading `in1` besides `in0`.
+    fn validate_add(&self, p: &AddParams, in1: TensorInfo) -> Result<(), ModelError> {
+        let (in0, out) = (&self.in0, &self.out);
+        p.validate().map_err(|e| self.kernel(e))?;
+        if in1.dims != in0.dims || out.dims != in0.dims {
+            return Err(self.bad("dims"));
+        }
+        if overlaps(&in1.range(), &out.range()) {
+            return Err(self.bad("output"));
+        }
+        for (m, field) in [
+            (p.input1_multiplier, "input1_multiplier"),
+            (p.input2_multiplier, "input2_multiplier"),
+            (p.output_multiplier, "output_multiplier"),
+        ] {
+            if !multiplier_ok(m) {
+                return Err(self.bad(field));
+            }
+        }
+        if p.input1_offset != -in0.zero_point {
+            return Err(self.bad("input1_offset"));
+        }
+        if p.input2_offset != -in1.zero_point {
+            return Err(self.bad("input2_offset"));
+        }
+        if p.output_offset != out.zero_point {
+            return Err(self.bad("output_offset"));
+        }
+        Ok(())
+    }
+
+    fn validate_fc(&self, fc: &FullyConnected<'_>) -> Result<(), ModelError> {
+        let (in_len, out_len) = (self.in0.dims.len(), self.out.dims.len());
+        if in_len as u64 * out_len as u64 != fc.filter.len() as u64 {
+            return Err(self.bad("filter"));
+        }
+        fc.validate(in_len).map_err(|e| self.kernel(e))?;
+        if out_len != fc.bias.len() {
+            return Err(self.bad("dims"));
+        }
+        self.multipliers(fc.requant.multiplier)?;
+        self.offsets(fc.input_offset, fc.output_offset)
+    }
 }
 
 impl Model<'_> {
@@ -95,7 +201,6 @@ impl Model<'_> {
     /// here; dataflow in [`validate_dataflow`](Self::validate_dataflow)).
     fn validate_layer(&self, i: u16, layer: &Layer<'_>) -> Result<(), ModelError> {
         let bad = |field| ModelError::Layer { index: i, field };
-        let kernel = |error| ModelError::Kernel { index: i, error };
         let r = LayerRecord::decode(self.layer_bytes(i));
         if r.reserved_a != [0; 3] || r.reserved_b != 0 {
             return Err(bad("reserved"));
@@ -105,99 +210,42 @@ impl Model<'_> {
         if layer.output == self.input || overlaps(&in0.range(), &out.range()) {
             return Err(bad("output"));
         }
-        let offsets = |input: i32, output: i32| {
-            if input != -in0.zero_point {
-                Err(bad("input_offset"))
-            } else if output != out.zero_point {
-                Err(bad("output_offset"))
-            } else {
-                Ok(())
-            }
-        };
-        let multipliers = |m: &[i32]| {
-            if m.iter().all(|&m| multiplier_ok(m)) {
-                Ok(())
-            } else {
-                Err(bad("multiplier"))
-            }
-        };
+        let c = LayerCheck { i, in0, out };
         match &layer.kind {
-            LayerKind::Conv(conv) => {
-                let p = &conv.params;
-                let taps = p.kernel_h as u64 * p.kernel_w as u64 * in0.dims.c as u64;
-                if taps * out.dims.c as u64 != conv.filter.len() as u64 {
-                    return Err(bad("filter"));
-                }
-                // The filter holds `taps` bytes per output channel, so
-                // `taps` fits a slice length and the scratch formula cannot
-                // overflow (see the assertion on `IM2COL_COLUMNS` above).
-                if conv2d_s8_scratch_len(p, in0.dims.c) > self.scratch_len {
-                    return Err(bad("scratch"));
-                }
-                // The fast kernel sizes its widened input from the padding:
-                // keep that product within 32 bits.
-                let wide = (in0.dims.h as u64 + 2 * p.pad_h as u64)
-                    * (in0.dims.w as u64 + 2 * p.pad_w as u64)
-                    * in0.dims.c as u64;
-                if wide > u32::MAX as u64 / 4 {
-                    return Err(bad("padding"));
-                }
-                conv2d_s8_validate(conv, in0.dims, out.dims).map_err(kernel)?;
-                multipliers(conv.requant.multiplier)?;
-                offsets(p.input_offset, p.output_offset)
-            }
-            LayerKind::MaxPool(p) | LayerKind::AvgPool(p) => {
-                p.validate_dims(in0.dims, out.dims).map_err(kernel)?;
-                // Pools keep their input's quantization.
-                if out.zero_point != in0.zero_point {
-                    return Err(bad("zero_point"));
-                }
-                if out.scale.to_bits() != in0.scale.to_bits() {
-                    return Err(bad("scale"));
-                }
-                Ok(())
-            }
+            LayerKind::Conv(conv) => self.validate_conv(&c, conv),
+            LayerKind::MaxPool(p) | LayerKind::AvgPool(p) => c.validate_pool(p),
             LayerKind::Add(p) => {
-                p.validate().map_err(kernel)?;
                 let in1 = self.tensor(layer.input2).ok_or(bad("input2"))?;
-                if in1.dims != in0.dims || out.dims != in0.dims {
-                    return Err(bad("dims"));
-                }
-                if overlaps(&in1.range(), &out.range()) {
-                    return Err(bad("output"));
-                }
-                for (m, field) in [
-                    (p.input1_multiplier, "input1_multiplier"),
-                    (p.input2_multiplier, "input2_multiplier"),
-                    (p.output_multiplier, "output_multiplier"),
-                ] {
-                    if !multiplier_ok(m) {
-                        return Err(bad(field));
-                    }
-                }
-                if p.input1_offset != -in0.zero_point {
-                    return Err(bad("input1_offset"));
-                }
-                if p.input2_offset != -in1.zero_point {
-                    return Err(bad("input2_offset"));
-                }
-                if p.output_offset != out.zero_point {
-                    return Err(bad("output_offset"));
-                }
-                Ok(())
+                c.validate_add(p, in1)
             }
-            LayerKind::FullyConnected(fc) => {
-                if in0.dims.len() as u64 * out.dims.len() as u64 != fc.filter.len() as u64 {
-                    return Err(bad("filter"));
-                }
-                fc.validate(in0.dims.len()).map_err(kernel)?;
-                if out.dims.len() != fc.bias.len() {
-                    return Err(bad("dims"));
-                }
-                multipliers(fc.requant.multiplier)?;
-                offsets(fc.input_offset, fc.output_offset)
-            }
+            LayerKind::FullyConnected(fc) => c.validate_fc(fc),
         }
+    }
+
+    fn validate_conv(&self, c: &LayerCheck, conv: &Conv2d<'_>) -> Result<(), ModelError> {
+        let (in0, out) = (c.in0.dims, c.out.dims);
+        let p = &conv.params;
+        let taps = p.kernel_h as u64 * p.kernel_w as u64 * in0.c as u64;
+        if taps * out.c as u64 != conv.filter.len() as u64 {
+            return Err(c.bad("filter"));
+        }
+        // The filter holds `taps` bytes per output channel, so `taps` fits a
+        // slice length and the scratch formula cannot overflow (see the
+        // assertion on `IM2COL_COLUMNS` above).
+        if conv2d_s8_scratch_len(p, in0.c) > self.scratch_len {
+            return Err(c.bad("scratch"));
+        }
+        // The fast kernel sizes its widened input from the padding: keep
+        // that product within 32 bits.
+        let wide = (in0.h as u64 + 2 * p.pad_h as u64)
+            * (in0.w as u64 + 2 * p.pad_w as u64)
+            * in0.c as u64;
+        if wide > u32::MAX as u64 / 4 {
+            return Err(c.bad("padding"));
+        }
+        conv2d_s8_validate(conv, in0, out).map_err(|e| c.kernel(e))?;
+        c.multipliers(conv.requant.multiplier)?;
+        c.offsets(p.input_offset, p.output_offset)
     }
 
     /// Layer `i` writes a tensor nobody else writes, and reads tensors that
