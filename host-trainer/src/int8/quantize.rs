@@ -549,11 +549,6 @@ fn layer_record(
     data: &mut DataSection,
     scratch: &mut usize,
 ) -> Result<LayerRecord> {
-    let base = |op: Op, input: usize, output: usize| LayerRecord {
-        input: input as u16,
-        output: output as u16,
-        ..LayerRecord::new(op)
-    };
     match l {
         FLayer::Conv {
             name,
@@ -580,25 +575,7 @@ fn layer_record(
                 act_max: 127,
             };
             *scratch = (*scratch).max(conv2d_s8_scratch_len(&params, graph.tensors[*i].dims.c));
-            let (k8, s8, p8) = (
-                small(params.kernel_h, "kernel")?,
-                small(params.stride_h, "stride")?,
-                small(params.pad_h, "padding")?,
-            );
-            let r = LayerRecord {
-                kernel_h: k8,
-                kernel_w: k8,
-                stride_h: s8,
-                stride_w: s8,
-                pad_h: p8,
-                pad_w: p8,
-                act_min: params.act_min,
-                act_max: params.act_max,
-                input_offset: params.input_offset,
-                output_offset: params.output_offset,
-                ..base(Op::Conv, *i, *o)
-            };
-            named(with_tables(r, tables), name)
+            named(with_tables(conv_record(&params, *i, *o)?, tables), name)
         }
         FLayer::MaxPool { io: (i, o) } => {
             let r = LayerRecord {
@@ -649,6 +626,34 @@ fn layer_record(
             named(with_tables(r, tables), "fc")
         }
     }
+}
+
+/// The record of an `op` layer from tensor `input` to tensor `output`,
+/// the rest empty ([`LayerRecord::new`]).
+fn base(op: Op, input: usize, output: usize) -> LayerRecord {
+    LayerRecord {
+        input: input as u16,
+        output: output as u16,
+        ..LayerRecord::new(op)
+    }
+}
+
+/// The record of a conv with `params` from tensor `input` to `output`
+/// (data tables and name still empty).
+fn conv_record(params: &Conv2dParams, input: usize, output: usize) -> Result<LayerRecord> {
+    Ok(LayerRecord {
+        kernel_h: small(params.kernel_h, "kernel")?,
+        kernel_w: small(params.kernel_w, "kernel")?,
+        stride_h: small(params.stride_h, "stride")?,
+        stride_w: small(params.stride_w, "stride")?,
+        pad_h: small(params.pad_h, "padding")?,
+        pad_w: small(params.pad_w, "padding")?,
+        act_min: params.act_min,
+        act_max: params.act_max,
+        input_offset: params.input_offset,
+        output_offset: params.output_offset,
+        ..base(Op::Conv, input, output)
+    })
 }
 
 /// Header (CRC left 0), meta, tensor table, layer table and data section,
