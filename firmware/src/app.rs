@@ -3,7 +3,7 @@
 //!
 //! No heap: the caller owns the arena and scratch (statics on the MCU).
 
-use shared::model::{Model, ModelError};
+use shared::model::{top1, Model, ModelError};
 use shared::preprocess::{preprocess, Frame, INPUT_LEN};
 
 /// Classes of the CIFAR-10 model, in label order.
@@ -127,43 +127,9 @@ impl<'a> Engine<'a> {
     }
 }
 
-/// The first maximum of `logits` and its softmax probability in per-mille
-/// (display only: floats here never feed back into the network). `scale`
-/// is the logits' quantization scale; their zero point is not needed, as
-/// softmax depends only on the differences `(v - top) * scale`.
-pub fn top1(logits: &[i8], scale: f32) -> (usize, u16) {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    let top = logits[best] as i32;
-    let sum: f32 = logits
-        .iter()
-        .map(|&v| micromath::F32Ext::exp((v as i32 - top) as f32 * scale))
-        .sum();
-    let p = if sum > 0.0 { 1000.0 / sum } else { 0.0 };
-    (best, p as u16)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn top1_and_confidence() {
-        // Equal logits: first index wins, 1/10 each.
-        let (c, p) = top1(&[5; 10], 0.1);
-        assert_eq!(c, 0);
-        assert!((99..=101).contains(&p), "{p}");
-        // One logit far ahead: confidence near 1000.
-        let mut l = [-100i8; 10];
-        l[7] = 100;
-        let (c, p) = top1(&l, 0.1);
-        assert_eq!(c, 7);
-        assert!(p >= 999, "{p}");
-    }
 
     #[test]
     fn engine_classifies_a_frame_like_the_host() {

@@ -138,29 +138,7 @@ fn main() -> ! {
         fail(&mut out, "peripherals taken")
     };
     let clock = Clock::start(cp.SYST);
-
-    let model = match shared::model::default_model() {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = writeln!(out, "ERROR model: {e}");
-            fail(&mut out, "invalid model")
-        }
-    };
-    // SAFETY: `main` runs once and these statics are only borrowed here.
-    let (arena, scratch, frame_buf) = unsafe {
-        (
-            &mut *core::ptr::addr_of_mut!(ARENA),
-            &mut (*core::ptr::addr_of_mut!(SCRATCH)).0,
-            &mut *core::ptr::addr_of_mut!(FRAME),
-        )
-    };
-    let mut engine = match Engine::new(model, arena, scratch) {
-        Ok(e) => e,
-        Err(e) => {
-            let _ = writeln!(out, "ERROR engine: {e}");
-            fail(&mut out, "engine")
-        }
-    };
+    let mut engine = engine(&mut out);
     let _ = writeln!(
         out,
         "MODEL arena={} scratch={} layers={}",
@@ -168,90 +146,165 @@ fn main() -> ! {
         engine.model().scratch_len(),
         engine.model().layer_count()
     );
+    selftest(&mut out);
 
-    // The fast kernels on the real instructions, against the references.
-    let passed = crate::selftest::run(|name, ok| {
-        let _ = writeln!(out, "SELFTEST {name} {}", if ok { "ok" } else { "FAILED" });
-    });
-    if !passed {
-        fail(
-            &mut out,
-            "selftest: a fast kernel differs from its reference",
-        );
-    }
-
-    let Ok(file) = HostFile::open("frames.bin\0") else {
-        fail(&mut out, "cannot open frames.bin")
-    };
-    let mut header = [0u8; 20];
-    if file.read_exact(&mut header).is_err() || &header[..4] != b"FRM1" {
-        fail(&mut out, "frames.bin: bad header");
-    }
-    let word = |i: usize| {
-        u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]) as usize
-    };
-    let (count, width, height) = (word(4), word(8), word(12));
-    let format = match word(16) {
-        0 => PixelFormat::Rgb565Le,
-        1 => PixelFormat::Rgb565Be,
-        2 => PixelFormat::Rgb888,
-        _ => fail(&mut out, "frames.bin: unknown pixel format"),
-    };
-    let len = width * height * format.bytes_per_pixel();
-    if len > MAX_FRAME {
-        fail(&mut out, "frames.bin: frame too large");
-    }
-    for n in 0..count {
-        let buf = &mut frame_buf[..len];
-        if file.read_exact(buf).is_err() {
+    let frames = Frames::open(&mut out);
+    // SAFETY: `main` runs once and FRAME is only borrowed here.
+    let frame_buf = unsafe { &mut *core::ptr::addr_of_mut!(FRAME) };
+    let buf = &mut frame_buf[..frames.frame_len()];
+    for n in 0..frames.count {
+        if frames.file.read_exact(buf).is_err() {
             fail(&mut out, "frames.bin: truncated");
         }
         let frame = Frame {
             data: buf,
-            width,
-            height,
-            format,
+            width: frames.width,
+            height: frames.height,
+            format: frames.format,
         };
-        let t0 = clock.now();
-        if let Err(e) = engine.preprocess(&frame) {
-            let _ = writeln!(out, "ERROR frame {n}: {e:?}");
-            fail(&mut out, "bad frame");
-        }
-        let t1 = clock.now();
-        let result = match engine.infer() {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = writeln!(out, "ERROR inference {n}: {e:?}");
-                fail(&mut out, "inference")
-            }
-        };
-        let t2 = clock.now();
-        let _ = write!(out, "LOGITS {n}");
-        for l in result.logits {
-            let _ = write!(out, " {l}");
-        }
-        let _ = writeln!(out);
-        let _ = writeln!(out, "INSN {n} preprocess={} network={}", t1 - t0, t2 - t1);
+        classify(&mut out, &clock, &mut engine, n, &frame);
         if n == 0 {
             // Per-layer counts, on the same input.
-            if engine.load_input().is_err() {
-                fail(&mut out, "load_input");
-            }
-            for i in 0..engine.model().layer_count() {
-                let a = clock.now();
-                if engine.run_layer(i).is_err() {
-                    fail(&mut out, "run_layer");
-                }
-                let b = clock.now();
-                let name = engine.model().layer(i).map_or("?", |l| l.name);
-                let _ = writeln!(out, "LAYER {i} {name} {}", b - a);
-            }
+            count_layers(&mut out, &clock, &mut engine);
         }
     }
-    let _ = writeln!(out, "DONE {count}");
+    let _ = writeln!(out, "DONE {}", frames.count);
     debug::exit(debug::EXIT_SUCCESS);
     loop {
         cortex_m::asm::nop();
+    }
+}
+
+/// The shipped model with the static arena and scratch; any error is
+/// reported and ends the run. Called once, from `main`.
+fn engine(out: &mut hio::HostStream) -> Engine<'static> {
+    let model = match shared::model::default_model() {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = writeln!(out, "ERROR model: {e}");
+            fail(out, "invalid model")
+        }
+    };
+    // SAFETY: this runs once (from `main`) and ARENA and SCRATCH are only
+    // borrowed here.
+    let (arena, scratch) = unsafe {
+        (
+            &mut *core::ptr::addr_of_mut!(ARENA),
+            &mut (*core::ptr::addr_of_mut!(SCRATCH)).0,
+        )
+    };
+    match Engine::new(model, arena, scratch) {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = writeln!(out, "ERROR engine: {e}");
+            fail(out, "engine")
+        }
+    }
+}
+
+/// The fast kernels on the real instructions, against the references.
+fn selftest(out: &mut hio::HostStream) {
+    let passed = crate::selftest::run(|name, ok| {
+        let _ = writeln!(out, "SELFTEST {name} {}", if ok { "ok" } else { "FAILED" });
+    });
+    if !passed {
+        fail(out, "selftest: a fast kernel differs from its reference");
+    }
+}
+
+/// `frames.bin`, its header read: `count` frames of `width` x `height`
+/// pixels in `format` follow.
+struct Frames {
+    file: HostFile,
+    count: usize,
+    width: usize,
+    height: usize,
+    format: PixelFormat,
+}
+
+impl Frames {
+    /// Opens `frames.bin` and reads its header; a bad one ends the run.
+    fn open(out: &mut hio::HostStream) -> Self {
+        let Ok(file) = HostFile::open("frames.bin\0") else {
+            fail(out, "cannot open frames.bin")
+        };
+        let mut header = [0u8; 20];
+        if file.read_exact(&mut header).is_err() || &header[..4] != b"FRM1" {
+            fail(out, "frames.bin: bad header");
+        }
+        let word = |i: usize| {
+            u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]) as usize
+        };
+        let format = match word(16) {
+            0 => PixelFormat::Rgb565Le,
+            1 => PixelFormat::Rgb565Be,
+            2 => PixelFormat::Rgb888,
+            _ => fail(out, "frames.bin: unknown pixel format"),
+        };
+        let frames = Frames {
+            file,
+            count: word(4),
+            width: word(8),
+            height: word(12),
+            format,
+        };
+        if frames.frame_len() > MAX_FRAME {
+            fail(out, "frames.bin: frame too large");
+        }
+        frames
+    }
+
+    /// Bytes of one frame.
+    fn frame_len(&self) -> usize {
+        self.width * self.height * self.format.bytes_per_pixel()
+    }
+}
+
+/// Preprocesses and classifies frame `n`, and reports its logits and
+/// instruction counts.
+fn classify(
+    out: &mut hio::HostStream,
+    clock: &Clock,
+    engine: &mut Engine<'_>,
+    n: usize,
+    frame: &Frame<'_>,
+) {
+    let t0 = clock.now();
+    if let Err(e) = engine.preprocess(frame) {
+        let _ = writeln!(out, "ERROR frame {n}: {e:?}");
+        fail(out, "bad frame");
+    }
+    let t1 = clock.now();
+    let result = match engine.infer() {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(out, "ERROR inference {n}: {e:?}");
+            fail(out, "inference")
+        }
+    };
+    let t2 = clock.now();
+    let _ = write!(out, "LOGITS {n}");
+    for l in result.logits {
+        let _ = write!(out, " {l}");
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(out, "INSN {n} preprocess={} network={}", t1 - t0, t2 - t1);
+}
+
+/// Runs the network again on the last preprocessed input, layer by layer,
+/// and reports each layer's instruction count.
+fn count_layers(out: &mut hio::HostStream, clock: &Clock, engine: &mut Engine<'_>) {
+    if engine.load_input().is_err() {
+        fail(out, "load_input");
+    }
+    for i in 0..engine.model().layer_count() {
+        let a = clock.now();
+        if engine.run_layer(i).is_err() {
+            fail(out, "run_layer");
+        }
+        let b = clock.now();
+        let name = engine.model().layer(i).map_or("?", |l| l.name);
+        let _ = writeln!(out, "LAYER {i} {name} {}", b - a);
     }
 }
 

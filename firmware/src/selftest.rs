@@ -9,29 +9,8 @@ use shared::kernels::{
     add_s8, add_s8_reference, conv2d_s8, conv2d_s8_fast_scratch_len, conv2d_s8_reference,
     maxpool_s8, maxpool_s8_reference, AddParams, Conv2d, Conv2dParams, Dims, PoolParams, Requant,
 };
-
-/// SplitMix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn i8(&mut self) -> i8 {
-        match self.next() % 16 {
-            0 => -128,
-            1 => 127,
-            _ => self.next() as i8,
-        }
-    }
-    fn range(&mut self, lo: i32, hi: i32) -> i32 {
-        lo + (self.next() % ((hi - lo + 1) as u64)) as i32
-    }
-}
+/// The unit tests' SplitMix64 stream.
+use shared::rng::Rng;
 
 const MAX_IN: usize = 8 * 8 * 16;
 const MAX_OUT: usize = 8 * 8 * 8;
@@ -124,9 +103,9 @@ fn conv_case(
         .iter_mut()
         .for_each(|v| *v = rng.i8());
     for oc in 0..out_c {
-        bias[oc] = rng.range(-20_000, 20_000);
-        mult[oc] = rng.range(1 << 30, i32::MAX);
-        shift[oc] = rng.range(-14, -6);
+        bias[oc] = rng.range_i32(-20_000, 20_000);
+        mult[oc] = rng.range_i32(1 << 30, i32::MAX);
+        shift[oc] = rng.range_i32(-14, -6);
     }
     if cc.outlier {
         shift[out_c - 1] = -24;
@@ -193,17 +172,17 @@ fn add_case(rng: &mut Rng, n: usize, act_max: i8) -> bool {
     let mut b = [0i8; 512];
     a[..n].iter_mut().for_each(|v| *v = rng.i8());
     b[..n].iter_mut().for_each(|v| *v = rng.i8());
-    let zo = rng.range(-128, 127);
+    let zo = rng.range_i32(-128, 127);
     let p = AddParams {
-        input1_offset: rng.range(-127, 128),
-        input1_multiplier: rng.range(1 << 30, i32::MAX),
-        input1_shift: rng.range(-2, 0),
-        input2_offset: rng.range(-127, 128),
-        input2_multiplier: rng.range(1 << 30, i32::MAX),
-        input2_shift: rng.range(-2, 0),
+        input1_offset: rng.range_i32(-127, 128),
+        input1_multiplier: rng.range_i32(1 << 30, i32::MAX),
+        input1_shift: rng.range_i32(-2, 0),
+        input2_offset: rng.range_i32(-127, 128),
+        input2_multiplier: rng.range_i32(1 << 30, i32::MAX),
+        input2_shift: rng.range_i32(-2, 0),
         left_shift: AddParams::LEFT_SHIFT,
-        output_multiplier: rng.range(1 << 30, i32::MAX),
-        output_shift: rng.range(-19, -16),
+        output_multiplier: rng.range_i32(1 << 30, i32::MAX),
+        output_shift: rng.range_i32(-19, -16),
         output_offset: zo,
         act_min: (zo as i8).min(act_max),
         act_max,

@@ -8,11 +8,7 @@ use candle_core::{Device, Tensor};
 use host_trainer::model::ArchConfig;
 use host_trainer::optim::{Sgd, SgdConfig};
 use host_trainer::train::{smoothed_cross_entropy, Trainee};
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
+use workspace_util::median;
 
 fn main() -> anyhow::Result<()> {
     host_trainer::ops::configure_threads(None)?;
@@ -69,9 +65,9 @@ fn profile() -> anyhow::Result<()> {
             }
         }
     }
-    let inf = median(inf);
+    let inf = median(&inf);
     println!("inference {:.1} ms = {:.0} images/s", inf * 1e3, 64.0 / inf);
-    let (f, b, o) = (median(f), median(b), median(o));
+    let (f, b, o) = (median(&f), median(&b), median(&o));
     println!(
         "forward {:.1} ms, backward {:.1} ms, optimizer {:.1} ms, total {:.1} ms = {:.0} images/s",
         f * 1e3,

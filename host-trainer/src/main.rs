@@ -788,17 +788,11 @@ fn classify_one(
     model
         .run(&input, arena, scratch, &mut logits)
         .with_context(|| format!("running the model on {}", path.display()))?;
-    let real: Vec<f64> = logits
-        .iter()
-        .map(|&q| (q as i32 - out.zero_point) as f64 * out.scale as f64)
-        .collect();
-    let (best, max) =
-        real.iter().enumerate().fold(
-            (0, f64::NEG_INFINITY),
-            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-        );
-    let sum: f64 = real.iter().map(|v| (v - max).exp()).sum();
-    Ok((data::CLASSES.get(best).copied().unwrap_or("?"), 100.0 / sum))
+    let (best, permille) = shared::model::top1(&logits, out.scale);
+    Ok((
+        data::CLASSES.get(best).copied().unwrap_or("?"),
+        f64::from(permille) / 10.0,
+    ))
 }
 
 fn run_bench(a: BenchArgs) -> Result<()> {

@@ -10,6 +10,7 @@
 //! | [`model`] | int8 model blob: format, zero-copy parsing, validation, whole-network `run` |
 //! | [`preprocess`] | camera frame (RGB565/RGB888, any size) → 32x32x3 int8 input |
 //! | [`Error`] | what a kernel or frame can get wrong |
+//! | `rng` | SplitMix64 test data for the unit tests and the firmware's self-test (feature `rng`) |
 //!
 //! Kernels check their arguments and return [`Error`] rather than panic;
 //! once the checks pass they cannot fail.
@@ -21,6 +22,8 @@ pub mod kernels;
 pub mod model;
 pub mod preprocess;
 pub mod quant;
+#[cfg(any(test, feature = "rng"))]
+pub mod rng;
 
 pub use error::Error;
 

@@ -233,7 +233,13 @@ mod tests {
     fn identity_at_32x32() {
         let mut rng = Rng(1);
         let rgb: Vec<[u8; 3]> = (0..32 * 32)
-            .map(|_| [rng.next() as u8, rng.next() as u8, rng.next() as u8])
+            .map(|_| {
+                [
+                    rng.next_u64() as u8,
+                    rng.next_u64() as u8,
+                    rng.next_u64() as u8,
+                ]
+            })
             .collect();
         let out = run(&frame_888(&rgb), 32, 32, PixelFormat::Rgb888).unwrap();
         let want: Vec<i8> = rgb
@@ -266,7 +272,7 @@ mod tests {
     fn rgb565_byte_orders_agree() {
         let mut rng = Rng(2);
         let (w, h) = (160, 120);
-        let px: Vec<u16> = (0..w * h).map(|_| rng.next() as u16).collect();
+        let px: Vec<u16> = (0..w * h).map(|_| rng.next_u64() as u16).collect();
         let le: Vec<u8> = px.iter().flat_map(|v| v.to_le_bytes()).collect();
         let be: Vec<u8> = px.iter().flat_map(|v| v.to_be_bytes()).collect();
         let rgb: Vec<[u8; 3]> = px
@@ -290,7 +296,13 @@ mod tests {
             (45, 47),
         ] {
             let rgb: Vec<[u8; 3]> = (0..w * h)
-                .map(|_| [rng.next() as u8, rng.next() as u8, rng.next() as u8])
+                .map(|_| {
+                    [
+                        rng.next_u64() as u8,
+                        rng.next_u64() as u8,
+                        rng.next_u64() as u8,
+                    ]
+                })
                 .collect();
             assert_eq!(
                 run(&frame_888(&rgb), w, h, PixelFormat::Rgb888).unwrap(),
@@ -358,7 +370,7 @@ mod tests {
         #[test]
         fn matches_reference(seed in any::<u64>(), w in 32usize..=70, h in 32usize..=70, fmt in 0u8..3) {
             let mut rng = Rng(seed);
-            let rgb: Vec<[u8; 3]> = (0..w * h).map(|_| [rng.next() as u8, rng.next() as u8, rng.next() as u8]).collect();
+            let rgb: Vec<[u8; 3]> = (0..w * h).map(|_| [rng.next_u64() as u8, rng.next_u64() as u8, rng.next_u64() as u8]).collect();
             let (data, rgb) = match fmt {
                 0 => (frame_888(&rgb), rgb),
                 _ => {

@@ -4,13 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Workspace root.
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ is in the workspace")
-        .to_path_buf()
-}
+pub use workspace_util::workspace_root;
 
 /// The cargo target folder: `$CARGO_TARGET_DIR` when set, else `<workspace>/target`.
 pub fn target_dir() -> PathBuf {

@@ -12,7 +12,8 @@ use host_trainer::quantize::{calibrate, int8_input, Calibration, FLayer, Graph, 
 use host_trainer::train::{
     self, load_checkpoint, model_from_checkpoint, Recipe, RunOptions, TrainConfig,
 };
-use shared::model::{LayerKind, Model};
+use shared::kernels::Dims;
+use shared::model::{Layer, LayerKind, Model};
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -131,7 +132,7 @@ fn provenance_is_recorded() {
     let (blob, cmp) = exported();
     let owned = OwnedModel::new(blob).unwrap();
     let m = owned.model().unwrap();
-    assert_eq!(m.meta_value("recipe"), Some("default"));
+    assert_eq!(m.meta_value("recipe"), Some("linear"));
     assert_eq!(m.meta_value("epochs"), Some("3"));
     assert_eq!(m.meta_value("dataset"), Some("synthetic"));
     assert_eq!(
@@ -339,6 +340,89 @@ fn float_layer(g: &Graph, layer: &FLayer, inputs: &[Vec<f64>]) -> Vec<f64> {
     }
 }
 
+/// The weight step of output channel `oc` recovered from its requantization
+/// `(multiplier, shift)`: `s_in * s_w / s_out = multiplier * 2^(shift - 31)`.
+fn weight_step((s_in, s_out): (f64, f64), multiplier: i32, shift: i32) -> f64 {
+    s_out * multiplier as f64 * 2f64.powi(shift - 31) / s_in
+}
+
+/// Per-output extra error of layer `layer` (traced as `fl`) from weight and
+/// bias rounding: half a weight step times the input magnitude, plus half
+/// an input step times the weight step, for conv and FC; 0 for the others.
+fn weight_error(
+    g: &Graph,
+    m: &Model<'_>,
+    layer: &Layer<'_>,
+    fl: &FLayer,
+    input: &[f64],
+    n_out: usize,
+) -> Vec<f64> {
+    let s_in = m.tensor(layer.input).unwrap().scale as f64;
+    let s_out = m.tensor(layer.output).unwrap().scale as f64;
+    match (&layer.kind, fl) {
+        (LayerKind::Conv(c), FLayer::Conv { io, k, stride, .. }) => {
+            let (id, od) = (g.tensors[io.0].dims, g.tensors[io.1].dims);
+            let taps = k * k * id.c;
+            let mut e = vec![0f64; od.len()];
+            for oy in 0..od.h {
+                for ox in 0..od.w {
+                    let mag = window_magnitude(input, id, (*k, *stride), (oy, ox));
+                    for oc in 0..od.c {
+                        let wmax = c.filter[oc * taps..(oc + 1) * taps]
+                            .iter()
+                            .map(|&v| (v as i32).abs())
+                            .max()
+                            .unwrap_or(0);
+                        let (mult, shift) = (c.requant.multiplier[oc], c.requant.shift[oc]);
+                        let s_w = if wmax == 0 {
+                            0.0
+                        } else {
+                            weight_step((s_in, s_out), mult, shift)
+                        };
+                        e[(oy * od.w + ox) * od.c + oc] = 0.5 * s_w * mag + 0.5 * s_in * s_w;
+                    }
+                }
+            }
+            e
+        }
+        (LayerKind::FullyConnected(fc), FLayer::Fc { .. }) => {
+            let mag: f64 = input.iter().map(|v| v.abs()).sum();
+            (0..fc.bias.len())
+                .map(|o| {
+                    let (mult, shift) = (fc.requant.multiplier[o], fc.requant.shift[o]);
+                    let s_w = weight_step((s_in, s_out), mult, shift);
+                    0.5 * s_w * mag + 0.5 * s_in * s_w
+                })
+                .collect()
+        }
+        _ => vec![0.0; n_out],
+    }
+}
+
+/// Σ |x| over the input window of output pixel `(oy, ox)` of a `k` x `k`
+/// conv with stride `stride` and padding `k / 2` (padded taps add 0).
+fn window_magnitude(
+    input: &[f64],
+    id: Dims,
+    (k, stride): (usize, usize),
+    (oy, ox): (usize, usize),
+) -> f64 {
+    let mut mag = 0.0;
+    for ky in 0..k {
+        for kx in 0..k {
+            let iy = (oy * stride + ky) as i64 - (k / 2) as i64;
+            let ix = (ox * stride + kx) as i64 - (k / 2) as i64;
+            if iy >= 0 && ix >= 0 && iy < id.h as i64 && ix < id.w as i64 {
+                let at = (iy as usize * id.w + ix as usize) * id.c;
+                for v in &input[at..at + id.c] {
+                    mag += v.abs();
+                }
+            }
+        }
+    }
+    mag
+}
+
 /// Each int8 layer, fed the int8 output of the previous one, stays within a
 /// bound derived from the scales of the float layer fed the same
 /// (dequantized) input: half an output step for the output rounding, plus
@@ -380,71 +464,7 @@ fn per_layer_error_is_within_scale_derived_bounds() {
             let s_out = out.scale as f64;
             let lo = (-128 - out.zero_point) as f64 * s_out;
             let hi = (127 - out.zero_point) as f64 * s_out;
-            // Per-output extra error from weights and bias (conv / FC).
-            let extra: Vec<f64> = match (&layer.kind, fl) {
-                (LayerKind::Conv(c), FLayer::Conv { io, k, stride, .. }) => {
-                    let (id, od) = (g.tensors[io.0].dims, g.tensors[io.1].dims);
-                    let s_in = m.tensor(layer.input).unwrap().scale as f64;
-                    let taps = k * k * id.c;
-                    let mut e = vec![0f64; od.len()];
-                    for oy in 0..od.h {
-                        for ox in 0..od.w {
-                            for oc in 0..od.c {
-                                let wmax = c.filter[oc * taps..(oc + 1) * taps]
-                                    .iter()
-                                    .map(|&v| (v as i32).abs())
-                                    .max()
-                                    .unwrap_or(0);
-                                // Weight step of this channel, recovered from the requant scale.
-                                let s_w = if wmax == 0 {
-                                    0.0
-                                } else {
-                                    s_out
-                                        * c.requant.multiplier[oc] as f64
-                                        * 2f64.powi(c.requant.shift[oc] - 31)
-                                        / s_in
-                                };
-                                let mut mag = 0.0;
-                                for ky in 0..*k {
-                                    for kx in 0..*k {
-                                        let iy = (oy * stride + ky) as i64 - (k / 2) as i64;
-                                        let ix = (ox * stride + kx) as i64 - (k / 2) as i64;
-                                        if iy >= 0
-                                            && ix >= 0
-                                            && iy < id.h as i64
-                                            && ix < id.w as i64
-                                        {
-                                            for ic in 0..id.c {
-                                                mag += ins[0][(iy as usize * id.w + ix as usize)
-                                                    * id.c
-                                                    + ic]
-                                                    .abs();
-                                            }
-                                        }
-                                    }
-                                }
-                                e[(oy * od.w + ox) * od.c + oc] =
-                                    0.5 * s_w * mag + 0.5 * s_in * s_w;
-                            }
-                        }
-                    }
-                    e
-                }
-                (LayerKind::FullyConnected(fc), FLayer::Fc { .. }) => {
-                    let s_in = m.tensor(layer.input).unwrap().scale as f64;
-                    let mag: f64 = ins[0].iter().map(|v| v.abs()).sum();
-                    (0..fc.bias.len())
-                        .map(|o| {
-                            let s_w = s_out
-                                * fc.requant.multiplier[o] as f64
-                                * 2f64.powi(fc.requant.shift[o] - 31)
-                                / s_in;
-                            0.5 * s_w * mag + 0.5 * s_in * s_w
-                        })
-                        .collect()
-                }
-                _ => vec![0.0; got.len()],
-            };
+            let extra = weight_error(&g, &m, &layer, fl, &ins[0], got.len());
             for (j, (&gv, &wv)) in got.iter().zip(&want).enumerate() {
                 let wv = wv.clamp(lo, hi);
                 let tol = 0.5 * s_out * (1.0 + 1e-3) + extra[j] + 1e-6 * (1.0 + wv.abs());

@@ -12,14 +12,16 @@
 //! against the full data set when that is present), so the test needs no
 //! data set beside the workspace.
 
-use host_trainer::data::{self, Split};
-use host_trainer::export::{argmax, image_hash, read_float_reference, REFERENCE_IMAGES};
+use host_trainer::data::{self, Dataset, Split};
+use host_trainer::export::{image_hash, read_float_reference, REFERENCE_IMAGES};
+use shared::model::{argmax, Model};
 use shared::preprocess::{preprocess, Frame, PixelFormat, INPUT_LEN};
 use tests::data::subset_dir;
 use tests::qemu::{
     build_qemu_image, camera_frame, run_qemu, workspace_root, write_frames, FrameFormat,
 };
 use tests::snapshot::Snapshot;
+use workspace_util::median;
 
 #[test]
 fn qemu_firmware_is_bit_exact_with_host() {
@@ -33,31 +35,7 @@ fn qemu_firmware_is_bit_exact_with_host() {
         .map(|i| camera_frame(images.image(i), w, h, FrameFormat::Rgb565Be))
         .collect();
 
-    // Host: the same path the firmware takes.
-    let mut arena = vec![0i8; model.arena_len()];
-    let mut scratch = vec![0i16; model.scratch_len()];
-    let host: Vec<Vec<i8>> = frames
-        .iter()
-        .map(|f| {
-            let mut input = [0i8; INPUT_LEN];
-            preprocess(
-                &Frame {
-                    data: f,
-                    width: w,
-                    height: h,
-                    format: PixelFormat::Rgb565Be,
-                },
-                &mut input,
-            )
-            .unwrap();
-            let mut logits = vec![0i8; model.output().dims.len()];
-            model
-                .run(&input, &mut arena, &mut scratch, &mut logits)
-                .unwrap();
-            logits
-        })
-        .collect();
-
+    let host = host_logits(&model, &frames, w, h);
     let elf = build_qemu_image().expect("building the QEMU image");
     let tmp = tempfile::tempdir().unwrap();
     write_frames(
@@ -79,31 +57,62 @@ fn qemu_firmware_is_bit_exact_with_host() {
     for (i, (q, hst)) in run.logits.iter().zip(&host).enumerate() {
         assert_eq!(q, hst, "frame {i}: QEMU and host logits differ");
     }
-    let insn = {
-        let mut v = run.network_insn.clone();
-        v.sort();
-        v[v.len() / 2]
-    };
-    eprintln!(
-        "{} frames bit-exact; median network instructions {insn}",
-        frames.len()
-    );
-    // The instruction-count snapshot: more than 2% growth is a failure.
+    check_snapshot(&run.network_insn, frames.len());
+    check_float_agreement(&images, &run.logits);
+}
+
+/// The int8 logits of each frame on the host, through the path the
+/// firmware takes (preprocess, then the network).
+fn host_logits(model: &Model<'_>, frames: &[Vec<u8>], w: usize, h: usize) -> Vec<Vec<i8>> {
+    let mut arena = vec![0i8; model.arena_len()];
+    let mut scratch = vec![0i16; model.scratch_len()];
+    frames
+        .iter()
+        .map(|f| {
+            let mut input = [0i8; INPUT_LEN];
+            preprocess(
+                &Frame {
+                    data: f,
+                    width: w,
+                    height: h,
+                    format: PixelFormat::Rgb565Be,
+                },
+                &mut input,
+            )
+            .unwrap();
+            let mut logits = vec![0i8; model.output().dims.len()];
+            model
+                .run(&input, &mut arena, &mut scratch, &mut logits)
+                .unwrap();
+            logits
+        })
+        .collect()
+}
+
+/// The instruction-count snapshot: more than 2% growth of the median
+/// network instructions is a failure.
+fn check_snapshot(network_insn: &[u64], frames: usize) {
+    let v: Vec<f64> = network_insn.iter().map(|&x| x as f64).collect();
+    let insn = median(&v).round() as u64;
+    eprintln!("{frames} frames bit-exact; median network instructions {insn}");
     let snap = Snapshot::read().expect("the instruction-count snapshot");
     match snap.check(insn) {
         Ok(None) => eprintln!("within 2% of the snapshot ({})", snap.total),
         Ok(Some(hint)) => eprintln!("note: {hint}"),
         Err(e) => panic!("{e}"),
     }
+}
 
-    // Class agreement with the float model on the original 32x32 images.
+/// Class agreement of the QEMU `logits` with the float model on the
+/// original 32x32 images (from the float reference written at export).
+fn check_float_agreement(images: &Dataset, logits: &[Vec<i8>]) {
     let reference = read_float_reference(
         &workspace_root().join("shared/src/model/generated/float_reference.txt"),
     )
     .expect("float reference written by `host-trainer export`");
     let mut agree = 0;
     let mut correct_int8 = 0;
-    for (i, q) in run.logits.iter().enumerate() {
+    for (i, q) in logits.iter().enumerate() {
         let (label, fl) = reference
             .get(&image_hash(images.image(i)))
             .unwrap_or_else(|| {
@@ -113,10 +122,11 @@ fn qemu_firmware_is_bit_exact_with_host() {
         agree += (argmax(q) == argmax(fl)) as usize;
         correct_int8 += (argmax(q) == *label as usize) as usize;
     }
-    let pct = 100.0 * agree as f64 / frames.len() as f64;
+    let n = logits.len() as f64;
+    let pct = 100.0 * agree as f64 / n;
     eprintln!(
         "camera path int8 (QEMU) vs float: {pct:.1}% class agreement; int8 accuracy on these frames {:.1}%",
-        100.0 * correct_int8 as f64 / frames.len() as f64
+        100.0 * correct_int8 as f64 / n
     );
     assert!(
         pct >= 90.0,

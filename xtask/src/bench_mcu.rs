@@ -7,7 +7,9 @@ use std::path::Path;
 
 use object::{Object, ObjectSection, SectionFlags};
 use shared::model::{LayerKind, Model};
-use tests::qemu::{build_firmware, build_qemu_image, run_qemu, write_frames, FrameFormat, Image};
+use tests::qemu::{
+    build_firmware, build_qemu_image, run_qemu, write_frames, FrameFormat, Image, QemuRun,
+};
 use tests::snapshot::Snapshot;
 
 /// CMSIS-NN (arm-none-eabi-gcc -Ofast, DSP path) on this Mini-ResNet under
@@ -25,31 +27,45 @@ mod cmsis {
 /// Assumed core clock for the latency estimate.
 const CLOCK_HZ: f64 = 480e6;
 
-/// The layer groups of the summary, with CMSIS-NN's figure for each.
-fn group_of(r: &LayerRow, k: Option<usize>) -> (&'static str, &'static str) {
+/// The layer group of the summary a row belongs to.
+fn group_of(r: &LayerRow) -> &'static str {
     match r.op {
-        "conv" if r.name.starts_with("stem") => ("stem conv 3x3 (3 in)", "4.86"),
-        "conv" if k == Some(1) => ("shortcut conv 1x1 s2", cmsis::SHORTCUT_PER_MAC),
-        "conv" if r.name.starts_with("layer1") => ("conv 3x3, stage 1", cmsis::CONV_PER_MAC),
-        "conv" if r.name.starts_with("layer2") => ("conv 3x3, stage 2", cmsis::CONV_PER_MAC),
-        "conv" if r.name.starts_with("layer3") => ("conv 3x3, stage 3", cmsis::CONV_PER_MAC),
-        "conv" if r.name.starts_with("layer4") => ("conv 3x3, stage 4", cmsis::CONV_PER_MAC),
-        "conv" => ("conv, other", cmsis::CONV_PER_MAC),
-        "add" => ("residual add", "80"),
-        "maxpool" => ("max pool", "83"),
-        "avgpool" => ("global avg pool", "-"),
-        "fc" => ("fully connected", "-"),
-        _ => ("other", "-"),
+        "conv" if r.name.starts_with("stem") => "stem conv 3x3 (3 in)",
+        "conv" if r.kernel == Some(1) => "shortcut conv 1x1 s2",
+        "conv" if r.name.starts_with("layer1") => "conv 3x3, stage 1",
+        "conv" if r.name.starts_with("layer2") => "conv 3x3, stage 2",
+        "conv" if r.name.starts_with("layer3") => "conv 3x3, stage 3",
+        "conv" if r.name.starts_with("layer4") => "conv 3x3, stage 4",
+        "conv" => "conv, other",
+        "add" => "residual add",
+        "maxpool" => "max pool",
+        "avgpool" => "global avg pool",
+        "fc" => "fully connected",
+        _ => "other",
     }
 }
 
+/// One layer of the report.
 struct LayerRow {
     name: String,
     op: &'static str,
+    /// Kernel rows of a conv.
+    kernel: Option<usize>,
     work: u64,
     unit: &'static str,
     insn: u64,
+    /// CMSIS-NN's instructions per unit for this kind of layer.
     cmsis: String,
+}
+
+/// A group of layers of one kind (see [`group_of`]), summed.
+struct Group {
+    name: &'static str,
+    /// CMSIS-NN's instructions per unit (the figure of its layers).
+    cmsis: String,
+    unit: &'static str,
+    work: u64,
+    insn: u64,
 }
 
 fn work_of(m: &Model<'_>, i: u16) -> Result<(&'static str, u64, &'static str), String> {
@@ -125,17 +141,76 @@ fn elf_sizes(path: &Path) -> Result<ElfSizes, String> {
     })
 }
 
-fn median(mut v: Vec<u64>) -> u64 {
-    v.sort_unstable();
-    v[v.len() / 2]
+/// The median of instruction counts (exact: they are far below 2^53).
+fn median_count(v: &[u64]) -> u64 {
+    let v: Vec<f64> = v.iter().map(|&x| x as f64).collect();
+    workspace_util::median(&v).round() as u64
+}
+
+/// Everything the benchmark reports.
+struct Report {
+    /// Network instructions per inference (median over the frames).
+    total: u64,
+    /// Preprocessing instructions per frame (median).
+    pre: u64,
+    total_macs: u64,
+    rows: Vec<LayerRow>,
+    groups: Vec<Group>,
+    /// The board image's flash and RAM.
+    board: ElfSizes,
+    arena: usize,
+    scratch_bytes: usize,
+}
+
+impl Report {
+    fn per_mac(&self) -> f64 {
+        self.total as f64 / self.total_macs as f64
+    }
+
+    /// Estimated milliseconds per frame (preprocess + network) at
+    /// [`CLOCK_HZ`], one instruction per cycle.
+    fn estimated_ms(&self) -> f64 {
+        (self.total + self.pre) as f64 / CLOCK_HZ * 1e3
+    }
 }
 
 /// Runs the benchmark; `json` prints machine-readable output,
 /// `update_snapshot` writes `tests/snapshots/mcu-instructions.json`.
 pub fn bench_mcu(json: bool, update_snapshot: bool) -> Result<(), String> {
     let model = shared::model::default_model().map_err(|e| format!("the model in shared: {e}"))?;
-    let elf = build_qemu_image()?;
-    // Three deterministic pseudo-random 160x120 RGB565 frames.
+    let run = measure(&build_qemu_image()?)?;
+    let total = median_count(&run.network_insn);
+    let pre = median_count(&run.preprocess_insn);
+    let rows = layer_rows(&model, &run)?;
+    let total_macs = rows
+        .iter()
+        .filter(|r| r.unit == "MAC")
+        .map(|r| r.work)
+        .sum();
+    let board = elf_sizes(&build_firmware(Image::Board)?)?;
+    let report = Report {
+        total,
+        pre,
+        total_macs,
+        groups: groups(&rows),
+        rows,
+        board,
+        arena: model.arena_len(),
+        // The firmware's scratch: the fast conv's fastest path everywhere.
+        scratch_bytes: shared::model::SCRATCH_LEN_FAST * 2,
+    };
+    snapshot(&report, update_snapshot)?;
+    if json {
+        print_json(&report)
+    } else {
+        print_text(&report);
+        Ok(())
+    }
+}
+
+/// Three deterministic pseudo-random 160x120 RGB565 frames through the
+/// QEMU image `elf`.
+fn measure(elf: &Path) -> Result<QemuRun, String> {
     let (w, h) = (160usize, 120usize);
     let frames: Vec<Vec<u8>> = (0..3u64)
         .map(|f| {
@@ -154,64 +229,69 @@ pub fn bench_mcu(json: bool, update_snapshot: bool) -> Result<(), String> {
         FrameFormat::Rgb565Be,
     )
     .map_err(|e| e.to_string())?;
-    let run = run_qemu(&elf, &dir, 600)?;
+    let run = run_qemu(elf, &dir, 600)?;
     let _ = std::fs::remove_dir_all(&dir);
-    let total = median(run.network_insn.clone());
-    let pre = median(run.preprocess_insn.clone());
+    Ok(run)
+}
 
-    let mut rows = Vec::new();
-    let mut total_macs = 0u64;
-    for (i, (name, insn)) in run.layers.iter().enumerate() {
-        let (op, work, unit) = work_of(&model, i as u16)?;
-        if unit == "MAC" {
-            total_macs += work;
-        }
-        let k = match model.layer(i as u16).map(|l| l.kind) {
-            Some(LayerKind::Conv(c)) => Some(c.params.kernel_h),
-            _ => None,
-        };
-        rows.push(LayerRow {
-            name: name.clone(),
-            op,
-            work,
-            unit,
-            insn: *insn,
-            cmsis: cmsis_figure(name, op, k),
-        });
-    }
-    let board = build_firmware(Image::Board)?;
-    let ElfSizes {
-        flash,
-        ram,
-        sections,
-    } = elf_sizes(&board)?;
-    let arena = model.arena_len();
-    // The firmware's scratch: the fast conv's fastest path everywhere.
-    let scratch_bytes = shared::model::SCRATCH_LEN_FAST * 2;
-    let per_mac = total as f64 / total_macs as f64;
-    let kernels: Vec<Option<usize>> = (0..rows.len())
-        .map(|i| match model.layer(i as u16).map(|l| l.kind) {
-            Some(LayerKind::Conv(c)) => Some(c.params.kernel_h),
-            _ => None,
+/// The per-layer rows of `run`, with each layer's work from `model`.
+fn layer_rows(model: &Model<'_>, run: &QemuRun) -> Result<Vec<LayerRow>, String> {
+    run.layers
+        .iter()
+        .enumerate()
+        .map(|(i, (name, insn))| {
+            let (op, work, unit) = work_of(model, i as u16)?;
+            let kernel = match model.layer(i as u16).map(|l| l.kind) {
+                Some(LayerKind::Conv(c)) => Some(c.params.kernel_h),
+                _ => None,
+            };
+            Ok(LayerRow {
+                name: name.clone(),
+                op,
+                kernel,
+                work,
+                unit,
+                insn: *insn,
+                cmsis: cmsis_figure(name, op, kernel),
+            })
         })
-        .collect();
-    // Per group: (name, CMSIS-NN per unit, unit, work, instructions).
-    let mut groups: Vec<(&str, &str, &str, u64, u64)> = Vec::new();
-    for (r, &k) in rows.iter().zip(&kernels) {
-        let (g, c) = group_of(r, k);
-        match groups.iter_mut().find(|x| x.0 == g) {
-            Some(x) => {
-                x.3 += r.work;
-                x.4 += r.insn;
+        .collect()
+}
+
+/// The rows summed by [`group_of`], in order of first appearance.
+fn groups(rows: &[LayerRow]) -> Vec<Group> {
+    let mut groups: Vec<Group> = Vec::new();
+    for r in rows {
+        let name = group_of(r);
+        match groups.iter_mut().find(|g| g.name == name) {
+            Some(g) => {
+                g.work += r.work;
+                g.insn += r.insn;
             }
-            None => groups.push((g, c, r.unit, r.work, r.insn)),
+            None => groups.push(Group {
+                name,
+                cmsis: r.cmsis.clone(),
+                unit: r.unit,
+                work: r.work,
+                insn: r.insn,
+            }),
         }
     }
-    let layer_sum: u64 = rows.iter().map(|r| r.insn).sum();
-    if update_snapshot {
+    groups
+}
+
+/// Writes the instruction-count snapshot (`update`), or compares the
+/// total with it.
+fn snapshot(report: &Report, update: bool) -> Result<(), String> {
+    let total = report.total;
+    if update {
         Snapshot {
             total,
-            layers: rows.iter().map(|r| (r.name.clone(), r.insn)).collect(),
+            layers: report
+                .rows
+                .iter()
+                .map(|r| (r.name.clone(), r.insn))
+                .collect(),
         }
         .write()?;
         eprintln!(
@@ -224,38 +304,51 @@ pub fn bench_mcu(json: bool, update_snapshot: bool) -> Result<(), String> {
             Ok(Some(hint)) | Err(hint) => eprintln!("snapshot: {hint}"),
         }
     }
+    Ok(())
+}
 
-    if json {
-        let layers: Vec<_> = rows
-            .iter()
-            .map(|r| serde_json::json!({"name": r.name, "op": r.op, "work": r.work, "unit": r.unit, "instructions": r.insn}))
-            .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "instructions_total": total,
-                "instructions_preprocess": pre,
-                "macs": total_macs,
-                "instructions_per_mac": per_mac,
-                "cmsis_nn_instructions_total": cmsis::TOTAL,
-                "flash_bytes": flash,
-                "ram_bytes": ram,
-                "arena_bytes": arena,
-                "scratch_bytes": scratch_bytes,
-                "peak_activation_bytes": arena + scratch_bytes,
-                "estimated_ms_at_480mhz_ipc1": (total + pre) as f64 / CLOCK_HZ * 1e3,
-                "layers": layers,
-            }))
-            .map_err(|e| e.to_string())?
-        );
-        return Ok(());
-    }
+fn print_json(r: &Report) -> Result<(), String> {
+    let layers: Vec<_> = r
+        .rows
+        .iter()
+        .map(|r| serde_json::json!({"name": r.name, "op": r.op, "work": r.work, "unit": r.unit, "instructions": r.insn}))
+        .collect();
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "instructions_total": r.total,
+            "instructions_preprocess": r.pre,
+            "macs": r.total_macs,
+            "instructions_per_mac": r.per_mac(),
+            "cmsis_nn_instructions_total": cmsis::TOTAL,
+            "flash_bytes": r.board.flash,
+            "ram_bytes": r.board.ram,
+            "arena_bytes": r.arena,
+            "scratch_bytes": r.scratch_bytes,
+            "peak_activation_bytes": r.arena + r.scratch_bytes,
+            "estimated_ms_at_480mhz_ipc1": r.estimated_ms(),
+            "layers": layers,
+        }))
+        .map_err(|e| e.to_string())?
+    );
+    Ok(())
+}
+
+fn print_text(r: &Report) {
     println!("Mini-ResNet int8 on Cortex-M7 (QEMU mps2-an500, -icount shift=0, SysTick: exact to ±40 instructions)\n");
+    print_layers(&r.rows);
+    println!();
+    print_groups(&r.groups);
+    println!();
+    print_summary(r);
+}
+
+fn print_layers(rows: &[LayerRow]) {
     println!(
         "{:<16} {:<8} {:>10} {:>8} {:>12} {:>9} {:>10}",
         "layer", "op", "work", "unit", "instructions", "per unit", "CMSIS-NN"
     );
-    for r in &rows {
+    for r in rows {
         println!(
             "{:<16} {:<8} {:>10} {:>8} {:>12} {:>9.2} {:>10}",
             r.name,
@@ -267,28 +360,35 @@ pub fn bench_mcu(json: bool, update_snapshot: bool) -> Result<(), String> {
             r.cmsis
         );
     }
-    println!();
+}
+
+fn print_groups(groups: &[Group]) {
+    let layer_sum: u64 = groups.iter().map(|g| g.insn).sum();
     println!(
         "{:<24} {:>10} {:>8} {:>12} {:>6} {:>9} {:>10}",
         "by kind", "work", "unit", "instructions", "share", "per unit", "CMSIS-NN"
     );
-    for (g, c, unit, work, insn) in &groups {
+    for g in groups {
         println!(
             "{:<24} {:>10} {:>8} {:>12} {:>5.1}% {:>9.2} {:>10}",
-            g,
-            work,
-            unit,
-            insn,
-            100.0 * *insn as f64 / layer_sum.max(1) as f64,
-            *insn as f64 / (*work).max(1) as f64,
-            c
+            g.name,
+            g.work,
+            g.unit,
+            g.insn,
+            100.0 * g.insn as f64 / layer_sum.max(1) as f64,
+            g.insn as f64 / g.work.max(1) as f64,
+            g.cmsis
         );
     }
-    println!();
+}
+
+fn print_summary(r: &Report) {
+    let (total, pre, arena, scratch_bytes) = (r.total, r.pre, r.arena, r.scratch_bytes);
     println!(
-        "network: {total} instructions per inference ({:.2} M), {per_mac:.2} per MAC over {:.2} M MACs",
+        "network: {total} instructions per inference ({:.2} M), {:.2} per MAC over {:.2} M MACs",
         total as f64 / 1e6,
-        total_macs as f64 / 1e6
+        r.per_mac(),
+        r.total_macs as f64 / 1e6
     );
     println!(
         "CMSIS-NN: {:.1} M instructions, {:.2} per MAC  →  ours / CMSIS-NN = {:.2}x",
@@ -302,7 +402,7 @@ pub fn bench_mcu(json: bool, update_snapshot: bool) -> Result<(), String> {
          (the M7's dual issue not counted, and neither are stalls: flash wait states for the \
          weights behind the 16 KiB D-cache, load-use and multiply latencies): {:.1} ms",
         CLOCK_HZ / 1e6,
-        (total + pre) as f64 / CLOCK_HZ * 1e3
+        r.estimated_ms()
     );
     println!(
         "peak activation memory (static plan from the exporter): arena {arena} B + conv scratch \
@@ -310,9 +410,13 @@ pub fn bench_mcu(json: bool, update_snapshot: bool) -> Result<(), String> {
          its padding) = {} B (frame buffers apart)",
         arena + scratch_bytes
     );
+    let ElfSizes {
+        flash,
+        ram,
+        sections,
+    } = &r.board;
     println!("board image (NUCLEO-H743ZI2): flash {flash} B of 2 MiB, static RAM {ram} B");
     for (name, addr, size) in sections {
         println!("  {name:<20} {addr:#010x} {size:>9}");
     }
-    Ok(())
 }

@@ -13,6 +13,8 @@ mod bench_mcu;
 
 use std::process::{Command, ExitCode};
 
+use workspace_util::workspace_root;
+
 const MCU_TARGET: &str = "thumbv7em-none-eabihf";
 
 fn main() -> ExitCode {
@@ -65,13 +67,6 @@ fn run_env(env: &[(&str, &str)], program: &str, args: &[&str]) -> Result<(), Str
             args.join(" ")
         ))
     }
-}
-
-fn workspace_root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives one level below the workspace root")
-        .to_path_buf()
 }
 
 fn ci() -> Result<(), String> {

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
+use workspace_util::median;
 
 use crate::bench::peer::PeerResult;
 use crate::model::{ArchConfig, Backend};
@@ -280,16 +281,6 @@ impl BenchReport {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 /// Times `runs` training steps and `runs` inference batches after `warmup`,
 /// with the device's default layer implementation.
 pub fn bench(
@@ -366,8 +357,8 @@ pub fn bench_backend(
             infer_times.push(t0.elapsed().as_secs_f64());
         }
     }
-    let train_s = median(train_times);
-    let infer_s = median(infer_times);
+    let train_s = median(&train_times);
+    let infer_s = median(&infer_times);
     let train_ips = batch_size as f64 / train_s;
     let infer_ips = batch_size as f64 / infer_s;
     Ok(BenchResult {
@@ -405,12 +396,6 @@ fn step_phases(steps: &[f64], optimizer_s: f64) -> StepPhases {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn median_of_odd_and_even() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
-    }
 
     #[test]
     fn bench_runs_on_a_tiny_model() {

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
+/// The workspace root (the folder holding `bench/`).
+pub use workspace_util::workspace_root;
 
 use crate::model::ArchConfig;
 
@@ -80,13 +82,6 @@ pub struct PeerRun<'a> {
     pub threads: usize,
     /// NHWC memory format instead of the default NCHW.
     pub channels_last: bool,
-}
-
-/// The workspace root (the folder holding `bench/`), from where this crate
-/// was built.
-pub fn workspace_root() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().unwrap_or(manifest).to_path_buf()
 }
 
 /// `bench/.venv/bin/python` under the workspace root.

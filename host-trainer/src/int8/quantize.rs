@@ -22,11 +22,9 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Module, Tensor, D};
-use shared::kernels::{AddParams, Dims};
-use shared::model::{
-    crc32, Model, Op, FORMAT_VERSION, HEADER_LEN, LAYER_RECORD_LEN, MAGIC, MAX_ARENA_LEN,
-    MAX_LAYERS, MAX_SCRATCH_LEN, MAX_TENSORS, NAME_LEN, NO_TENSOR, TENSOR_RECORD_LEN,
-};
+use shared::kernels::{conv2d_s8_scratch_len, AddParams, Conv2dParams, Dims};
+use shared::model::format::{self, Header, LayerRecord, TensorRecord};
+use shared::model::{Model, Op, MAX_ARENA_LEN, MAX_LAYERS, MAX_SCRATCH_LEN, MAX_TENSORS, NAME_LEN};
 use shared::preprocess::INPUT_SCALE_RECIPROCAL;
 use shared::quant::quantize_multiplier;
 
@@ -412,39 +410,24 @@ impl DataSection {
     }
 }
 
-/// One encoded layer record.
-struct Record {
-    op: Op,
-    geom: [u8; 6],
-    act: (i8, i8),
-    io: (u16, u16, u16),
-    offsets: (i32, i32),
-    data: [u32; 5], // filter, filter_len, bias, mult, shift
-    name: String,
+/// `record` named `name` (ASCII, at most [`NAME_LEN`] bytes).
+fn named(record: LayerRecord, name: &str) -> Result<LayerRecord> {
+    let name = format::name_field(name)
+        .with_context(|| format!("layer name `{name}` is not ASCII of at most {NAME_LEN} bytes"))?;
+    Ok(LayerRecord { name, ..record })
 }
 
-impl Record {
-    fn encode(&self) -> Result<[u8; LAYER_RECORD_LEN]> {
-        let mut r = [0u8; LAYER_RECORD_LEN];
-        r[0] = self.op as u8;
-        r[1..7].copy_from_slice(&self.geom);
-        r[7] = self.act.0 as u8;
-        r[8] = self.act.1 as u8;
-        r[12..14].copy_from_slice(&self.io.0.to_le_bytes());
-        r[14..16].copy_from_slice(&self.io.1.to_le_bytes());
-        r[16..18].copy_from_slice(&self.io.2.to_le_bytes());
-        r[20..24].copy_from_slice(&self.offsets.0.to_le_bytes());
-        r[24..28].copy_from_slice(&self.offsets.1.to_le_bytes());
-        for (k, v) in self.data.iter().enumerate() {
-            r[28 + 4 * k..32 + 4 * k].copy_from_slice(&v.to_le_bytes());
-        }
-        ensure!(
-            self.name.len() <= NAME_LEN && self.name.is_ascii(),
-            "layer name `{}` is too long",
-            self.name
-        );
-        r[48..48 + self.name.len()].copy_from_slice(self.name.as_bytes());
-        Ok(r)
+/// `record` with the data-section tables `[filter, filter_len, bias,
+/// multiplier, shift]` of [`DataSection::channelwise`].
+fn with_tables(record: LayerRecord, tables: [u32; 5]) -> LayerRecord {
+    let [filter, filter_len, bias, multiplier, shift] = tables;
+    LayerRecord {
+        filter,
+        filter_len,
+        bias,
+        multiplier,
+        shift,
+        ..record
     }
 }
 
@@ -519,8 +502,7 @@ pub fn build_blob(graph: &Graph, q: &TensorQuant, meta: &str) -> Result<Vec<u8>>
         "the conv scratch needs {scratch} i16, more than the {MAX_SCRATCH_LEN} the blob format allows"
     );
     let mut blob = encode(graph, q, meta, &offsets, (arena, scratch), &records, &data)?;
-    let crc = crc32(&blob[16..]);
-    blob[12..16].copy_from_slice(&crc.to_le_bytes());
+    format::seal(&mut blob);
     // Writer and reader agree: what is written here is what `parse` accepts.
     OwnedModel::new(&blob).context("the written blob fails shared's validation")?;
     Ok(blob)
@@ -558,167 +540,163 @@ fn tensor_lifetimes(graph: &Graph) -> Result<Vec<(usize, usize)>> {
 }
 
 /// The layer record of `l`; its tables go into `data`, and `scratch` grows
-/// to what the layer's conv needs.
+/// to what the layer's conv needs (`conv2d_s8_scratch_len`, as the reader
+/// checks it).
 fn layer_record(
     l: &FLayer,
     graph: &Graph,
     q: &TensorQuant,
     data: &mut DataSection,
     scratch: &mut usize,
-) -> Result<Record> {
-    Ok(match l {
+) -> Result<LayerRecord> {
+    match l {
         FLayer::Conv {
             name,
-            io,
+            io: (i, o),
             w,
             b,
             k,
             stride,
             relu,
         } => {
-            let (sin, zin) = q[io.0];
-            let (sout, zout) = q[io.1];
+            let (sin, zin) = q[*i];
+            let (sout, zout) = q[*o];
             let tables = data.channelwise(w, b, sin, sout);
-            *scratch = (*scratch)
-                .max(shared::kernels::IM2COL_COLUMNS * k * k * graph.tensors[io.0].dims.c);
-            let (k8, s8, p8) = (
-                small(*k, "kernel")?,
-                small(*stride, "stride")?,
-                small(k / 2, "padding")?,
-            );
-            Record {
-                op: Op::Conv,
-                geom: [k8, k8, s8, s8, p8, p8],
-                act: (if *relu { zout as i8 } else { -128 }, 127),
-                io: (io.0 as u16, NO_TENSOR, io.1 as u16),
-                offsets: (-zin, zout),
-                data: tables,
-                name: name.clone(),
-            }
+            let params = Conv2dParams {
+                kernel_h: *k,
+                kernel_w: *k,
+                stride_h: *stride,
+                stride_w: *stride,
+                pad_h: k / 2,
+                pad_w: k / 2,
+                input_offset: -zin,
+                output_offset: zout,
+                act_min: if *relu { zout as i8 } else { -128 },
+                act_max: 127,
+            };
+            *scratch = (*scratch).max(conv2d_s8_scratch_len(&params, graph.tensors[*i].dims.c));
+            named(with_tables(conv_record(&params, *i, *o)?, tables), name)
         }
-        FLayer::MaxPool { io } => Record {
-            op: Op::MaxPool,
-            geom: [3, 3, 2, 2, 1, 1],
-            act: (-128, 127),
-            io: (io.0 as u16, NO_TENSOR, io.1 as u16),
-            offsets: (0, 0),
-            data: [0; 5],
-            name: "maxpool".into(),
-        },
-        FLayer::Gap { io } => {
-            let d = graph.tensors[io.0].dims;
-            Record {
-                op: Op::AvgPool,
-                geom: [small(d.h, "pool")?, small(d.w, "pool")?, 1, 1, 0, 0],
-                act: (-128, 127),
-                io: (io.0 as u16, NO_TENSOR, io.1 as u16),
-                offsets: (0, 0),
-                data: [0; 5],
-                name: "avgpool".into(),
-            }
+        FLayer::MaxPool { io: (i, o) } => {
+            let r = LayerRecord {
+                kernel_h: 3,
+                kernel_w: 3,
+                stride_h: 2,
+                stride_w: 2,
+                pad_h: 1,
+                pad_w: 1,
+                ..base(Op::MaxPool, *i, *o)
+            };
+            named(r, "maxpool")
         }
-        FLayer::Add { name, io } => {
-            let p = AddParams::from_scales(
-                (q[io.0].0, q[io.0].1),
-                (q[io.1].0, q[io.1].1),
-                (q[io.2].0, q[io.2].1),
-                true,
-            );
-            let params = p.to_array();
-            Record {
-                op: Op::Add,
-                geom: [0; 6],
-                act: (p.act_min, p.act_max),
-                io: (io.0 as u16, io.1 as u16, io.2 as u16),
-                offsets: (0, 0),
-                data: [0, 0, data.i32s(&params), 0, 0],
-                name: name.clone(),
-            }
+        FLayer::Gap { io: (i, o) } => {
+            let d = graph.tensors[*i].dims;
+            let r = LayerRecord {
+                kernel_h: small(d.h, "pool")?,
+                kernel_w: small(d.w, "pool")?,
+                stride_h: 1,
+                stride_w: 1,
+                ..base(Op::AvgPool, *i, *o)
+            };
+            named(r, "avgpool")
         }
-        FLayer::Fc { io, w, b } => {
-            let (sin, zin) = q[io.0];
-            let (sout, zout) = q[io.1];
+        FLayer::Add {
+            name,
+            io: (a, b, o),
+        } => {
+            let p = AddParams::from_scales(q[*a], q[*b], q[*o], true);
+            let r = LayerRecord {
+                act_min: p.act_min,
+                act_max: p.act_max,
+                input2: *b as u16,
+                bias: data.i32s(&p.to_array()),
+                ..base(Op::Add, *a, *o)
+            };
+            named(r, name)
+        }
+        FLayer::Fc { io: (i, o), w, b } => {
+            let (sin, zin) = q[*i];
+            let (sout, zout) = q[*o];
             let tables = data.channelwise(w, b, sin, sout);
-            Record {
-                op: Op::FullyConnected,
-                geom: [0; 6],
-                act: (-128, 127),
-                io: (io.0 as u16, NO_TENSOR, io.1 as u16),
-                offsets: (-zin, zout),
-                data: tables,
-                name: "fc".into(),
-            }
+            let r = LayerRecord {
+                input_offset: -zin,
+                output_offset: zout,
+                ..base(Op::FullyConnected, *i, *o)
+            };
+            named(with_tables(r, tables), "fc")
         }
+    }
+}
+
+/// The record of an `op` layer from tensor `input` to tensor `output`,
+/// the rest empty ([`LayerRecord::new`]).
+fn base(op: Op, input: usize, output: usize) -> LayerRecord {
+    LayerRecord {
+        input: input as u16,
+        output: output as u16,
+        ..LayerRecord::new(op)
+    }
+}
+
+/// The record of a conv with `params` from tensor `input` to `output`
+/// (data tables and name still empty).
+fn conv_record(params: &Conv2dParams, input: usize, output: usize) -> Result<LayerRecord> {
+    Ok(LayerRecord {
+        kernel_h: small(params.kernel_h, "kernel")?,
+        kernel_w: small(params.kernel_w, "kernel")?,
+        stride_h: small(params.stride_h, "stride")?,
+        stride_w: small(params.stride_w, "stride")?,
+        pad_h: small(params.pad_h, "padding")?,
+        pad_w: small(params.pad_w, "padding")?,
+        act_min: params.act_min,
+        act_max: params.act_max,
+        input_offset: params.input_offset,
+        output_offset: params.output_offset,
+        ..base(Op::Conv, input, output)
     })
 }
 
-/// Header (CRC left 0), meta, tensor table, layer table and data section.
+/// Header (CRC left 0), meta, tensor table, layer table and data section,
+/// laid out by [`Header::layout`].
 fn encode(
     graph: &Graph,
     q: &TensorQuant,
     meta: &str,
     offsets: &[usize],
     (arena, scratch): (usize, usize),
-    records: &[Record],
+    records: &[LayerRecord],
     data: &DataSection,
 ) -> Result<Vec<u8>> {
     let n_t = graph.tensors.len();
-    // Layout: header, meta (padded), tensor table, layer table, data.
-    let mut meta_bytes = meta.as_bytes().to_vec();
-    let meta_len = meta_bytes.len();
-    while !meta_bytes.len().is_multiple_of(4) {
-        meta_bytes.push(0);
-    }
-    let meta_at = HEADER_LEN;
-    let tensors_at = meta_at + meta_bytes.len();
-    let layers_at = tensors_at + n_t * TENSOR_RECORD_LEN;
-    let data_at = layers_at + records.len() * LAYER_RECORD_LEN;
-    let total = data_at + data.0.len();
-    let mut blob = Vec::with_capacity(total);
-    blob.extend_from_slice(&MAGIC);
-    blob.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    blob.extend_from_slice(&(HEADER_LEN as u16).to_le_bytes());
-    blob.extend_from_slice(&(total as u32).to_le_bytes());
-    blob.extend_from_slice(&0u32.to_le_bytes()); // CRC, patched below
-    blob.extend_from_slice(&(arena as u32).to_le_bytes());
-    blob.extend_from_slice(&(scratch as u32).to_le_bytes());
-    blob.extend_from_slice(&(n_t as u16).to_le_bytes());
-    blob.extend_from_slice(&(records.len() as u16).to_le_bytes());
-    blob.extend_from_slice(&0u16.to_le_bytes()); // input tensor
-    blob.extend_from_slice(&((n_t - 1) as u16).to_le_bytes()); // output tensor
-    for v in [
-        meta_at,
-        meta_len,
-        tensors_at,
-        layers_at,
-        data_at,
-        data.0.len(),
-        0,
-        0,
-    ] {
-        blob.extend_from_slice(&(v as u32).to_le_bytes());
-    }
-    debug_assert_eq!(blob.len(), HEADER_LEN);
-    blob.extend_from_slice(&meta_bytes);
+    let header = Header {
+        arena_len: arena as u32,
+        scratch_len: scratch as u32,
+        input: 0,
+        output: (n_t - 1) as u16,
+        ..Header::layout(meta.len(), n_t as u16, records.len() as u16, data.0.len())
+            .context("the blob would exceed 4 GiB")?
+    };
+    let mut blob = Vec::with_capacity(header.total_len as usize);
+    blob.extend_from_slice(&header.encode());
+    blob.extend_from_slice(meta.as_bytes());
+    blob.resize(header.tensors_at as usize, 0);
     for (t, info) in graph.tensors.iter().enumerate() {
         let d = info.dims;
-        for v in [d.h, d.w, d.c, 0] {
-            blob.extend_from_slice(
-                &u16::try_from(v)
-                    .context("tensor dimension too large")?
-                    .to_le_bytes(),
-            );
-        }
-        blob.extend_from_slice(&(offsets[t] as u32).to_le_bytes());
-        blob.extend_from_slice(&0u32.to_le_bytes());
-        blob.extend_from_slice(&(q[t].0 as f32).to_bits().to_le_bytes());
-        blob.extend_from_slice(&q[t].1.to_le_bytes());
+        let dims = [d.h, d.w, d.c].map(u16::try_from);
+        let [Ok(h), Ok(w), Ok(c)] = dims else {
+            bail!("tensor {t}: dimension too large ({d:?})");
+        };
+        let r = TensorRecord::new([h, w, c], offsets[t] as u32, q[t].0 as f32, q[t].1);
+        blob.extend_from_slice(&r.encode());
     }
     for r in records {
-        blob.extend_from_slice(&r.encode()?);
+        blob.extend_from_slice(&r.encode());
     }
     blob.extend_from_slice(&data.0);
-    ensure!(blob.len() == total, "internal error: blob layout");
+    ensure!(
+        blob.len() == header.total_len as usize,
+        "internal error: blob layout"
+    );
     Ok(blob)
 }
 

@@ -356,9 +356,8 @@ mod tests {
     }
 
     impl Case {
-        fn run(&self) -> Vec<i8> {
-            let od = self.p.output_dims(self.id, self.out_c).unwrap();
-            let layer = Conv2d {
+        fn layer(&self) -> Conv2d<'_> {
+            Conv2d {
                 params: self.p,
                 filter: &self.filter,
                 bias: &self.bias,
@@ -366,7 +365,12 @@ mod tests {
                     multiplier: &self.mult,
                     shift: &self.shift,
                 },
-            };
+            }
+        }
+
+        fn run(&self) -> Vec<i8> {
+            let od = self.p.output_dims(self.id, self.out_c).unwrap();
+            let layer = self.layer();
             let mut out = vec![0i8; od.len()];
             let mut scratch = vec![0x5555i16; conv2d_s8_scratch_len(&self.p, self.id.c)];
             conv2d_s8(&layer, &self.input, self.id, &mut out, od, &mut scratch).unwrap();
@@ -459,7 +463,7 @@ mod tests {
             let typical = 128.0 * 64.0 * (taps as f64).sqrt();
             let (mult, shift): (Vec<i32>, Vec<i32>) = (0..out_c)
                 .map(|_| {
-                    let f = (rng.next() % 1000) as f64 / 250.0 + 0.1;
+                    let f = (rng.next_u64() % 1000) as f64 / 250.0 + 0.1;
                     crate::quant::quantize_multiplier(f * 100.0 / typical)
                 })
                 .unzip();
@@ -738,11 +742,11 @@ mod tests {
         }
     }
 
-    #[test]
-    fn rejects_bad_arguments() {
-        let mut rng = Rng(3);
-        let c = Case::random(
-            &mut rng,
+    /// The case the argument checks start from: 4x4x3 input, 3x3 kernel,
+    /// stride 1, padding 1, 2 output channels.
+    fn small_case() -> Case {
+        Case::random(
+            &mut Rng(3),
             Dims::new(4, 4, 3),
             2,
             (3, 3),
@@ -750,19 +754,16 @@ mod tests {
             (1, 1),
             0,
             0,
-        );
+        )
+    }
+
+    #[test]
+    fn rejects_bad_buffers() {
+        let c = small_case();
+        let layer = c.layer();
         let od = c.p.output_dims(c.id, 2).unwrap();
         let mut out = vec![0i8; od.len()];
         let mut scratch = vec![0i16; conv2d_s8_scratch_len(&c.p, 3)];
-        let layer = Conv2d {
-            params: c.p,
-            filter: &c.filter,
-            bias: &c.bias,
-            requant: Requant {
-                multiplier: &c.mult,
-                shift: &c.shift,
-            },
-        };
         assert_eq!(
             conv2d_s8(&layer, &c.input[1..], c.id, &mut out, od, &mut scratch),
             Err(Error::BufferLength {
@@ -789,6 +790,27 @@ mod tests {
                 ..
             })
         ));
+        let short_filter = Conv2d {
+            filter: &c.filter[1..],
+            ..layer
+        };
+        assert!(matches!(
+            conv2d_s8(&short_filter, &c.input, c.id, &mut out, od, &mut scratch),
+            Err(Error::BufferLength {
+                buffer: "filter",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn rejects_bad_parameters() {
+        let c = small_case();
+        let layer = c.layer();
+        let od = c.p.output_dims(c.id, 2).unwrap();
+        let mut out = vec![0i8; od.len()];
+        let mut scratch = vec![0i16; conv2d_s8_scratch_len(&c.p, 3)];
+        let mut run = |l: &Conv2d<'_>| conv2d_s8(l, &c.input, c.id, &mut out, od, &mut scratch);
         let bad_shift = [31, 0];
         let l2 = Conv2d {
             requant: Requant {
@@ -797,26 +819,17 @@ mod tests {
             },
             ..layer
         };
-        assert_eq!(
-            conv2d_s8(&l2, &c.input, c.id, &mut out, od, &mut scratch),
-            Err(Error::Parameter { name: "shift" })
-        );
+        assert_eq!(run(&l2), Err(Error::Parameter { name: "shift" }));
         let l3 = Conv2d {
             params: Conv2dParams { stride_h: 0, ..c.p },
             ..layer
         };
-        assert_eq!(
-            conv2d_s8(&l3, &c.input, c.id, &mut out, od, &mut scratch),
-            Err(Error::Parameter { name: "stride" })
-        );
+        assert_eq!(run(&l3), Err(Error::Parameter { name: "stride" }));
         let l4 = Conv2d {
             params: Conv2dParams { pad_w: 3, ..c.p },
             ..layer
         };
-        assert_eq!(
-            conv2d_s8(&l4, &c.input, c.id, &mut out, od, &mut scratch),
-            Err(Error::Parameter { name: "padding" })
-        );
+        assert_eq!(run(&l4), Err(Error::Parameter { name: "padding" }));
         let l5 = Conv2d {
             params: Conv2dParams {
                 input_offset: -128,
@@ -825,22 +838,11 @@ mod tests {
             ..layer
         };
         assert_eq!(
-            conv2d_s8(&l5, &c.input, c.id, &mut out, od, &mut scratch),
+            run(&l5),
             Err(Error::Parameter {
                 name: "input_offset"
             })
         );
-        let l6 = Conv2d {
-            filter: &c.filter[1..],
-            ..layer
-        };
-        assert!(matches!(
-            conv2d_s8(&l6, &c.input, c.id, &mut out, od, &mut scratch),
-            Err(Error::BufferLength {
-                buffer: "filter",
-                ..
-            })
-        ));
     }
 
     proptest! {

@@ -187,7 +187,7 @@ mod tests {
             let filter = rng.i8s(n_in * n_out);
             let bias: Vec<i32> = (0..n_out).map(|_| rng.range_i32(-100_000, 100_000)).collect();
             let mult: Vec<i32> = (0..n_out).map(|_| rng.range_i32(1 << 30, i32::MAX)).collect();
-            let shifts: Vec<i32> = (0..n_out).map(|_| shift - (rng.next() % 4) as i32).collect();
+            let shifts: Vec<i32> = (0..n_out).map(|_| shift - (rng.next_u64() % 4) as i32).collect();
             let l = FullyConnected {
                 filter: &filter, bias: &bias,
                 requant: Requant { multiplier: &mult, shift: &shifts },

@@ -169,36 +169,5 @@ pub(crate) mod testutil {
     }
 
     /// SplitMix64: deterministic test data from a proptest seed.
-    pub struct Rng(pub u64);
-
-    impl Rng {
-        pub fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-
-        /// A fair coin.
-        pub fn coin(&mut self) -> bool {
-            self.next() & 1 == 0
-        }
-
-        /// Uniform in `lo..=hi`.
-        pub fn range_i32(&mut self, lo: i32, hi: i32) -> i32 {
-            lo + (self.next() % ((hi as i64 - lo as i64 + 1) as u64)) as i32
-        }
-
-        /// `n` int8 values, with the extremes -128 and 127 over-represented.
-        pub fn i8s(&mut self, n: usize) -> std::vec::Vec<i8> {
-            (0..n)
-                .map(|_| match self.next() % 16 {
-                    0 => -128,
-                    1 => 127,
-                    _ => self.next() as i8,
-                })
-                .collect()
-        }
-    }
+    pub use crate::rng::Rng;
 }

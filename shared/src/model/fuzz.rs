@@ -17,23 +17,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use super::validate::tests::{pattern, residual};
 use super::*;
-
-/// splitmix64: a fixed seed gives the same cases on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
+// A fixed seed gives the same cases on every run.
+use crate::rng::Rng;
 
 /// Field values at the edges of what the format allows.
 const BOUNDARY: [u32; 16] = [
@@ -93,7 +78,7 @@ fn mutate(base: &[u8], hot: usize, rng: &mut Rng) -> (Vec<u8>, String) {
         2 => {
             let p = pos(rng, b.len() + 1);
             for _ in 0..1 + rng.below(8) {
-                b.insert(p, rng.next() as u8);
+                b.insert(p, rng.next_u64() as u8);
             }
             ("insertion", false)
         }
@@ -103,11 +88,15 @@ fn mutate(base: &[u8], hot: usize, rng: &mut Rng) -> (Vec<u8>, String) {
             } else {
                 let p = pos(rng, b.len() + 1).max(16);
                 for _ in 0..1 + rng.below(8) {
-                    b.insert(p, rng.next() as u8);
+                    b.insert(p, rng.next_u64() as u8);
                 }
             }
-            let len = b.len() as u32;
-            b[8..12].copy_from_slice(&len.to_le_bytes());
+            let head = b.first_chunk().expect("at least a header is kept");
+            let h = format::Header {
+                total_len: b.len() as u32,
+                ..format::Header::decode(head)
+            };
+            b[..HEADER_LEN].copy_from_slice(&h.encode());
             ("resize, length and CRC fixed", true)
         }
         4 | 5 => {
@@ -120,7 +109,7 @@ fn mutate(base: &[u8], hot: usize, rng: &mut Rng) -> (Vec<u8>, String) {
         _ => {
             for _ in 0..1 + rng.below(3) {
                 let v = if rng.below(4) == 0 {
-                    rng.next() as u32
+                    rng.next_u64() as u32
                 } else {
                     BOUNDARY[rng.below(BOUNDARY.len())]
                 };
@@ -135,9 +124,8 @@ fn mutate(base: &[u8], hot: usize, rng: &mut Rng) -> (Vec<u8>, String) {
             ("field writes, CRC fixed", true)
         }
     };
-    if fix_crc && b.len() >= 16 {
-        let crc = crc32(&b[16..]);
-        b[12..16].copy_from_slice(&crc.to_le_bytes());
+    if fix_crc && b.len() >= format::CRC_FROM {
+        format::seal(&mut b);
     }
     (b, String::from(kind))
 }

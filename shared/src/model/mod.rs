@@ -1,41 +1,12 @@
 //! The int8 model: a versioned, checksummed blob, parsed and validated
 //! without allocating, then run layer by layer through [`crate::kernels`].
 //!
-//! # Blob format (version 1, little-endian, 4-byte aligned sections)
+//! # Blob format
 //!
-//! | offset | size | field |
-//! |---|---|---|
-//! | 0 | 4 | magic `b"MRN8"` |
-//! | 4 | 2 | format version ([`FORMAT_VERSION`]) |
-//! | 6 | 2 | header length ([`HEADER_LEN`]) |
-//! | 8 | 4 | total length of the blob |
-//! | 12 | 4 | CRC-32 (IEEE) of bytes `16..total` |
-//! | 16 | 4 | arena bytes (activation memory) |
-//! | 20 | 4 | conv scratch, in `i16` elements |
-//! | 24 | 2 | tensor count |
-//! | 26 | 2 | layer count |
-//! | 28 | 2 | input tensor index |
-//! | 30 | 2 | output tensor index |
-//! | 32 | 4+4 | provenance text: offset, length (UTF-8 `key=value` lines) |
-//! | 40 | 4 | tensor table offset ([`TENSOR_RECORD_LEN`]-byte records) |
-//! | 44 | 4 | layer table offset ([`LAYER_RECORD_LEN`]-byte records) |
-//! | 48 | 4+4 | data section: offset, length (weights, biases, requantization) |
-//! | 56 | 8 | reserved, zero |
-//!
-//! **Tensor record** (24 bytes): `h, w, c` (u16 each), reserved u16, arena
-//! offset u32, reserved u32, scale (f32 bits, metadata for hosts and for
-//! display; kernels never read it), zero point i32.
-//!
-//! **Layer record** (64 bytes): op u8 ([`Op`]), `kernel_h, kernel_w,
-//! stride_h, stride_w, pad_h, pad_w` (u8 each), `act_min, act_max` (i8),
-//! 3 reserved bytes, tensor indices `in0, in1, out` (u16, `in1` = 0xFFFF
-//! when unused), reserved u16, `input_offset, output_offset` (i32), then
-//! data-section offsets (u32) of the filter, its byte length, the bias, the
-//! multipliers and the shifts, then a 16-byte zero-padded ASCII name.
-//! An `Add` keeps its ten `AddParams` integers at the bias offset
-//! (`input1_offset, input1_multiplier, input1_shift, input2_offset,
-//! input2_multiplier, input2_shift, left_shift, output_multiplier,
-//! output_shift, output_offset`).
+//! A header, provenance text, a tensor table, a layer table and a data
+//! section, versioned ([`FORMAT_VERSION`]) and checksummed: see [`format`],
+//! which defines every field once for the reader here and the writer in
+//! `host-trainer`.
 //!
 //! Every tensor has a fixed place in one activation arena, planned by the
 //! exporter. [`Model::parse`] validates everything `run` relies on, with a
@@ -56,12 +27,21 @@
 //! [`MAX_LAYERS`] layers, an arena of at most [`MAX_ARENA_LEN`] bytes and a
 //! scratch of at most [`MAX_SCRATCH_LEN`] `i16` elements.
 
+pub mod format;
 #[cfg(test)]
 mod fuzz;
 mod generated;
+mod top1;
 mod validate;
 
+pub use format::{
+    Op, FORMAT_VERSION, HEADER_LEN, LAYER_RECORD_LEN, MAGIC, NAME_LEN, NO_TENSOR, TENSOR_RECORD_LEN,
+};
+
+use format::{Header, LayerRecord, TensorRecord, CRC_FROM};
+
 pub use generated::{ARENA_LEN, BLOB, SCRATCH_LEN, SCRATCH_LEN_FAST};
+pub use top1::{argmax, top1};
 
 /// An `i16` scratch buffer with 4-byte alignment, so the fast conv reads
 /// its columns with aligned word loads (it realigns any other buffer by one
@@ -101,20 +81,6 @@ pub fn default_model() -> Result<Model<'static>, ModelError> {
     Model::parse(&BLOB.0)
 }
 
-/// Blob magic.
-pub const MAGIC: [u8; 4] = *b"MRN8";
-/// The one blob format this code reads.
-pub const FORMAT_VERSION: u16 = 1;
-/// Length of the fixed header.
-pub const HEADER_LEN: usize = 64;
-/// Length of one tensor record.
-pub const TENSOR_RECORD_LEN: usize = 24;
-/// Length of one layer record.
-pub const LAYER_RECORD_LEN: usize = 64;
-/// Length of a layer name field.
-pub const NAME_LEN: usize = 16;
-/// "No tensor" in a layer record.
-pub const NO_TENSOR: u16 = 0xFFFF;
 /// Most tensors a blob may have (the exporter refuses more).
 pub const MAX_TENSORS: usize = 1024;
 /// Most layers a blob may have (the exporter refuses more).
@@ -276,36 +242,6 @@ impl core::fmt::Display for ModelError {
 
 impl core::error::Error for ModelError {}
 
-/// Layer operations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
-#[repr(u8)]
-pub enum Op {
-    /// [`conv2d_s8`].
-    Conv = 1,
-    /// [`maxpool_s8`].
-    MaxPool = 2,
-    /// [`avgpool_s8`].
-    AvgPool = 3,
-    /// [`add_s8`].
-    Add = 4,
-    /// [`fc_s8`].
-    FullyConnected = 5,
-}
-
-impl Op {
-    fn from_u8(v: u8) -> Option<Op> {
-        Some(match v {
-            1 => Op::Conv,
-            2 => Op::MaxPool,
-            3 => Op::AvgPool,
-            4 => Op::Add,
-            5 => Op::FullyConnected,
-            _ => return None,
-        })
-    }
-}
-
 /// One activation tensor of the model.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TensorInfo {
@@ -385,81 +321,84 @@ pub struct Model<'a> {
     data: Range<usize>,
 }
 
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn i32_at(b: &[u8], at: usize) -> i32 {
-    u32_at(b, at) as i32
-}
-
 /// `start..start + len` if it lies within `0..limit`.
 fn span(start: usize, len: usize, limit: usize) -> Option<Range<usize>> {
     let end = start.checked_add(len)?;
     (end <= limit).then_some(start..end)
 }
 
+/// The `N`-byte record at `at` of `b`.
+fn record_at<const N: usize>(b: &[u8], at: usize) -> &[u8; N] {
+    b[at..at + N]
+        .try_into()
+        .expect("a range of N bytes is an N-byte array")
+}
+
 fn overlaps(a: &Range<usize>, b: &Range<usize>) -> bool {
     a.start < b.end && b.start < a.end
+}
+
+/// The header of `blob` once the blob is known whole and undamaged: long
+/// enough, of this format and version, as long as it says, with a matching
+/// CRC, and 4-byte aligned in memory. Its other fields are not checked yet.
+fn check_envelope(blob: &[u8]) -> Result<Header, ModelError> {
+    let Some(head) = blob.first_chunk::<HEADER_LEN>() else {
+        return Err(ModelError::Truncated {
+            needed: HEADER_LEN,
+            actual: blob.len(),
+        });
+    };
+    let h = Header::decode(head);
+    if h.magic != MAGIC {
+        return Err(ModelError::Magic);
+    }
+    if h.version != FORMAT_VERSION {
+        return Err(ModelError::Version {
+            found: h.version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    if h.header_len as usize != HEADER_LEN {
+        return Err(ModelError::Header {
+            field: "header_len",
+        });
+    }
+    let total = h.total_len as usize;
+    if blob.len() < total {
+        return Err(ModelError::Truncated {
+            needed: total,
+            actual: blob.len(),
+        });
+    }
+    if blob.len() > total {
+        return Err(ModelError::Length {
+            declared: total,
+            actual: blob.len(),
+        });
+    }
+    let computed = crc32(&blob[CRC_FROM..]);
+    if h.crc != computed {
+        return Err(ModelError::Checksum {
+            stored: h.crc,
+            computed,
+        });
+    }
+    if !(blob.as_ptr() as usize).is_multiple_of(4) {
+        return Err(ModelError::Alignment);
+    }
+    Ok(h)
 }
 
 impl<'a> Model<'a> {
     /// Parses and fully validates `blob`. Nothing is allocated; the model
     /// keeps borrowing `blob`.
     pub fn parse(blob: &'a [u8]) -> Result<Model<'a>, ModelError> {
-        if blob.len() < HEADER_LEN {
-            return Err(ModelError::Truncated {
-                needed: HEADER_LEN,
-                actual: blob.len(),
-            });
-        }
-        if blob[0..4] != MAGIC {
-            return Err(ModelError::Magic);
-        }
-        let version = u16_at(blob, 4);
-        if version != FORMAT_VERSION {
-            return Err(ModelError::Version {
-                found: version,
-                supported: FORMAT_VERSION,
-            });
-        }
-        if u16_at(blob, 6) as usize != HEADER_LEN {
-            return Err(ModelError::Header {
-                field: "header_len",
-            });
-        }
-        let total = u32_at(blob, 8) as usize;
-        if blob.len() < total {
-            return Err(ModelError::Truncated {
-                needed: total,
-                actual: blob.len(),
-            });
-        }
-        if blob.len() > total {
-            return Err(ModelError::Length {
-                declared: total,
-                actual: blob.len(),
-            });
-        }
-        let stored = u32_at(blob, 12);
-        let computed = crc32(&blob[16..]);
-        if stored != computed {
-            return Err(ModelError::Checksum { stored, computed });
-        }
-        if !(blob.as_ptr() as usize).is_multiple_of(4) {
-            return Err(ModelError::Alignment);
-        }
+        let h = check_envelope(blob)?;
         let header = |field: &'static str| ModelError::Header { field };
-        let n_tensors = u16_at(blob, 24);
-        let n_layers = u16_at(blob, 26);
-        let tensors_at = u32_at(blob, 40) as usize;
-        let layers_at = u32_at(blob, 44) as usize;
-        let arena_len = u32_at(blob, 16) as usize;
-        let scratch_len = u32_at(blob, 20) as usize;
+        let total = blob.len();
+        let (arena_len, scratch_len) = (h.arena_len as usize, h.scratch_len as usize);
+        let (n_tensors, n_layers) = (h.tensor_count, h.layer_count);
+        let (tensors_at, layers_at) = (h.tensors_at as usize, h.layers_at as usize);
         if arena_len > MAX_ARENA_LEN {
             return Err(header("arena_len"));
         }
@@ -472,24 +411,22 @@ impl<'a> Model<'a> {
         if n_layers == 0 || n_layers as usize > MAX_LAYERS {
             return Err(header("layer_count"));
         }
-        if blob[56..HEADER_LEN].iter().any(|&b| b != 0) {
+        if h.reserved.iter().any(|&b| b != 0) {
             return Err(header("reserved"));
         }
-        let meta = span(u32_at(blob, 32) as usize, u32_at(blob, 36) as usize, total)
-            .ok_or(header("meta"))?;
+        let meta = span(h.meta_at as usize, h.meta_len as usize, total).ok_or(header("meta"))?;
         let m = Model {
             blob,
             arena_len,
             scratch_len,
             n_tensors,
             n_layers,
-            input: u16_at(blob, 28),
-            output: u16_at(blob, 30),
+            input: h.input,
+            output: h.output,
             meta: core::str::from_utf8(&blob[meta]).map_err(|_| header("meta"))?,
             tensors_at,
             layers_at,
-            data: span(u32_at(blob, 48) as usize, u32_at(blob, 52) as usize, total)
-                .ok_or(header("data"))?,
+            data: span(h.data_at as usize, h.data_len as usize, total).ok_or(header("data"))?,
         };
         span(tensors_at, n_tensors as usize * TENSOR_RECORD_LEN, total)
             .ok_or(header("tensor_table"))?;
@@ -588,18 +525,28 @@ impl<'a> Model<'a> {
     /// comparing `i` with the tensor count (the slice index still checks it
     /// against the blob).
     fn tensor_at(&self, i: u16) -> TensorInfo {
-        let at = self.tensors_at + i as usize * TENSOR_RECORD_LEN;
-        let b = self.blob;
+        let r = self.tensor_record(i);
         TensorInfo {
-            dims: Dims::new(
-                u16_at(b, at) as usize,
-                u16_at(b, at + 2) as usize,
-                u16_at(b, at + 4) as usize,
-            ),
-            offset: u32_at(b, at + 8) as usize,
-            scale: f32::from_bits(u32_at(b, at + 16)),
-            zero_point: i32_at(b, at + 20),
+            dims: Dims::new(r.h as usize, r.w as usize, r.c as usize),
+            offset: r.offset as usize,
+            scale: r.scale,
+            zero_point: r.zero_point,
         }
+    }
+
+    /// The record of tensor `i` (the index unchecked, as for
+    /// [`tensor_at`](Self::tensor_at)).
+    fn tensor_record(&self, i: u16) -> TensorRecord {
+        TensorRecord::decode(record_at(
+            self.blob,
+            self.tensors_at + i as usize * TENSOR_RECORD_LEN,
+        ))
+    }
+
+    /// The encoded record of layer `i` (the index unchecked against the
+    /// layer count; the slice index still checks it against the blob).
+    fn layer_bytes(&self, i: u16) -> &'a [u8; LAYER_RECORD_LEN] {
+        record_at(self.blob, self.layers_at + i as usize * LAYER_RECORD_LEN)
     }
 
     /// Layer `i`, decoded, or `None` unless `i < layer_count()`.
@@ -636,32 +583,26 @@ impl<'a> Model<'a> {
         if i >= self.n_layers {
             return Err(bad("index"));
         }
-        let at = self.layers_at + i as usize * LAYER_RECORD_LEN;
-        let b = self.blob;
-        let rec = &b[at..at + LAYER_RECORD_LEN];
-        let op = Op::from_u8(rec[0]).ok_or(bad("op"))?;
-        let name_bytes = &rec[48..48 + NAME_LEN];
-        let name_len = name_bytes.iter().position(|&c| c == 0).unwrap_or(NAME_LEN);
-        let name = core::str::from_utf8(&name_bytes[..name_len]).map_err(|_| bad("name"))?;
-        let (input, input2, output) = (u16_at(rec, 12), u16_at(rec, 14), u16_at(rec, 16));
-        let (act_min, act_max) = (rec[7] as i8, rec[8] as i8);
+        let rec = self.layer_bytes(i);
+        let r = LayerRecord::decode(rec);
+        let op = Op::from_u8(r.op).ok_or(bad("op"))?;
+        let name = core::str::from_utf8(format::layer_name(rec)).map_err(|_| bad("name"))?;
+        let (input, input2, output) = (r.input, r.input2, r.output);
+        let (act_min, act_max) = (r.act_min, r.act_max);
         let pool = PoolParams {
-            kernel_h: rec[1] as usize,
-            kernel_w: rec[2] as usize,
-            stride_h: rec[3] as usize,
-            stride_w: rec[4] as usize,
-            pad_h: rec[5] as usize,
-            pad_w: rec[6] as usize,
+            kernel_h: r.kernel_h as usize,
+            kernel_w: r.kernel_w as usize,
+            stride_h: r.stride_h as usize,
+            stride_w: r.stride_w as usize,
+            pad_h: r.pad_h as usize,
+            pad_w: r.pad_w as usize,
             act_min,
             act_max,
         };
-        let (input_offset, output_offset) = (i32_at(rec, 20), i32_at(rec, 24));
-        let (filter_off, filter_len) = (u32_at(rec, 28) as usize, u32_at(rec, 32) as usize);
-        let (bias_off, mult_off, shift_off) = (
-            u32_at(rec, 36) as usize,
-            u32_at(rec, 40) as usize,
-            u32_at(rec, 44) as usize,
-        );
+        let (input_offset, output_offset) = (r.input_offset, r.output_offset);
+        let (filter_off, filter_len) = (r.filter as usize, r.filter_len as usize);
+        let (bias_off, mult_off, shift_off) =
+            (r.bias as usize, r.multiplier as usize, r.shift as usize);
         let out_c = self.tensor(output).ok_or(bad("output"))?.dims.c;
         let kind = match op {
             Op::Conv => LayerKind::Conv(Conv2d {
@@ -687,8 +628,10 @@ impl<'a> Model<'a> {
             Op::MaxPool => LayerKind::MaxPool(pool),
             Op::AvgPool => LayerKind::AvgPool(pool),
             Op::Add => {
-                let p = self.i32s(bias_off, 10).ok_or(bad("add_params"))?;
-                let mut a = [0i32; 10];
+                let p = self
+                    .i32s(bias_off, format::ADD_PARAMS_LEN)
+                    .ok_or(bad("add_params"))?;
+                let mut a = [0i32; format::ADD_PARAMS_LEN];
                 a.copy_from_slice(p);
                 LayerKind::Add(AddParams::from_array(a, act_min, act_max))
             }

@@ -6,11 +6,13 @@
 //! Lengths are computed in `u64` before any `usize` product, so a blob
 //! cannot overflow the 32-bit target's arithmetic.
 
-use super::{
-    overlaps, span, u16_at, u32_at, Layer, LayerKind, Model, ModelError, LAYER_RECORD_LEN,
-    TENSOR_RECORD_LEN,
+use super::format::LayerRecord;
+use super::{overlaps, span, Layer, LayerKind, Model, ModelError, TensorInfo};
+use crate::error::Error;
+use crate::kernels::{
+    conv2d_s8_scratch_len, conv2d_s8_validate, AddParams, Conv2d, Dims, FullyConnected, PoolParams,
+    IM2COL_COLUMNS,
 };
-use crate::kernels::{conv2d_s8_validate, Dims, IM2COL_COLUMNS};
 use crate::preprocess::{INPUT_CHANNELS, INPUT_SIZE};
 
 /// Whether `m` is a valid requantization multiplier: `[2^30, 2^31)` or 0
@@ -18,6 +20,10 @@ use crate::preprocess::{INPUT_CHANNELS, INPUT_SIZE};
 fn multiplier_ok(m: i32) -> bool {
     m == 0 || m >= 1 << 30
 }
+
+// `IM2COL_COLUMNS * taps` fits a `usize` for any `taps` of a slice length
+// (at most `isize::MAX`): the validator relies on it.
+const _: () = assert!(IM2COL_COLUMNS <= 2);
 
 /// Where a read tensor's contents come from.
 enum Source {
@@ -27,6 +33,108 @@ enum Source {
     Unwritten,
     /// This layer's output overwrote it in the arena after it was written.
     Overwritten(u16),
+}
+
+/// Layer `i` with its input and output tensors, for the checks of
+/// its parameters.
+struct LayerCheck {
+    i: u16,
+    in0: TensorInfo,
+    out: TensorInfo,
+}
+
+impl LayerCheck {
+    fn bad(&self, field: &'static str) -> ModelError {
+        ModelError::Layer {
+            index: self.i,
+            field,
+        }
+    }
+
+    fn kernel(&self, error: Error) -> ModelError {
+        ModelError::Kernel {
+            index: self.i,
+            error,
+        }
+    }
+
+    /// A conv's or FC's offsets agree with its tensors' zero points.
+    fn offsets(&self, input: i32, output: i32) -> Result<(), ModelError> {
+        if input != -self.in0.zero_point {
+            Err(self.bad("input_offset"))
+        } else if output != self.out.zero_point {
+            Err(self.bad("output_offset"))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Every per-channel multiplier is in range.
+    fn multipliers(&self, m: &[i32]) -> Result<(), ModelError> {
+        if m.iter().all(|&m| multiplier_ok(m)) {
+            Ok(())
+        } else {
+            Err(self.bad("multiplier"))
+        }
+    }
+
+    fn validate_pool(&self, p: &PoolParams) -> Result<(), ModelError> {
+        let (in0, out) = (&self.in0, &self.out);
+        p.validate_dims(in0.dims, out.dims)
+            .map_err(|e| self.kernel(e))?;
+        // Pools keep their input's quantization.
+        if out.zero_point != in0.zero_point {
+            return Err(self.bad("zero_point"));
+        }
+        if out.scale.to_bits() != in0.scale.to_bits() {
+            return Err(self.bad("scale"));
+        }
+        Ok(())
+    }
+
+    /// A residual add reading `in1` besides `in0`.
+    fn validate_add(&self, p: &AddParams, in1: TensorInfo) -> Result<(), ModelError> {
+        let (in0, out) = (&self.in0, &self.out);
+        p.validate().map_err(|e| self.kernel(e))?;
+        if in1.dims != in0.dims || out.dims != in0.dims {
+            return Err(self.bad("dims"));
+        }
+        if overlaps(&in1.range(), &out.range()) {
+            return Err(self.bad("output"));
+        }
+        for (m, field) in [
+            (p.input1_multiplier, "input1_multiplier"),
+            (p.input2_multiplier, "input2_multiplier"),
+            (p.output_multiplier, "output_multiplier"),
+        ] {
+            if !multiplier_ok(m) {
+                return Err(self.bad(field));
+            }
+        }
+        if p.input1_offset != -in0.zero_point {
+            return Err(self.bad("input1_offset"));
+        }
+        if p.input2_offset != -in1.zero_point {
+            return Err(self.bad("input2_offset"));
+        }
+        if p.output_offset != out.zero_point {
+            return Err(self.bad("output_offset"));
+        }
+        Ok(())
+    }
+
+    fn validate_fc(&self, fc: &FullyConnected<'_>) -> Result<(), ModelError> {
+        let (in_len, out_len) = (self.in0.dims.len(), self.out.dims.len());
+        if in_len as u64 * out_len as u64 != fc.filter.len() as u64 {
+            return Err(self.bad("filter"));
+        }
+        fc.validate(in_len).map_err(|e| self.kernel(e))?;
+        if out_len != fc.bias.len() {
+            return Err(self.bad("dims"));
+        }
+        self.multipliers(fc.requant.multiplier)?;
+        self.offsets(fc.input_offset, fc.output_offset)
+    }
 }
 
 impl Model<'_> {
@@ -65,9 +173,8 @@ impl Model<'_> {
 
     fn validate_tensor(&self, t: u16) -> Result<(), ModelError> {
         let bad = |field| ModelError::Tensor { index: t, field };
-        let at = self.tensors_at + t as usize * TENSOR_RECORD_LEN;
-        let b = self.blob;
-        if u16_at(b, at + 6) != 0 || u32_at(b, at + 12) != 0 {
+        let r = self.tensor_record(t);
+        if r.reserved_a != 0 || r.reserved_b != 0 {
             return Err(bad("reserved"));
         }
         let info = self.tensor_at(t);
@@ -94,9 +201,8 @@ impl Model<'_> {
     /// here; dataflow in [`validate_dataflow`](Self::validate_dataflow)).
     fn validate_layer(&self, i: u16, layer: &Layer<'_>) -> Result<(), ModelError> {
         let bad = |field| ModelError::Layer { index: i, field };
-        let kernel = |error| ModelError::Kernel { index: i, error };
-        let rec = &self.blob[self.layers_at + i as usize * LAYER_RECORD_LEN..];
-        if rec[9..12].iter().chain(&rec[18..20]).any(|&x| x != 0) {
+        let r = LayerRecord::decode(self.layer_bytes(i));
+        if r.reserved_a != [0; 3] || r.reserved_b != 0 {
             return Err(bad("reserved"));
         }
         let in0 = self.tensor(layer.input).ok_or(bad("input"))?;
@@ -104,96 +210,42 @@ impl Model<'_> {
         if layer.output == self.input || overlaps(&in0.range(), &out.range()) {
             return Err(bad("output"));
         }
-        let offsets = |input: i32, output: i32| {
-            if input != -in0.zero_point {
-                Err(bad("input_offset"))
-            } else if output != out.zero_point {
-                Err(bad("output_offset"))
-            } else {
-                Ok(())
-            }
-        };
-        let multipliers = |m: &[i32]| {
-            if m.iter().all(|&m| multiplier_ok(m)) {
-                Ok(())
-            } else {
-                Err(bad("multiplier"))
-            }
-        };
+        let c = LayerCheck { i, in0, out };
         match &layer.kind {
-            LayerKind::Conv(conv) => {
-                let p = &conv.params;
-                let taps = p.kernel_h as u64 * p.kernel_w as u64 * in0.dims.c as u64;
-                if taps * out.dims.c as u64 != conv.filter.len() as u64 {
-                    return Err(bad("filter"));
-                }
-                if taps * IM2COL_COLUMNS as u64 > self.scratch_len as u64 {
-                    return Err(bad("scratch"));
-                }
-                // The fast kernel sizes its widened input from the padding:
-                // keep that product within 32 bits.
-                let wide = (in0.dims.h as u64 + 2 * p.pad_h as u64)
-                    * (in0.dims.w as u64 + 2 * p.pad_w as u64)
-                    * in0.dims.c as u64;
-                if wide > u32::MAX as u64 / 4 {
-                    return Err(bad("padding"));
-                }
-                conv2d_s8_validate(conv, in0.dims, out.dims).map_err(kernel)?;
-                multipliers(conv.requant.multiplier)?;
-                offsets(p.input_offset, p.output_offset)
-            }
-            LayerKind::MaxPool(p) | LayerKind::AvgPool(p) => {
-                p.validate_dims(in0.dims, out.dims).map_err(kernel)?;
-                // Pools keep their input's quantization.
-                if out.zero_point != in0.zero_point {
-                    return Err(bad("zero_point"));
-                }
-                if out.scale.to_bits() != in0.scale.to_bits() {
-                    return Err(bad("scale"));
-                }
-                Ok(())
-            }
+            LayerKind::Conv(conv) => self.validate_conv(&c, conv),
+            LayerKind::MaxPool(p) | LayerKind::AvgPool(p) => c.validate_pool(p),
             LayerKind::Add(p) => {
-                p.validate().map_err(kernel)?;
                 let in1 = self.tensor(layer.input2).ok_or(bad("input2"))?;
-                if in1.dims != in0.dims || out.dims != in0.dims {
-                    return Err(bad("dims"));
-                }
-                if overlaps(&in1.range(), &out.range()) {
-                    return Err(bad("output"));
-                }
-                for (m, field) in [
-                    (p.input1_multiplier, "input1_multiplier"),
-                    (p.input2_multiplier, "input2_multiplier"),
-                    (p.output_multiplier, "output_multiplier"),
-                ] {
-                    if !multiplier_ok(m) {
-                        return Err(bad(field));
-                    }
-                }
-                if p.input1_offset != -in0.zero_point {
-                    return Err(bad("input1_offset"));
-                }
-                if p.input2_offset != -in1.zero_point {
-                    return Err(bad("input2_offset"));
-                }
-                if p.output_offset != out.zero_point {
-                    return Err(bad("output_offset"));
-                }
-                Ok(())
+                c.validate_add(p, in1)
             }
-            LayerKind::FullyConnected(fc) => {
-                if in0.dims.len() as u64 * out.dims.len() as u64 != fc.filter.len() as u64 {
-                    return Err(bad("filter"));
-                }
-                fc.validate(in0.dims.len()).map_err(kernel)?;
-                if out.dims.len() != fc.bias.len() {
-                    return Err(bad("dims"));
-                }
-                multipliers(fc.requant.multiplier)?;
-                offsets(fc.input_offset, fc.output_offset)
-            }
+            LayerKind::FullyConnected(fc) => c.validate_fc(fc),
         }
+    }
+
+    fn validate_conv(&self, c: &LayerCheck, conv: &Conv2d<'_>) -> Result<(), ModelError> {
+        let (in0, out) = (c.in0.dims, c.out.dims);
+        let p = &conv.params;
+        let taps = p.kernel_h as u64 * p.kernel_w as u64 * in0.c as u64;
+        if taps * out.c as u64 != conv.filter.len() as u64 {
+            return Err(c.bad("filter"));
+        }
+        // The filter holds `taps` bytes per output channel, so `taps` fits a
+        // slice length and the scratch formula cannot overflow (see the
+        // assertion on `IM2COL_COLUMNS` above).
+        if conv2d_s8_scratch_len(p, in0.c) > self.scratch_len {
+            return Err(c.bad("scratch"));
+        }
+        // The fast kernel sizes its widened input from the padding: keep
+        // that product within 32 bits.
+        let wide = (in0.h as u64 + 2 * p.pad_h as u64)
+            * (in0.w as u64 + 2 * p.pad_w as u64)
+            * in0.c as u64;
+        if wide > u32::MAX as u64 / 4 {
+            return Err(c.bad("padding"));
+        }
+        conv2d_s8_validate(conv, in0, out).map_err(|e| c.kernel(e))?;
+        c.multipliers(conv.requant.multiplier)?;
+        c.offsets(p.input_offset, p.output_offset)
     }
 
     /// Layer `i` writes a tensor nobody else writes, and reads tensors that
@@ -258,10 +310,7 @@ impl Model<'_> {
 
     /// The output tensor index of layer `j` (a validated layer).
     fn output_of(&self, j: u16) -> u16 {
-        u16_at(
-            self.blob,
-            self.layers_at + j as usize * LAYER_RECORD_LEN + 16,
-        )
+        LayerRecord::decode(self.layer_bytes(j)).output
     }
 }
 
@@ -270,6 +319,7 @@ pub(super) mod tests {
     //! `parse` on small hand-built blobs: a valid residual network, and
     //! each defect a CRC-valid blob can carry, one at a time.
 
+    use super::super::format::{self, Header, LayerRecord, TensorRecord};
     use super::super::*;
     use crate::kernels::testutil::{ref_clamp, ref_requant};
     use crate::kernels::{AddParams, IM2COL_COLUMNS};
@@ -334,64 +384,54 @@ pub(super) mod tests {
 
         pub(in crate::model) fn bytes(&self) -> Vec<u8> {
             let meta = b"model=hand-built\n";
-            let meta_at = HEADER_LEN;
-            let tensors_at = (meta_at + meta.len()).next_multiple_of(4);
-            let layers_at = tensors_at + self.tensors.len() * TENSOR_RECORD_LEN;
-            let data_at = layers_at + self.layers.len() * LAYER_RECORD_LEN;
-            let total = data_at + self.data.len();
-            let mut b = Vec::with_capacity(total);
-            b.extend_from_slice(&MAGIC);
-            b.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-            b.extend_from_slice(&(HEADER_LEN as u16).to_le_bytes());
-            b.extend_from_slice(&(total as u32).to_le_bytes());
-            b.extend_from_slice(&0u32.to_le_bytes());
-            b.extend_from_slice(&self.arena.to_le_bytes());
-            b.extend_from_slice(&self.scratch.to_le_bytes());
-            for v in [
-                self.tensors.len() as u16,
-                self.layers.len() as u16,
-                self.input,
-                self.output,
-            ] {
-                b.extend_from_slice(&v.to_le_bytes());
-            }
-            let (data_len, meta_len) = (self.data.len(), meta.len());
-            for v in [
-                meta_at, meta_len, tensors_at, layers_at, data_at, data_len, 0, 0,
-            ] {
-                b.extend_from_slice(&(v as u32).to_le_bytes());
-            }
+            let h = Header {
+                arena_len: self.arena,
+                scratch_len: self.scratch,
+                input: self.input,
+                output: self.output,
+                ..Header::layout(
+                    meta.len(),
+                    self.tensors.len() as u16,
+                    self.layers.len() as u16,
+                    self.data.len(),
+                )
+                .unwrap()
+            };
+            let mut b = h.encode().to_vec();
             b.extend_from_slice(meta);
-            b.resize(tensors_at, 0);
+            b.resize(h.tensors_at as usize, 0);
             for t in &self.tensors {
-                for v in [t.dims[0], t.dims[1], t.dims[2], 0] {
-                    b.extend_from_slice(&v.to_le_bytes());
-                }
-                b.extend_from_slice(&t.offset.to_le_bytes());
-                b.extend_from_slice(&0u32.to_le_bytes());
-                b.extend_from_slice(&t.scale.to_bits().to_le_bytes());
-                b.extend_from_slice(&t.zp.to_le_bytes());
+                b.extend_from_slice(&TensorRecord::new(t.dims, t.offset, t.scale, t.zp).encode());
             }
             for l in &self.layers {
-                let mut r = [0u8; LAYER_RECORD_LEN];
-                r[0] = l.op as u8;
-                r[1..7].copy_from_slice(&l.geom);
-                (r[7], r[8]) = (l.act.0 as u8, l.act.1 as u8);
-                r[12..14].copy_from_slice(&l.io.0.to_le_bytes());
-                r[14..16].copy_from_slice(&l.io.1.to_le_bytes());
-                r[16..18].copy_from_slice(&l.io.2.to_le_bytes());
-                r[20..24].copy_from_slice(&l.offsets.0.to_le_bytes());
-                r[24..28].copy_from_slice(&l.offsets.1.to_le_bytes());
-                for (k, v) in l.data.iter().enumerate() {
-                    r[28 + 4 * k..32 + 4 * k].copy_from_slice(&v.to_le_bytes());
-                }
-                r[48..52].copy_from_slice(b"test");
-                b.extend_from_slice(&r);
+                let [filter, filter_len, bias, multiplier, shift] = l.data;
+                let r = LayerRecord {
+                    kernel_h: l.geom[0],
+                    kernel_w: l.geom[1],
+                    stride_h: l.geom[2],
+                    stride_w: l.geom[3],
+                    pad_h: l.geom[4],
+                    pad_w: l.geom[5],
+                    act_min: l.act.0,
+                    act_max: l.act.1,
+                    input: l.io.0,
+                    input2: l.io.1,
+                    output: l.io.2,
+                    input_offset: l.offsets.0,
+                    output_offset: l.offsets.1,
+                    filter,
+                    filter_len,
+                    bias,
+                    multiplier,
+                    shift,
+                    name: format::name_field("test").unwrap(),
+                    ..LayerRecord::new(l.op)
+                };
+                b.extend_from_slice(&r.encode());
             }
             b.extend_from_slice(&self.data);
-            assert_eq!(b.len(), total);
-            let crc = crc32(&b[16..]);
-            b[12..16].copy_from_slice(&crc.to_le_bytes());
+            assert_eq!(b.len(), h.total_len as usize);
+            format::seal(&mut b);
             b
         }
     }
@@ -838,8 +878,7 @@ pub(super) mod tests {
         );
         let mut bytes = residual().bytes();
         bytes[60] = 1;
-        let crc = crc32(&bytes[16..]);
-        bytes[12..16].copy_from_slice(&crc.to_le_bytes());
+        format::seal(&mut bytes);
         assert_eq!(
             with_model(&bytes, |r| r.err()),
             Some(ModelError::Header { field: "reserved" })

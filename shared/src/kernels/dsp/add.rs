@@ -57,26 +57,9 @@ fn fill_table(
 
 /// The table path of [`add_s8_dsp`], for any length.
 pub(crate) fn add_s8_tables(p: &AddParams, input1: &[i8], input2: &[i8], output: &mut [i8]) {
-    let s1 = ChannelRequant::new(p.input1_multiplier, p.input1_shift, 0, i8::MIN, i8::MAX);
-    let s2 = ChannelRequant::new(p.input2_multiplier, p.input2_shift, 0, i8::MIN, i8::MAX);
     let mut t1 = [0i32; 256];
     let mut t2 = [0i32; 256];
-    fill_table(
-        &mut t1,
-        &s1,
-        p.input1_multiplier,
-        p.input1_shift,
-        p.input1_offset,
-        p.left_shift,
-    );
-    fill_table(
-        &mut t2,
-        &s2,
-        p.input2_multiplier,
-        p.input2_shift,
-        p.input2_offset,
-        p.left_shift,
-    );
+    fill_input_tables(p, &mut t1, &mut t2);
     let out = ChannelRequant::new(
         p.output_multiplier,
         p.output_shift,
@@ -92,80 +75,161 @@ pub(crate) fn add_s8_tables(p: &AddParams, input1: &[i8], input2: &[i8], output:
         }
         return;
     }
+    if let Some(f) = FoldedRequant::new(p.output_multiplier, p.output_shift, p.output_offset) {
+        add_folded(
+            &f,
+            (&t1, &t2),
+            (p.act_min, p.act_max),
+            input1,
+            input2,
+            output,
+        );
+    } else {
+        add_unfolded(&out, (&t1, &t2), input1, input2, output);
+    }
+}
+
+/// The two input rescalings of `p` as tables `t1`, `t2` (see
+/// [`fill_table`]).
+#[inline(always)]
+fn fill_input_tables(p: &AddParams, t1: &mut [i32; 256], t2: &mut [i32; 256]) {
+    let s1 = ChannelRequant::new(p.input1_multiplier, p.input1_shift, 0, i8::MIN, i8::MAX);
+    let s2 = ChannelRequant::new(p.input2_multiplier, p.input2_shift, 0, i8::MIN, i8::MAX);
+    fill_table(
+        t1,
+        &s1,
+        p.input1_multiplier,
+        p.input1_shift,
+        p.input1_offset,
+        p.left_shift,
+    );
+    fill_table(
+        t2,
+        &s2,
+        p.input2_multiplier,
+        p.input2_shift,
+        p.input2_offset,
+        p.left_shift,
+    );
+}
+
+/// The table sums requantized by the folded output requantization `f`
+/// and clamped to `min..=max`.
+#[inline(always)]
+fn add_folded(
+    f: &FoldedRequant,
+    (t1, t2): (&[i32; 256], &[i32; 256]),
+    (min, max): (i8, i8),
+    input1: &[i8],
+    input2: &[i8],
+    output: &mut [i8],
+) {
     // Tables indexed by the signed value itself: `t[128 + v]`.
     let (c1, c2) = (t1.as_ptr().wrapping_add(128), t2.as_ptr().wrapping_add(128));
-    if let Some(f) = FoldedRequant::new(p.output_multiplier, p.output_shift, p.output_offset) {
-        let (min, max) = (p.act_min as i32, p.act_max as i32);
-        let n = output.len();
-        let (x, y, o) = (input1.as_ptr(), input2.as_ptr(), output.as_mut_ptr());
-        let mut i = 0;
-        // SAFETY: `i < n`, the length of all three slices; `128 + v` is in
-        // `0..256` for every int8 `v`.
-        unsafe {
-            #[cfg(armv7em)]
-            if min == -128 && max == 127 && n >= 2 {
-                // No clamp beyond int8 saturation: the loop below by hand,
-                // two elements per step, 12 instructions per element: both
-                // table lookups, their sum, the folded requantization.
-                macro_rules! add_element {
-                    () => {
-                        concat!(
-                            "ldrsb {a}, [{x}], #1\n",
-                            "ldrsb {b}, [{y}], #1\n",
-                            "ldr {a}, [{t1}, {a}, lsl #2]\n",
-                            "ldr {b}, [{t2}, {b}, lsl #2]\n",
-                            "add {a}, {a}, {b}\n",
-                            folded_requant!("a", "b"),
-                            "strb {a}, [{o}], #1\n",
-                        )
-                    };
-                }
-                let (m, c, e) = f.parts();
-                let (mut xs, mut ys, mut os) = (x, y, o);
-                let end = o.add(n & !1);
-                // SAFETY: reads `n & !1` bytes of each input, writes as many
-                // outputs; table indices are int8 values, `c1`/`c2` point
-                // at entry 128 of 256.
-                core::arch::asm!(
-                    "2:",
-                    add_element!(),
-                    add_element!(),
-                    "cmp {o}, {end}",
-                    "blo 2b",
-                    x = inout(reg) xs,
-                    y = inout(reg) ys,
-                    o = inout(reg) os,
-                    end = in(reg) end,
-                    t1 = in(reg) c1,
-                    t2 = in(reg) c2,
-                    c = in(reg) c,
-                    m = in(reg) m,
-                    e = in(reg) e,
-                    a = out(reg) _,
-                    b = out(reg) _,
-                    options(nostack),
-                );
-                let _ = (xs, ys, os);
-                i = n & !1;
+    let (min, max) = (min as i32, max as i32);
+    let n = output.len();
+    let (x, y, o) = (input1.as_ptr(), input2.as_ptr(), output.as_mut_ptr());
+    let mut i = 0;
+    // SAFETY: `i < n`, the length of all three slices; `128 + v` is in
+    // `0..256` for every int8 `v`.
+    unsafe {
+        #[cfg(armv7em)]
+        if min == -128 && max == 127 && n >= 2 {
+            i = add_pairs_asm(f, (c1, c2), x, y, o, n);
+        }
+        if max == 127 {
+            while i < n {
+                let a = *c1.offset(*x.add(i) as isize);
+                let b = *c2.offset(*y.add(i) as isize);
+                *o.add(i) = f.apply_max127(a.wrapping_add(b), min);
+                i += 1;
             }
-            if max == 127 {
-                while i < n {
-                    let a = *c1.offset(*x.add(i) as isize);
-                    let b = *c2.offset(*y.add(i) as isize);
-                    *o.add(i) = f.apply_max127(a.wrapping_add(b), min);
-                    i += 1;
-                }
-            } else {
-                while i < n {
-                    let a = *c1.offset(*x.add(i) as isize);
-                    let b = *c2.offset(*y.add(i) as isize);
-                    *o.add(i) = f.apply(a.wrapping_add(b), min, max);
-                    i += 1;
-                }
+        } else {
+            while i < n {
+                let a = *c1.offset(*x.add(i) as isize);
+                let b = *c2.offset(*y.add(i) as isize);
+                *o.add(i) = f.apply(a.wrapping_add(b), min, max);
+                i += 1;
             }
         }
-        return;
     }
+}
+
+/// [`add_folded`] without a clamp beyond int8 saturation, by hand, two
+/// elements per step, 12 instructions per element: both table lookups,
+/// their sum, the folded requantization. Returns the elements done
+/// (`n & !1`).
+///
+/// # Safety
+///
+/// `x` and `y` are readable and `o` writable for `n` bytes; `c1` and `c2`
+/// point at entry 128 of 256-entry tables.
+#[cfg(armv7em)]
+#[inline(always)]
+unsafe fn add_pairs_asm(
+    f: &FoldedRequant,
+    (c1, c2): (*const i32, *const i32),
+    x: *const i8,
+    y: *const i8,
+    o: *mut i8,
+    n: usize,
+) -> usize {
+    macro_rules! add_element {
+        () => {
+            concat!(
+                "ldrsb {a}, [{x}], #1\n",
+                "ldrsb {b}, [{y}], #1\n",
+                "ldr {a}, [{t1}, {a}, lsl #2]\n",
+                "ldr {b}, [{t2}, {b}, lsl #2]\n",
+                "add {a}, {a}, {b}\n",
+                folded_requant!("a", "b"),
+                "strb {a}, [{o}], #1\n",
+            )
+        };
+    }
+    let (m, c, e) = f.parts();
+    let (mut xs, mut ys, mut os) = (x, y, o);
+    // SAFETY: `n & !1 <= n` bytes past `o` are within its buffer.
+    let end = unsafe { o.add(n & !1) };
+    // SAFETY: reads `n & !1` bytes of each input, writes as many outputs;
+    // table indices are int8 values, `c1`/`c2` point at entry 128 of 256.
+    unsafe {
+        core::arch::asm!(
+            "2:",
+            add_element!(),
+            add_element!(),
+            "cmp {o}, {end}",
+            "blo 2b",
+            x = inout(reg) xs,
+            y = inout(reg) ys,
+            o = inout(reg) os,
+            end = in(reg) end,
+            t1 = in(reg) c1,
+            t2 = in(reg) c2,
+            c = in(reg) c,
+            m = in(reg) m,
+            e = in(reg) e,
+            a = out(reg) _,
+            b = out(reg) _,
+            options(nostack),
+        );
+    }
+    let _ = (xs, ys, os);
+    n & !1
+}
+
+/// The table sums requantized by the general output requantization `out`
+/// (whose multiplier is not `i32::MIN`: the caller took that case).
+#[inline(always)]
+fn add_unfolded(
+    out: &ChannelRequant,
+    (t1, t2): (&[i32; 256], &[i32; 256]),
+    input1: &[i8],
+    input2: &[i8],
+    output: &mut [i8],
+) {
+    // Tables indexed by the signed value itself: `t[128 + v]`.
+    let (c1, c2) = (t1.as_ptr().wrapping_add(128), t2.as_ptr().wrapping_add(128));
     if out.max_is_127() {
         for ((o, &a), &b) in output.iter_mut().zip(input1).zip(input2) {
             // SAFETY: `128 + v` is in `0..256` for every int8 `v`.

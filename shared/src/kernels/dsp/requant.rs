@@ -485,9 +485,9 @@ mod tests {
                 }
             }
             for _ in 0..2000 {
-                let m = (1 << 30) + 1 + (r.next() % ((1u64 << 30) - 1)) as i32;
-                let x = (r.next() as i32 >> 2) & !((1i32 << (r.next() % 24)) - 1);
-                let x = x >> (r.next() % 30);
+                let m = (1 << 30) + 1 + (r.next_u64() % ((1u64 << 30) - 1)) as i32;
+                let x = (r.next_u64() as i32 >> 2) & !((1i32 << (r.next_u64() % 24)) - 1);
+                let x = x >> (r.next_u64() % 30);
                 let f = FoldedRequant::unsat(m, s).unwrap();
                 assert_eq!(
                     f.scale_small(x),
@@ -517,8 +517,8 @@ mod tests {
         #[test]
         fn random_match_reference(seed in any::<u64>(), s in -31i32..=30) {
             let mut r = Rng(seed);
-            let acc = r.next() as i32 >> (r.next() % 32);
-            let m = r.next() as i32;
+            let acc = r.next_u64() as i32 >> (r.next_u64() % 32);
+            let m = r.next_u64() as i32;
             let off = r.range_i32(-128, 127);
             let (a, b) = (r.range_i32(-128, 127) as i8, r.range_i32(-128, 127) as i8);
             check(acc, m, s, off, a.min(b), a.max(b));
@@ -529,8 +529,8 @@ mod tests {
             // The folded path's domain: multiplier in (2^30, 2^31), large and
             // small accumulators, exact ties (acc a multiple of a power of 2).
             let mut r = Rng(seed);
-            let m = (1 << 30) + 1 + (r.next() % ((1u64 << 30) - 1)) as i32;
-            let acc = (r.next() as i32 >> (r.next() % 32)) & !((1i32 << (r.next() % 24)) - 1);
+            let m = (1 << 30) + 1 + (r.next_u64() % ((1u64 << 30) - 1)) as i32;
+            let acc = (r.next_u64() as i32 >> (r.next_u64() % 32)) & !((1i32 << (r.next_u64() % 24)) - 1);
             let off = r.range_i32(-128, 127);
             let (a, b) = (r.range_i32(-128, 127) as i8, r.range_i32(-128, 127) as i8);
             prop_assert!(FoldedRequant::accepts(m, s));
