@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
 use host_trainer::model::ArchConfig;
@@ -318,7 +318,7 @@ fn run_device_check(a: DeviceCheckArgs) -> Result<()> {
     let arch = a.arch.resolve()?;
     let n = 2 * a.batch_size;
     let data = match &a.data {
-        Some(p) => load_split(&data::detect(p)?, data::Split::Train, Some(n))?,
+        Some(p) => data::load_limited(&data::detect(p)?, data::Split::Train, Some(n))?,
         None => data::synthetic(n, arch.classes, 1),
     };
     let backend = match a.stock {
@@ -354,99 +354,14 @@ fn run_device_check(a: DeviceCheckArgs) -> Result<()> {
     Ok(())
 }
 
-/// The data source for `--data` (with `--val-split`), or the default chain.
 fn data_source(a: &DataArgs) -> Result<data::Source> {
-    let src = default_source(&a.data)?;
-    match (src, a.val_split) {
-        (data::Source::ClassFolders { root, .. }, Some(v)) => Ok(data::Source::ClassFolders {
-            root,
-            val_split: v,
-        }),
-        (data::Source::ClassFolders { root, val_split }, None) => {
-            eprintln!(
-                "data: {} holds one folder per class: {:.0}% of each class's images are the test split (--val-split)",
-                root.display(),
-                100.0 * val_split
-            );
-            Ok(data::Source::ClassFolders { root, val_split })
-        }
-        (src, None) => Ok(src),
-        (_, Some(_)) => anyhow::bail!(
-            "--val-split applies only to a folder of <class>/ folders; this data set has its own test split"
-        ),
-    }
+    data::resolve(a.data.as_deref(), a.val_split)
 }
 
-fn default_source(arg: &Option<PathBuf>) -> Result<data::Source> {
-    if let Some(p) = arg {
-        return data::detect(p);
-    }
-    if let Some(p) = std::env::var_os("MINI_RESNET_DATA") {
-        return data::detect(&PathBuf::from(p)).context("$MINI_RESNET_DATA");
-    }
-    let team = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/cifar10-jpeg");
-    if team.join("train").is_dir() {
-        eprintln!("data: {}", team.display());
-        return data::detect(&team);
-    }
-    let dir = data::default_cache_dir();
-    eprintln!(
-        "data: no --data given; using the official CIFAR-10 binary release in {}",
-        dir.display()
-    );
-    let tarball = data::download(
-        data::CIFAR10_URL,
-        data::CIFAR10_MD5,
-        &dir,
-        "cifar-10-binary.tar.gz",
-    )?;
-    Ok(data::Source::Tarball(tarball))
-}
-
-/// A short name of the data source for provenance.
-fn dataset_name(src: &data::Source) -> String {
-    match src {
-        data::Source::ImageFolders(p) => {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            match name.to_ascii_lowercase().contains("cifar") {
-                true => format!("CIFAR-10 (JPEG re-encode) {name}"),
-                false => format!("image folders {name}"),
-            }
-        }
-        data::Source::ClassFolders { root, val_split } => format!(
-            "image folders {} ({:.0}% of each class held out for testing)",
-            root.file_name().and_then(|n| n.to_str()).unwrap_or(""),
-            100.0 * val_split
-        ),
-        data::Source::BinaryDir(_) | data::Source::Tarball(_) => {
-            "CIFAR-10 (official binary)".into()
-        }
-    }
-}
-
-fn load_model(spec: &str) -> Result<host_trainer::quantize::OwnedModel> {
-    if spec == "default" {
-        host_trainer::quantize::OwnedModel::new(&shared::model::BLOB.0)
-            .context("the model committed in shared")
-    } else {
-        host_trainer::quantize::OwnedModel::load(std::path::Path::new(spec))
-    }
-}
-
-/// `default` → the float checkpoint committed with the shipped model.
-fn checkpoint_path(p: &std::path::Path) -> PathBuf {
-    if p == std::path::Path::new("default") {
-        host_trainer::ship::shipped_checkpoint()
-    } else {
-        p.to_path_buf()
-    }
-}
-
-/// Exports a checkpoint once and writes the blob to every destination in
-/// `outs` (`shared`, under the shipping rule, or a file path).
+/// Exports `checkpoint` once to every destination in `outs`.
 #[allow(clippy::too_many_arguments)]
 fn export_checkpoint(
-    ck_path: &std::path::Path,
+    checkpoint: &std::path::Path,
     outs: &[&str],
     quant: &QuantArgs,
     force: bool,
@@ -455,80 +370,19 @@ fn export_checkpoint(
     test_set: &data::Dataset,
     device: &candle_core::Device,
 ) -> Result<()> {
-    let ck = train::load_checkpoint(&checkpoint_path(ck_path), device)?;
-    let t = train::model_from_checkpoint(&ck, device)?;
-    let opts = host_trainer::export::ExportOptions {
-        calib_images: quant.calib_images,
-        calibration: quant.calibration,
-        dataset: dataset_name(src),
+    let job = host_trainer::ship::ExportJob {
+        checkpoint,
+        outs,
+        options: host_trainer::export::ExportOptions {
+            calib_images: quant.calib_images,
+            calibration: quant.calibration,
+            dataset: data::describe(src),
+        },
+        force,
+        train_set,
+        test_set,
     };
-    let (blob, cmp) =
-        host_trainer::export::export(&t.model, &ck, train_set, test_set, &opts, device)?;
-    println!("{}", cmp.report());
-    for &out in outs {
-        if out == "shared" {
-            let dir = host_trainer::export::shared_generated_dir();
-            let shipment = host_trainer::ship::Shipment {
-                blob: &blob,
-                int8_accuracy: cmp.int8_accuracy,
-                checkpoint: &ck,
-                model: &t.model,
-                test_set,
-                force,
-            };
-            host_trainer::ship::ship(&shipment, &dir, device)?;
-            println!(
-                "int8 model ({} bytes) and its float checkpoint written to {}",
-                blob.len(),
-                dir.display()
-            );
-        } else {
-            train::write_atomic(std::path::Path::new(out), &blob)?;
-            println!("int8 model ({} bytes) written to {out}", blob.len());
-        }
-    }
-    Ok(())
-}
-
-fn load_split(
-    src: &data::Source,
-    split: data::Split,
-    limit: Option<usize>,
-) -> Result<data::Dataset> {
-    anyhow::ensure!(
-        limit != Some(0),
-        "--{}-limit 0 leaves no {} images (use at least 1, or leave it out)",
-        split.name(),
-        split.name()
-    );
-    let t0 = std::time::Instant::now();
-    let mut ds = data::load(src, split)?;
-    if let Some(n) = limit {
-        ds = ds.subsample(n);
-    }
-    eprintln!(
-        "loaded {} {:?} images in {:.1} s",
-        ds.len(),
-        split,
-        t0.elapsed().as_secs_f64()
-    );
-    Ok(ds)
-}
-
-/// The classes and their image counts, when they are not CIFAR-10's.
-fn print_class_counts(train: &data::Dataset, test: &data::Dataset) {
-    if train.classes.iter().map(String::as_str).eq(data::CLASSES) {
-        return;
-    }
-    eprintln!("{} classes (training / test images):", train.classes.len());
-    for ((name, tr), te) in train
-        .classes
-        .iter()
-        .zip(train.class_counts())
-        .zip(test.class_counts())
-    {
-        eprintln!("  {name:<24} {tr:>6} / {te}");
-    }
+    host_trainer::ship::export_checkpoint(&job, device)
 }
 
 fn run_train(a: TrainArgs) -> Result<()> {
@@ -543,13 +397,16 @@ fn run_train(a: TrainArgs) -> Result<()> {
         arch.macs() as f64 / 1e6
     );
     let src = data_source(&a.data)?;
-    let train_set = load_split(&src, data::Split::Train, a.train_limit)?;
-    let test_set = load_split(&src, data::Split::Test, a.data.test_limit)?;
+    let train_set = data::load_limited(&src, data::Split::Train, a.train_limit)?;
+    let test_set = data::load_limited(&src, data::Split::Test, a.data.test_limit)?;
     let mut cfg =
         TrainConfig::from_recipe(a.recipe, train_set.len(), a.epochs, a.batch_size, a.lr)?;
     cfg.arch = arch;
     cfg.arch.classes = train_set.classes.len();
-    cfg.init = a.init.as_deref().map(checkpoint_path);
+    cfg.init = a
+        .init
+        .as_deref()
+        .map(host_trainer::ship::resolve_checkpoint);
     if let Some(k) = a.freeze_epochs {
         cfg.freeze_epochs = k;
     }
@@ -558,7 +415,9 @@ fn run_train(a: TrainArgs) -> Result<()> {
         "--recipe finetune and --freeze-epochs start from trained weights: add --init default (the shipped \
          model's checkpoint) or --init <run>/checkpoint.safetensors"
     );
-    print_class_counts(&train_set, &test_set);
+    if let Some(table) = data::class_table(&train_set, &test_set) {
+        eprint!("{table}");
+    }
     cfg.seed = a.seed;
     let run_dir = a.run_dir.unwrap_or_else(|| {
         PathBuf::from("runs").join(
@@ -616,9 +475,9 @@ fn run_train(a: TrainArgs) -> Result<()> {
 fn run_eval(a: EvalArgs) -> Result<()> {
     let device = train::device(&a.data.device)?;
     let src = data_source(&a.data)?;
-    let test_set = load_split(&src, data::Split::Test, a.data.test_limit)?;
+    let test_set = data::load_limited(&src, data::Split::Test, a.data.test_limit)?;
     if a.camera {
-        let m = load_model(a.model.as_deref().unwrap_or("default"))?;
+        let m = host_trainer::classify::load_model(a.model.as_deref().unwrap_or("default"))?;
         let t0 = std::time::Instant::now();
         let report = host_trainer::camera::run(&m, &test_set, None, |pass| {
             eprintln!("  {pass} done ({:.0} s)", t0.elapsed().as_secs_f64())
@@ -632,7 +491,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     }
     let float = match &a.checkpoint {
         Some(p) => {
-            let ck = train::load_checkpoint(&checkpoint_path(p), &device)?;
+            let ck = train::load_checkpoint(&host_trainer::ship::resolve_checkpoint(p), &device)?;
             Some((train::model_from_checkpoint(&ck, &device)?, ck.meta.epoch))
         }
         None => None,
@@ -659,7 +518,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             }
         }
         (Some(spec), Some((t, _))) => {
-            let m = load_model(spec)?;
+            let m = host_trainer::classify::load_model(spec)?;
             let cmp = host_trainer::export::compare(&t.model, &m, &test_set, &device)?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&cmp)?);
@@ -670,7 +529,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         (Some(spec), None) => {
             // No float checkpoint: measure int8, and show the float figures
             // recorded at export.
-            let m = load_model(spec)?;
+            let m = host_trainer::classify::load_model(spec)?;
             let logits = host_trainer::export::int8_logits(&m, &test_set)?;
             let correct = logits
                 .iter()
@@ -712,8 +571,8 @@ fn run_eval(a: EvalArgs) -> Result<()> {
 fn run_export(a: ExportArgs) -> Result<()> {
     let device = train::device(&a.data.device)?;
     let src = data_source(&a.data)?;
-    let train_set = load_split(&src, data::Split::Train, None)?;
-    let test_set = load_split(&src, data::Split::Test, a.data.test_limit)?;
+    let train_set = data::load_limited(&src, data::Split::Train, None)?;
+    let test_set = data::load_limited(&src, data::Split::Test, a.data.test_limit)?;
     export_checkpoint(
         &a.checkpoint,
         &[a.out.as_str()],
@@ -727,14 +586,12 @@ fn run_export(a: ExportArgs) -> Result<()> {
 }
 
 fn run_classify(a: ClassifyArgs) -> Result<()> {
-    let owned = load_model(&a.model)?;
-    let model = owned.model()?;
-    let mut arena = vec![0i8; model.arena_len()];
-    let mut scratch = vec![0i16; model.scratch_len()];
+    let owned = host_trainer::classify::load_model(&a.model)?;
+    let mut classifier = host_trainer::classify::Classifier::new(&owned)?;
     let mut failed = 0;
     for path in &a.images {
         // One bad file is reported and the rest still classified.
-        match classify_one(&model, path, &mut arena, &mut scratch) {
+        match classifier.classify_file(path) {
             Ok((class, confidence)) => {
                 println!("{}: {class} ({confidence:.1}%)", path.display())
             }
@@ -750,49 +607,6 @@ fn run_classify(a: ClassifyArgs) -> Result<()> {
         a.images.len()
     );
     Ok(())
-}
-
-/// The image at `path` through the firmware's path; returns the class and
-/// its softmax confidence (%). Images whose shorter side is outside what
-/// `shared::preprocess` crops (32 to 4096 pixels) are first resized to fit.
-fn classify_one(
-    model: &shared::model::Model,
-    path: &std::path::Path,
-    arena: &mut [i8],
-    scratch: &mut [i16],
-) -> Result<(&'static str, f64)> {
-    use shared::preprocess::{INPUT_SIZE, MAX_CROP};
-    let mut img = image::open(path)
-        .with_context(|| format!("reading image {}", path.display()))?
-        .to_rgb8();
-    let (w, h) = img.dimensions();
-    let short = w.min(h) as f64;
-    let target = short.clamp(INPUT_SIZE as f64, MAX_CROP as f64);
-    if target != short {
-        let k = target / short;
-        let (nw, nh) = ((w as f64 * k).round() as u32, (h as f64 * k).round() as u32);
-        img = image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Triangle);
-    }
-    let (w, h) = img.dimensions();
-    let frame = shared::preprocess::Frame {
-        data: img.as_raw(),
-        width: w as usize,
-        height: h as usize,
-        format: shared::preprocess::PixelFormat::Rgb888,
-    };
-    let mut input = [0i8; shared::preprocess::INPUT_LEN];
-    shared::preprocess::preprocess(&frame, &mut input)
-        .with_context(|| format!("preprocessing {}", path.display()))?;
-    let out = model.output();
-    let mut logits = vec![0i8; out.dims.len()];
-    model
-        .run(&input, arena, scratch, &mut logits)
-        .with_context(|| format!("running the model on {}", path.display()))?;
-    let (best, permille) = shared::model::top1(&logits, out.scale);
-    Ok((
-        data::CLASSES.get(best).copied().unwrap_or("?"),
-        f64::from(permille) / 10.0,
-    ))
 }
 
 fn run_bench(a: BenchArgs) -> Result<()> {

@@ -5,6 +5,7 @@
 //! ([`camera`]).
 
 pub mod camera;
+pub mod classify;
 pub mod export;
 pub mod quantize;
 pub mod ship;

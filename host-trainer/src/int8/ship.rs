@@ -14,10 +14,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 
-use crate::checkpoint::{save_weights, Checkpoint};
+use crate::checkpoint::{
+    load_checkpoint, model_from_checkpoint, save_weights, write_atomic, Checkpoint,
+};
 use crate::data::Dataset;
 use crate::export::{
-    argmax, int8_logits, shared_generated_dir, write_float_reference, write_shared,
+    argmax, export, int8_logits, shared_generated_dir, write_float_reference, write_shared,
+    ExportOptions,
 };
 use crate::model::MiniResNet;
 use crate::quantize::OwnedModel;
@@ -28,6 +31,71 @@ pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 /// The committed float checkpoint (`--checkpoint default`).
 pub fn shipped_checkpoint() -> PathBuf {
     shared_generated_dir().join(CHECKPOINT_FILE)
+}
+
+/// `default` → [`shipped_checkpoint`]; any other path as it is.
+pub fn resolve_checkpoint(p: &Path) -> PathBuf {
+    if p == Path::new("default") {
+        shipped_checkpoint()
+    } else {
+        p.to_path_buf()
+    }
+}
+
+/// One export: a checkpoint quantized once, written to each destination.
+#[derive(Debug)]
+pub struct ExportJob<'a> {
+    /// The float checkpoint (`default` allowed).
+    pub checkpoint: &'a Path,
+    /// Destinations: `shared` (under the rule of [`check_replace`]) or
+    /// `.bin` file paths.
+    pub outs: &'a [&'a str],
+    /// Calibration and provenance.
+    pub options: ExportOptions,
+    /// Replace a more accurate shipped model.
+    pub force: bool,
+    /// Calibration images come from here.
+    pub train_set: &'a Dataset,
+    /// The float-vs-int8 comparison runs here.
+    pub test_set: &'a Dataset,
+}
+
+/// Runs `job`: prints the float-vs-int8 comparison and writes the blob.
+pub fn export_checkpoint(job: &ExportJob<'_>, device: &Device) -> Result<()> {
+    let ck = load_checkpoint(&resolve_checkpoint(job.checkpoint), device)?;
+    let t = model_from_checkpoint(&ck, device)?;
+    let (blob, cmp) = export(
+        &t.model,
+        &ck,
+        job.train_set,
+        job.test_set,
+        &job.options,
+        device,
+    )?;
+    println!("{}", cmp.report());
+    for &out in job.outs {
+        if out == "shared" {
+            let dir = shared_generated_dir();
+            let shipment = Shipment {
+                blob: &blob,
+                int8_accuracy: cmp.int8_accuracy,
+                checkpoint: &ck,
+                model: &t.model,
+                test_set: job.test_set,
+                force: job.force,
+            };
+            ship(&shipment, &dir, device)?;
+            println!(
+                "int8 model ({} bytes) and its float checkpoint written to {}",
+                blob.len(),
+                dir.display()
+            );
+        } else {
+            write_atomic(Path::new(out), &blob)?;
+            println!("int8 model ({} bytes) written to {out}", blob.len());
+        }
+    }
+    Ok(())
 }
 
 /// Int8 top-1 accuracy (%) of `m` on `ds`.

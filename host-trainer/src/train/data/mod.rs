@@ -29,7 +29,9 @@ use flate2::read::GzDecoder;
 use indicatif::{ProgressBar, ProgressStyle};
 use md5::{Digest, Md5};
 pub mod folders;
+mod resolve;
 pub use folders::network_pixels;
+pub use resolve::{class_table, describe, load_limited, resolve};
 
 /// Class names in the official CIFAR-10 label order: label `i` is `CLASSES[i]`.
 pub const CLASSES: [&str; 10] = shared::CIFAR10_CLASSES;
