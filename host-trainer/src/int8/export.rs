@@ -77,16 +77,8 @@ pub fn int8_logits(m: &OwnedModel, ds: &Dataset) -> Result<Vec<Vec<i8>>> {
         .collect()
 }
 
-/// Index of the first maximum.
-pub fn argmax<T: PartialOrd + Copy>(v: &[T]) -> usize {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best
-}
+/// Index of the first maximum (the board's [`shared::model::argmax`]).
+pub use shared::model::argmax;
 
 /// Compares float and int8 on `ds`.
 pub fn compare(
