@@ -273,8 +273,9 @@ fn val_files(files: &[PathBuf], fraction: f64) -> Vec<bool> {
 }
 
 /// Loads `split` of `root/<class>/`, where a deterministic per-class
-/// `fraction` of the images is the test split (see [`val_files`]). Prints
-/// the per-class split when loading the training part.
+/// `fraction` of the images is the test split: the `round(n * fraction)`
+/// (at least one) whose file names hash lowest. Prints the per-class split
+/// when loading the training part.
 pub fn load_flat_folders(root: &Path, fraction: f64, split: Split) -> Result<Dataset> {
     ensure!(
         fraction > 0.0 && fraction < 1.0,
