@@ -18,7 +18,8 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{bail, CpuStorage, InplaceOp3, Layout, Tensor, Var};
+use rayon::prelude::*;
 
 /// Optimizer hyper-parameters (the learning rate comes from the schedule).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -44,6 +45,159 @@ struct Param {
 pub struct Sgd {
     cfg: SgdConfig,
     params: BTreeMap<String, Param>,
+}
+
+/// One update of `p` through candle tensor ops (any device; on the CPU the
+/// first step, which creates the momentum buffer).
+fn step_tensors(cfg: SgdConfig, p: &mut Param, g: &Tensor, lr: f64) -> Result<()> {
+    let mut g = g.detach();
+    if p.decay && cfg.weight_decay != 0.0 {
+        g = (g + (p.var.as_tensor().detach() * cfg.weight_decay)?)?;
+    }
+    let d = if cfg.momentum != 0.0 {
+        let buf = match &p.momentum {
+            // A copy: the buffer is later updated in place, and `g` may
+            // share its storage with the gradient store.
+            None => g.copy()?,
+            Some(b) => ((b * cfg.momentum)? + &g)?,
+        }
+        .detach();
+        p.momentum = Some(buf.clone());
+        if cfg.nesterov {
+            (g + (buf * cfg.momentum)?)?
+        } else {
+            buf
+        }
+    } else {
+        g
+    };
+    let next = (p.var.as_tensor().detach() - (d * lr)?)?;
+    p.var.set(&next)?;
+    Ok(())
+}
+
+/// The update of [`step_tensors`] after the first step, fused into two
+/// in-place passes on the CPU (the momentum buffer, then the weights): no
+/// temporaries and both cores, with the tensor path's arithmetic in the
+/// same order, so both give the same bits (`fused_matches_tensor_ops`).
+#[derive(Debug, Clone, Copy)]
+struct FusedSgd {
+    momentum: f32,
+    nesterov: bool,
+    /// 0 for parameters without decay.
+    weight_decay: f32,
+    lr: f32,
+}
+
+/// Elements per parallel task.
+const CHUNK: usize = 1 << 14;
+
+impl FusedSgd {
+    /// Whether the fused path applies: f32 CPU tensors of one shape.
+    fn applies(&self, p: &Tensor, g: &Tensor, buf: &Tensor) -> bool {
+        [p, g, buf].iter().all(|t| {
+            t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.dims() == p.dims()
+        })
+    }
+
+    /// `g + p * weight_decay`, as candle computes `g + (p * wd)`
+    /// (an affine with a zero offset).
+    #[inline]
+    fn decayed(&self, g: f32, p: f32) -> f32 {
+        if self.weight_decay == 0.0 {
+            g
+        } else {
+            g + (p * self.weight_decay + 0.0)
+        }
+    }
+
+    /// Updates `buf` then `p` in place from the gradient `g`.
+    fn step(&self, p: &Tensor, g: &Tensor, buf: &Tensor) -> candle_core::Result<()> {
+        let g = g.contiguous()?;
+        buf.inplace_op3(&g, p, &MomentumPass(*self))?;
+        p.inplace_op3(&g, buf, &WeightPass(*self))
+    }
+}
+
+/// `buf = buf * momentum + (g + p * weight_decay)`.
+struct MomentumPass(FusedSgd);
+
+/// `p = p - lr * d`, `d = g' + buf * momentum` (Nesterov) or `buf`.
+struct WeightPass(FusedSgd);
+
+/// The contiguous f32 data of a tensor's storage.
+fn data<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => bail!("sgd: expects contiguous f32 tensors"),
+    }
+}
+
+/// The contiguous f32 data of a tensor's storage, to update in place.
+fn data_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => bail!("sgd: expects contiguous f32 tensors"),
+    }
+}
+
+impl InplaceOp3 for MomentumPass {
+    fn name(&self) -> &'static str {
+        "sgd-momentum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+        p: &CpuStorage,
+        pl: &Layout,
+    ) -> candle_core::Result<()> {
+        let (buf, g, p) = (data_mut(dst, dst_l)?, data(g, gl)?, data(p, pl)?);
+        let o = self.0;
+        buf.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK).zip(p.par_chunks(CHUNK)))
+            .for_each(|(buf, (g, p))| {
+                for ((b, &g), &p) in buf.iter_mut().zip(g).zip(p) {
+                    *b = (*b * o.momentum + 0.0) + o.decayed(g, p);
+                }
+            });
+        Ok(())
+    }
+}
+
+impl InplaceOp3 for WeightPass {
+    fn name(&self) -> &'static str {
+        "sgd-weights"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+        buf: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<()> {
+        let (p, g, buf) = (data_mut(dst, dst_l)?, data(g, gl)?, data(buf, bl)?);
+        let o = self.0;
+        p.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK).zip(buf.par_chunks(CHUNK)))
+            .for_each(|(p, (g, buf))| {
+                for ((p, &g), &b) in p.iter_mut().zip(g).zip(buf) {
+                    let d = if o.nesterov {
+                        o.decayed(g, *p) + (b * o.momentum + 0.0)
+                    } else {
+                        b
+                    };
+                    *p -= d * o.lr + 0.0;
+                }
+            });
+        Ok(())
+    }
 }
 
 /// Whether weight decay applies to a variable: conv and FC weights only,
@@ -104,29 +258,22 @@ impl Sgd {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
-            let mut g = g.detach();
-            if p.decay && weight_decay != 0.0 {
-                g = (g + (p.var.as_tensor().detach() * weight_decay)?)?;
-            }
-            let d = if momentum != 0.0 {
-                let buf = match &p.momentum {
-                    None => g.clone(),
-                    Some(b) => ((b * momentum)? + &g)?,
-                }
-                .detach();
-                p.momentum = Some(buf.clone());
-                if nesterov {
-                    (g + (buf * momentum)?)?
-                } else {
-                    buf
-                }
-            } else {
-                g
+            let fused = FusedSgd {
+                momentum: momentum as f32,
+                nesterov,
+                weight_decay: if p.decay { weight_decay as f32 } else { 0.0 },
+                lr: lr as f32,
             };
-            let next = (p.var.as_tensor().detach() - (d * lr)?)?;
-            p.var
-                .set(&next)
-                .with_context(|| format!("updating {name}"))?;
+            match &p.momentum {
+                Some(buf) if momentum != 0.0 && fused.applies(p.var.as_tensor(), g, buf) => {
+                    fused
+                        .step(p.var.as_tensor(), g, buf)
+                        .with_context(|| format!("updating {name}"))?;
+                }
+                _ => {
+                    step_tensors(self.cfg, p, g, lr).with_context(|| format!("updating {name}"))?
+                }
+            }
         }
         Ok(())
     }
@@ -218,5 +365,54 @@ mod tests {
         assert!(decays("layer2.0.shortcut.conv.weight"));
         assert!(!decays("fc.bias"));
         assert!(!decays("stem.bn.weight"));
+    }
+    /// The fused CPU update gives the same bits as the tensor ops, over
+    /// several steps, with and without decay and Nesterov.
+    #[test]
+    fn fused_matches_tensor_ops() {
+        let dev = Device::Cpu;
+        for (nesterov, name) in [
+            (true, "a.weight"),
+            (false, "a.weight"),
+            (true, "a.bn.weight"),
+        ] {
+            let cfg = SgdConfig {
+                momentum: 0.9,
+                nesterov,
+                weight_decay: 5e-4,
+            };
+            let p0 = Tensor::randn(0f32, 1.0, (3, 40_000), &dev).unwrap();
+            let fused = Var::from_tensor(&p0.copy().unwrap()).unwrap();
+            let mut opt = Sgd::new([(name.to_string(), fused.clone())], cfg);
+            let mut plain = Param {
+                var: Var::from_tensor(&p0.copy().unwrap()).unwrap(),
+                decay: decays(name),
+                momentum: None,
+            };
+            for step in 0..4 {
+                let g = Tensor::randn(0f32, 1.0, (3, 40_000), &dev).unwrap();
+                let loss = (fused.as_tensor() * &g).unwrap().sum_all().unwrap();
+                let grads = loss.backward().unwrap();
+                let lr = 0.1 / (step + 1) as f64;
+                opt.step(&grads, lr).unwrap();
+                step_tensors(cfg, &mut plain, &g, lr).unwrap();
+                let a = fused
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let b = plain
+                    .var
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{name} nesterov={nesterov}: step {step} differs");
+                assert_ne!(a, p0.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            }
+        }
     }
 }
