@@ -3,11 +3,8 @@
 //!
 //! No heap: the caller owns the arena and scratch (statics on the MCU).
 
-use shared::model::{top1, Model, ModelError};
+use shared::model::{top1, Model, ModelError, MAX_CLASSES};
 use shared::preprocess::{preprocess, Frame, INPUT_LEN};
-
-/// Classes of the CIFAR-10 model, in label order.
-pub use shared::CIFAR10_CLASSES as CLASSES;
 
 /// What went wrong while classifying a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,13 +18,24 @@ pub enum AppError {
 
 /// The result of one inference.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Classification {
-    /// Index into [`CLASSES`].
+pub struct Classification<'a> {
+    /// Class index (label order).
     pub class: usize,
+    /// Its name, from the model blob.
+    pub name: &'a str,
     /// Softmax probability of `class`, in per-mille.
     pub confidence_permille: u16,
-    /// The raw int8 logits.
-    pub logits: [i8; 10],
+    logits: [i8; MAX_CLASSES],
+    classes: usize,
+}
+
+impl Classification<'_> {
+    /// The raw int8 logits, one per class (the QEMU image and tests print
+    /// them; the board logs the class only).
+    #[cfg_attr(feature = "board", allow(dead_code))]
+    pub fn logits(&self) -> &[i8] {
+        &self.logits[..self.classes]
+    }
 }
 
 /// A validated model with its working memory.
@@ -42,21 +50,14 @@ pub struct Engine<'a> {
 // The host build (stub main + tests) uses only part of the engine.
 #[cfg_attr(not(target_os = "none"), allow(dead_code))]
 impl<'a> Engine<'a> {
-    /// Checks that the model has 10 outputs and that `arena`/`scratch` are
-    /// large enough, once.
+    /// Checks that `arena`/`scratch` are large enough for the model, once.
+    /// Any class count and names the blob carries work (the blob checks
+    /// that there are [`MAX_CLASSES`] at most, one name per logit).
     pub fn new(
         model: Model<'a>,
         arena: &'a mut [i8],
         scratch: &'a mut [i16],
     ) -> Result<Self, ModelError> {
-        let out = model.output().dims.len();
-        if out != CLASSES.len() {
-            return Err(ModelError::Buffer {
-                buffer: "logits",
-                needed: out,
-                actual: CLASSES.len(),
-            });
-        }
         if arena.len() < model.arena_len() {
             return Err(ModelError::Buffer {
                 buffer: "arena",
@@ -90,17 +91,25 @@ impl<'a> Engine<'a> {
     }
 
     /// Runs the network on the last preprocessed input.
-    pub fn infer(&mut self) -> Result<Classification, AppError> {
-        let mut logits = [0i8; 10];
+    pub fn infer(&mut self) -> Result<Classification<'a>, AppError> {
+        let classes = self.model.class_count();
+        let mut logits = [0i8; MAX_CLASSES];
         self.model
-            .run(&self.input, self.arena, self.scratch, &mut logits)
+            .run(
+                self.input.as_slice(),
+                self.arena,
+                self.scratch,
+                &mut logits[..classes],
+            )
             .map_err(AppError::Model)?;
         let out = self.model.output();
-        let (class, confidence_permille) = top1(&logits, out.scale);
+        let (class, confidence_permille) = top1(&logits[..classes], out.scale);
         Ok(Classification {
             class,
+            name: self.model.class_name(class).unwrap_or("?"),
             confidence_permille,
             logits,
+            classes,
         })
     }
 
@@ -121,7 +130,7 @@ impl<'a> Engine<'a> {
 
     /// Frame → class: [`preprocess`](Self::preprocess) then [`infer`](Self::infer).
     #[cfg_attr(not(feature = "board"), allow(dead_code))]
-    pub fn classify(&mut self, frame: &Frame<'_>) -> Result<Classification, AppError> {
+    pub fn classify(&mut self, frame: &Frame<'_>) -> Result<Classification<'a>, AppError> {
         self.preprocess(frame)?;
         self.infer()
     }
@@ -154,7 +163,9 @@ mod tests {
         let mut s2 = vec![0i16; model.scratch_len()];
         let mut logits = [0i8; 10];
         model.run(&input, &mut a2, &mut s2, &mut logits).unwrap();
-        assert_eq!(got.logits, logits);
+        assert_eq!(got.logits(), logits);
+        assert_eq!(got.name, model.class_name(got.class).unwrap());
+        assert_eq!(got.name, shared::CIFAR10_CLASSES[got.class]);
         // A bad frame is an error, not a panic.
         let bad = Frame {
             data: &frame[..100],

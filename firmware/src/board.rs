@@ -74,7 +74,7 @@ use shared::model::{Scratch, ARENA_LEN, SCRATCH_LEN_FAST};
 use shared::preprocess::{Frame, PixelFormat};
 use {defmt_rtt as _, panic_probe as _};
 
-use crate::app::{Engine, CLASSES};
+use crate::app::Engine;
 use crate::camera::ov7670;
 
 /// Words of one QQVGA RGB565 frame (what `Dcmi::capture` takes).
@@ -209,11 +209,15 @@ async fn main(_spawner: Spawner) {
             Ok(engine) => {
                 let m = engine.model();
                 info!(
-                    "model: {} layers, arena {} B, scratch {} i16",
+                    "model: {} layers, arena {} B, scratch {} i16, {} classes",
                     m.layer_count(),
                     m.arena_len(),
-                    m.scratch_len()
+                    m.scratch_len(),
+                    m.class_count()
                 );
+                for (i, name) in m.class_names().enumerate() {
+                    info!("class {}: {=str}", i, name);
+                }
                 Some(engine)
             }
             Err(e) => {
@@ -314,8 +318,8 @@ fn process(engine: Option<&mut Engine<'_>>, words: &[u32]) {
     match result {
         Ok(c) => {
             info!(
-                "class={} conf={}‰ cycles={} ({} ms)",
-                CLASSES[c.class], c.confidence_permille, cycles, ms
+                "class={=str} conf={}‰ cycles={} ({} ms)",
+                c.name, c.confidence_permille, cycles, ms
             );
             if !PROFILED.swap(true, Ordering::Relaxed) {
                 profile_layers(engine);

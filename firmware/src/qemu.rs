@@ -5,11 +5,16 @@
 //! Input `frames.bin` (in QEMU's working directory):
 //! a 20-byte header: `b"FRM1"`, then u32 LE count, width, height, format
 //! (0 = RGB565 LE, 1 = RGB565 BE, 2 = RGB888), then `count` frames.
+//! Optional `model.bin` there: a model blob to run instead of the one
+//! embedded (any classes; same arena and scratch limits), so another model
+//! is tested without rebuilding the image.
 //!
 //! Output lines:
-//! * `MODEL arena=<bytes> scratch=<i16> layers=<n>`
+//! * `MODEL source=<embedded|model.bin> arena=<bytes> scratch=<i16> layers=<n> classes=<n>`
+//! * `CLASS <index> <name>` per class, from the blob
 //! * `SELFTEST <case> ok` per fast-kernel self-test case (`selftest.rs`)
-//! * `LOGITS <frame> <l0> … <l9>` (int8)
+//! * `LOGITS <frame> <l0> … <ln-1>` (int8, one per class)
+//! * `TOP1 <frame> <index> <permille> <name>`
 //! * `INSN <frame> preprocess=<n> network=<n>` (instructions)
 //! * `LAYER <index> <name> <instructions>` for frame 0, one per layer
 //! * `DONE <frames>`, then semihosting exit 0; any error prints
@@ -26,7 +31,7 @@ use core::sync::atomic::{AtomicU32, Ordering};
 use cortex_m::peripheral::syst::SystClkSource;
 use cortex_m_rt::{entry, exception};
 use cortex_m_semihosting::{debug, hio, nr, syscall};
-use shared::model::{Scratch, ARENA_LEN, SCRATCH_LEN_FAST};
+use shared::model::{Aligned, Model, Scratch, ARENA_LEN, SCRATCH_LEN_FAST};
 use shared::preprocess::{Frame, PixelFormat};
 
 use crate::app::Engine;
@@ -40,6 +45,9 @@ const RELOAD: u32 = 0x00FF_FFFF;
 static mut ARENA: [i8; ARENA_LEN] = [0; ARENA_LEN];
 static mut SCRATCH: Scratch<SCRATCH_LEN_FAST> = Scratch::new();
 static mut FRAME: [u8; MAX_FRAME] = [0; MAX_FRAME];
+/// Largest `model.bin` accepted.
+const MAX_MODEL: usize = 2 * 1024 * 1024;
+static mut MODEL: Aligned<[u8; MAX_MODEL]> = Aligned([0; MAX_MODEL]);
 static WRAPS: AtomicU32 = AtomicU32::new(0);
 
 #[exception]
@@ -97,6 +105,13 @@ impl HostFile {
         }
     }
 
+    /// The file's length in bytes.
+    fn len(&self) -> Result<usize, ()> {
+        // SAFETY: SYS_FLEN of an open handle; it touches no target memory.
+        let len = unsafe { syscall!(FLEN, self.0) } as isize;
+        usize::try_from(len).map_err(|_| ())
+    }
+
     fn read_exact(&self, buf: &mut [u8]) -> Result<(), ()> {
         // SYS_READ returns the number of bytes *not* read.
         // SAFETY: SYS_READ writes at most `buf.len()` bytes at `buf`, which
@@ -138,14 +153,20 @@ fn main() -> ! {
         fail(&mut out, "peripherals taken")
     };
     let clock = Clock::start(cp.SYST);
-    let mut engine = engine(&mut out);
+    let (model, source) = load_model(&mut out);
+    let mut engine = engine(&mut out, model);
+    let m = engine.model();
     let _ = writeln!(
         out,
-        "MODEL arena={} scratch={} layers={}",
-        engine.model().arena_len(),
-        engine.model().scratch_len(),
-        engine.model().layer_count()
+        "MODEL source={source} arena={} scratch={} layers={} classes={}",
+        m.arena_len(),
+        m.scratch_len(),
+        m.layer_count(),
+        m.class_count()
     );
+    for (i, name) in m.class_names().enumerate() {
+        let _ = writeln!(out, "CLASS {i} {name}");
+    }
     selftest(&mut out);
 
     let frames = Frames::open(&mut out);
@@ -175,16 +196,38 @@ fn main() -> ! {
     }
 }
 
-/// The shipped model with the static arena and scratch; any error is
-/// reported and ends the run. Called once, from `main`.
-fn engine(out: &mut hio::HostStream) -> Engine<'static> {
-    let model = match shared::model::default_model() {
-        Ok(m) => m,
+/// `model.bin` from the host if there is one, else the embedded model,
+/// with where it came from; an invalid one ends the run. Called once, from
+/// `main`.
+fn load_model(out: &mut hio::HostStream) -> (Model<'static>, &'static str) {
+    let (parsed, source) = match HostFile::open("model.bin\0") {
+        Ok(file) => {
+            // SAFETY: this runs once (from `main`) and MODEL is only
+            // borrowed here.
+            let buf = unsafe { &mut (*core::ptr::addr_of_mut!(MODEL)).0 };
+            let len = match file.len() {
+                Ok(len) if len <= MAX_MODEL => len,
+                _ => fail(out, "model.bin: unreadable or over 2 MiB"),
+            };
+            if file.read_exact(&mut buf[..len]).is_err() {
+                fail(out, "model.bin: truncated");
+            }
+            (Model::parse(&buf[..len]), "model.bin")
+        }
+        Err(()) => (shared::model::default_model(), "embedded"),
+    };
+    match parsed {
+        Ok(m) => (m, source),
         Err(e) => {
-            let _ = writeln!(out, "ERROR model: {e}");
+            let _ = writeln!(out, "ERROR model ({source}): {e}");
             fail(out, "invalid model")
         }
-    };
+    }
+}
+
+/// `model` with the static arena and scratch; any error is reported and
+/// ends the run. Called once, from `main`.
+fn engine(out: &mut hio::HostStream, model: Model<'static>) -> Engine<'static> {
     // SAFETY: this runs once (from `main`) and ARENA and SCRATCH are only
     // borrowed here.
     let (arena, scratch) = unsafe {
@@ -284,10 +327,15 @@ fn classify(
     };
     let t2 = clock.now();
     let _ = write!(out, "LOGITS {n}");
-    for l in result.logits {
+    for l in result.logits() {
         let _ = write!(out, " {l}");
     }
     let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "TOP1 {n} {} {} {}",
+        result.class, result.confidence_permille, result.name
+    );
     let _ = writeln!(out, "INSN {n} preprocess={} network={}", t1 - t0, t2 - t1);
 }
 

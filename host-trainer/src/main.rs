@@ -530,13 +530,8 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             // No float checkpoint: measure int8, and show the float figures
             // recorded at export.
             let m = host_trainer::classify::load_model(spec)?;
-            let logits = host_trainer::export::int8_logits(&m, &test_set)?;
-            let correct = logits
-                .iter()
-                .zip(&test_set.labels)
-                .filter(|(l, &y)| host_trainer::export::argmax(l) == y as usize)
-                .count();
-            let int8 = 100.0 * correct as f64 / test_set.len().max(1) as f64;
+            let ev = host_trainer::export::evaluate_int8(&m, &test_set)?;
+            let int8 = ev.int8_accuracy;
             let model = m.model()?;
             let recorded = |k: &str| model.meta_value(k).and_then(|v| v.parse::<f64>().ok());
             if a.json {
@@ -544,6 +539,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
                     "{}",
                     serde_json::json!({
                         "int8_accuracy": int8, "images": test_set.len(),
+                        "int8_per_class": ev.int8_per_class, "classes": ev.classes,
                         "float_accuracy": recorded("float_accuracy"),
                         "top1_agreement": recorded("top1_agreement"),
                         "float_source": "recorded at export (pass --checkpoint to measure)",
@@ -551,6 +547,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
                 );
             } else {
                 println!("{}", model.meta());
+                print!("{}", ev.report());
                 let pct = |k: &str| {
                     recorded(k).map_or_else(|| "not recorded".to_string(), |v| format!("{v:.2}%"))
                 };

@@ -114,6 +114,11 @@ pub struct QemuRun {
     pub layers: Vec<(String, u64)>,
     /// The `MODEL` line.
     pub model_line: String,
+    /// Class names, from the `CLASS` lines.
+    pub classes: Vec<String>,
+    /// `(class index, confidence per-mille, class name)` per frame, from
+    /// the `TOP1` lines.
+    pub top1: Vec<(usize, u16, String)>,
 }
 
 /// Runs `elf` under QEMU with `frames.bin` in `dir` and exact instruction
@@ -156,6 +161,11 @@ pub fn run_qemu(elf: &Path, dir: &Path, timeout_s: u64) -> Result<QemuRun, Strin
     parse(&text)
 }
 
+/// `line` after its first `words` space-separated words.
+fn rest(line: &str, words: usize) -> &str {
+    line.splitn(words + 1, ' ').nth(words).unwrap_or("")
+}
+
 fn parse(text: &str) -> Result<QemuRun, String> {
     let mut r = QemuRun::default();
     let mut done = false;
@@ -196,6 +206,27 @@ fn parse(text: &str) -> Result<QemuRun, String> {
                     .and_then(|v| v.parse().ok())
                     .ok_or(format!("bad line `{line}`"))?;
                 r.layers.push((name, v));
+            }
+            Some("CLASS") => {
+                let (i, name) = rest(line, 1)
+                    .split_once(' ')
+                    .ok_or(format!("bad line `{line}`"))?;
+                if i.parse::<usize>().ok() != Some(r.classes.len()) {
+                    return Err(format!("class {i} out of order"));
+                }
+                r.classes.push(name.to_string());
+            }
+            Some("TOP1") => {
+                let f = |v: Option<&str>| v.and_then(|v| v.parse::<usize>().ok());
+                let (n, class, permille) = (f(it.next()), f(it.next()), f(it.next()));
+                let (Some(n), Some(class), Some(permille)) = (n, class, permille) else {
+                    return Err(format!("bad line `{line}`"));
+                };
+                if n != r.top1.len() {
+                    return Err(format!("frame {n} out of order"));
+                }
+                r.top1
+                    .push((class, permille as u16, rest(line, 4).to_string()));
             }
             Some("ERROR") => return Err(format!("firmware: {line}")),
             Some("DONE") => done = true,
@@ -245,8 +276,11 @@ mod tests {
 
     #[test]
     fn parses_firmware_output() {
-        let r = parse("MODEL arena=1 scratch=2 layers=3\nLOGITS 0 1 -2 3\nINSN 0 preprocess=40 network=80\nLAYER 0 stem.conv 120\nDONE 1\n").unwrap();
+        let r = parse("MODEL arena=1 scratch=2 layers=3\nCLASS 0 part OK\nCLASS 1 b\nCLASS 2 c\nLOGITS 0 1 -2 3\nTOP1 0 2 510 c\nINSN 0 preprocess=40 network=80\nLAYER 0 stem.conv 120\nDONE 1\n").unwrap();
         assert_eq!(r.logits, vec![vec![1, -2, 3]]);
+        assert_eq!(r.classes, ["part OK", "b", "c"]);
+        assert_eq!(r.top1, vec![(2, 510, "c".to_string())]);
+        assert!(parse("CLASS 1 b\nDONE 0\n").is_err());
         assert_eq!((r.preprocess_insn[0], r.network_insn[0]), (40, 80));
         assert_eq!(r.layers, vec![("stem.conv".to_string(), 120)]);
         assert!(parse("LOGITS 0 1\n").is_err());

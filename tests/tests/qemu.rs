@@ -57,8 +57,132 @@ fn qemu_firmware_is_bit_exact_with_host() {
     for (i, (q, hst)) in run.logits.iter().zip(&host).enumerate() {
         assert_eq!(q, hst, "frame {i}: QEMU and host logits differ");
     }
+    assert_eq!(
+        run.classes,
+        shared::CIFAR10_CLASSES,
+        "class names from the blob"
+    );
+    check_top1_names(&run, &model);
     check_snapshot(&run.network_insn, frames.len());
     check_float_agreement(&images, &run.logits);
+}
+
+/// The classes of the 3-class model: CIFAR-10 label, folder name.
+const OWN_CLASSES: [(u8, &str); 3] = [(0, "airplane"), (3, "cat"), (8, "ship")];
+
+/// Writes the subset's images of [`OWN_CLASSES`] as 40x40 JPEG class
+/// folders (`dir/<class>/<n>.jpg`): a user's own data set, in miniature.
+fn write_own_classes(images: &Dataset, dir: &std::path::Path) {
+    for (label, name) in OWN_CLASSES {
+        let class_dir = dir.join(name);
+        std::fs::create_dir_all(&class_dir).unwrap();
+        for i in (0..images.len()).filter(|&i| images.labels[i] == label) {
+            let img = image::RgbImage::from_raw(32, 32, images.image(i).to_vec()).unwrap();
+            let big = image::imageops::resize(&img, 40, 40, image::imageops::FilterType::Triangle);
+            big.save(class_dir.join(format!("{i:03}.jpg"))).unwrap();
+        }
+    }
+}
+
+/// Train → export → QEMU for a model of the user's own classes: three
+/// classes of JPEG folders, one epoch fine-tuned from the shipped
+/// checkpoint, exported with its class names, then run by the unchanged
+/// QEMU image (the blob passed as `model.bin`): bit-identical logits to
+/// the host, and the names logged from the blob.
+#[test]
+fn three_class_model_end_to_end_in_qemu() {
+    let src = data::detect(&subset_dir()).expect("the shipped test subset");
+    let images = data::load(&src, Split::Test).expect("reading the shipped test subset");
+    let tmp = tempfile::tempdir().unwrap();
+    let folders = tmp.path().join("own");
+    write_own_classes(&images, &folders);
+    let source = data::detect(&folders).unwrap();
+    let train_set = data::load(&source, Split::Train).unwrap();
+    let test_set = data::load(&source, Split::Test).unwrap();
+    let names: Vec<&str> = OWN_CLASSES.iter().map(|c| c.1).collect();
+    assert_eq!(train_set.classes, names);
+    assert!(test_set.len() >= 6, "{} test images", test_set.len());
+
+    let blob = fine_tune_and_export(&train_set, &test_set, &tmp.path().join("run"));
+    let model = Model::parse(&blob).expect("the exported 3-class blob");
+    assert_eq!(model.class_names().collect::<Vec<_>>(), names);
+
+    let (w, h) = (160, 120);
+    let frames: Vec<Vec<u8>> = (0..test_set.len())
+        .map(|i| camera_frame(test_set.image(i), w, h, FrameFormat::Rgb565Be))
+        .collect();
+    let host = host_logits(&model, &frames, w, h);
+    let elf = build_qemu_image().expect("building the QEMU image");
+    let qdir = tmp.path().join("qemu");
+    std::fs::create_dir_all(&qdir).unwrap();
+    std::fs::write(qdir.join("model.bin"), &blob).unwrap();
+    write_frames(
+        &qdir.join("frames.bin"),
+        &frames,
+        w,
+        h,
+        FrameFormat::Rgb565Be,
+    )
+    .unwrap();
+    let run = run_qemu(&elf, &qdir, 300).expect("running the firmware in QEMU");
+    let line = &run.model_line;
+    assert!(
+        line.contains("source=model.bin") && line.ends_with("classes=3"),
+        "{line}"
+    );
+    assert_eq!(run.classes, names, "class names logged by the QEMU image");
+    assert_eq!(run.logits.len(), frames.len());
+    for (i, (q, hst)) in run.logits.iter().zip(&host).enumerate() {
+        assert_eq!(q.len(), 3);
+        assert_eq!(q, hst, "frame {i}: QEMU and host logits differ");
+    }
+    check_top1_names(&run, &model);
+}
+
+/// One epoch of the `finetune` recipe from the shipped checkpoint in
+/// `run_dir`, then the int8 export; returns the blob.
+fn fine_tune_and_export(
+    train_set: &Dataset,
+    test_set: &Dataset,
+    run_dir: &std::path::Path,
+) -> Vec<u8> {
+    use host_trainer::train::{self, Recipe, RunOptions, TrainConfig};
+    let device = candle_core::Device::Cpu;
+    let mut cfg =
+        TrainConfig::from_recipe(Recipe::Finetune, train_set.len(), Some(1), None, None).unwrap();
+    cfg.arch.classes = train_set.classes.len();
+    cfg.init = Some(host_trainer::ship::shipped_checkpoint());
+    cfg.freeze_epochs = 0;
+    let opts = RunOptions {
+        run_dir: run_dir.to_path_buf(),
+        resume: false,
+        eval_batch: 64,
+        stop_after: None,
+        progress: false,
+    };
+    train::train(cfg, train_set, test_set, &opts, &device).expect("fine-tuning");
+    let ck = train::load_checkpoint(&run_dir.join("checkpoint.safetensors"), &device).unwrap();
+    let model = train::model_from_checkpoint(&ck, &device).unwrap();
+    let opts = host_trainer::export::ExportOptions {
+        calib_images: train_set.len(),
+        calibration: "percentile:99.999".parse().unwrap(),
+        dataset: "3 CIFAR-10 classes as JPEG folders".into(),
+    };
+    let (blob, cmp) =
+        host_trainer::export::export(&model.model, &ck, train_set, test_set, &opts, &device)
+            .unwrap();
+    assert_eq!(cmp.classes.len(), 3);
+    blob
+}
+
+/// Each frame's `TOP1` line names the class of the first maximum logit,
+/// with the name the blob gives it.
+fn check_top1_names(run: &tests::qemu::QemuRun, model: &Model<'_>) {
+    assert_eq!(run.top1.len(), run.logits.len());
+    for (i, ((class, _, name), l)) in run.top1.iter().zip(&run.logits).enumerate() {
+        assert_eq!(*class, argmax(l), "frame {i}");
+        assert_eq!(Some(name.as_str()), model.class_name(*class), "frame {i}");
+    }
 }
 
 /// The int8 logits of each frame on the host, through the path the

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use shared::model::Model;
 use shared::preprocess::INPUT_LEN;
 
-use crate::data::{network_pixels, CLASSES};
+use crate::data::network_pixels;
 use crate::quantize::OwnedModel;
 
 /// An int8 model: a `.bin` file, or `default` for the one committed in
@@ -42,8 +42,8 @@ impl<'a> Classifier<'a> {
 
     /// The image file at `path` through the board's preprocessing (see
     /// [`network_pixels`]); returns the class name and the softmax
-    /// confidence (%) the board would log.
-    pub fn classify_file(&mut self, path: &Path) -> Result<(&'static str, f64)> {
+    /// confidence (%) the board would log. Class names come from the model.
+    pub fn classify_file(&mut self, path: &Path) -> Result<(&'a str, f64)> {
         let img = image::open(path)
             .with_context(|| format!("reading image {}", path.display()))?
             .to_rgb8();
@@ -59,7 +59,7 @@ impl<'a> Classifier<'a> {
             .with_context(|| format!("running the model on {}", path.display()))?;
         let (best, permille) = shared::model::top1(&self.logits, self.model.output().scale);
         Ok((
-            CLASSES.get(best).copied().unwrap_or("?"),
+            self.model.class_name(best).unwrap_or("?"),
             f64::from(permille) / 10.0,
         ))
     }

@@ -55,6 +55,7 @@ pub fn float_logits(model: &MiniResNet, ds: &Dataset, device: &Device) -> Result
 /// `shared::model::Model::run` (both cores).
 pub fn int8_logits(m: &OwnedModel, ds: &Dataset) -> Result<Vec<Vec<i8>>> {
     let model = m.model()?;
+    check_classes(&model, ds)?;
     let classes = model.output().dims.len();
     (0..ds.len())
         .into_par_iter()
@@ -75,6 +76,21 @@ pub fn int8_logits(m: &OwnedModel, ds: &Dataset) -> Result<Vec<Vec<i8>>> {
             },
         )
         .collect()
+}
+
+/// The model's class names are the data set's, in the same order (else
+/// its accuracy on the set would mean nothing).
+pub fn check_classes(model: &shared::model::Model<'_>, ds: &Dataset) -> Result<()> {
+    let names: Vec<&str> = model.class_names().collect();
+    anyhow::ensure!(
+        names.iter().eq(ds.classes.iter()),
+        "the model classifies {} classes ({}), the data set has {} ({})",
+        names.len(),
+        names.join(", "),
+        ds.classes.len(),
+        ds.classes.join(", ")
+    );
+    Ok(())
 }
 
 /// Index of the first maximum (the board's [`shared::model::argmax`]).
@@ -156,6 +172,65 @@ impl Comparison {
     }
 }
 
+/// Int8 accuracy of a model alone (no float checkpoint), per class with
+/// the class names from the model.
+#[derive(Debug, Clone, Serialize)]
+pub struct Int8Eval {
+    /// Images evaluated.
+    pub images: usize,
+    /// Top-1 accuracy, %.
+    pub int8_accuracy: f64,
+    /// Accuracy per class, %.
+    pub int8_per_class: Vec<f64>,
+    /// Test images per class.
+    pub images_per_class: Vec<usize>,
+    /// Class names, from the model.
+    pub classes: Vec<String>,
+}
+
+/// Measures `m` on `ds` (whose classes must be the model's).
+pub fn evaluate_int8(m: &OwnedModel, ds: &Dataset) -> Result<Int8Eval> {
+    let logits = int8_logits(m, ds)?;
+    let classes: Vec<String> = m.model()?.class_names().map(str::to_string).collect();
+    let mut per = vec![[0usize; 2]; classes.len()]; // count, right
+    for (l, &y) in logits.iter().zip(&ds.labels) {
+        per[y as usize][0] += 1;
+        per[y as usize][1] += (argmax(l) == y as usize) as usize;
+    }
+    let right: usize = per.iter().map(|p| p[1]).sum();
+    let pct = |a: usize, b: usize| 100.0 * a as f64 / b.max(1) as f64;
+    Ok(Int8Eval {
+        images: ds.len(),
+        int8_accuracy: pct(right, ds.len()),
+        int8_per_class: per.iter().map(|p| pct(p[1], p[0])).collect(),
+        images_per_class: per.iter().map(|p| p[0]).collect(),
+        classes,
+    })
+}
+
+impl Int8Eval {
+    /// A per-class table for the terminal.
+    pub fn report(&self) -> String {
+        let w = self
+            .classes
+            .iter()
+            .map(String::len)
+            .max()
+            .unwrap_or(5)
+            .max(5);
+        let mut s = format!("{:<w$} {:>7} {:>8}\n", "class", "images", "int8 %");
+        for ((name, n), a) in self
+            .classes
+            .iter()
+            .zip(&self.images_per_class)
+            .zip(&self.int8_per_class)
+        {
+            s.push_str(&format!("{name:<w$} {n:>7} {a:>8.2}\n"));
+        }
+        s
+    }
+}
+
 /// Export options.
 #[derive(Debug, Clone)]
 pub struct ExportOptions {
@@ -219,14 +294,22 @@ pub fn export(
         ),
     ];
     // First pass without the figures, to measure the int8 network itself.
-    let draft = OwnedModel::new(&build_blob(&graph, &q, &meta_text(&base))?)?;
+    let classes = &test_set.classes;
+    anyhow::ensure!(
+        classes.len() == cfg.arch.classes,
+        "the checkpoint's model has {} classes, the test set {} ({})",
+        cfg.arch.classes,
+        classes.len(),
+        classes.join(", ")
+    );
+    let draft = OwnedModel::new(&build_blob(&graph, &q, &meta_text(&base), classes)?)?;
     let cmp = compare(model, &draft, test_set, device)?;
     let mut meta = base;
     meta.push(("test_images", cmp.images.to_string()));
     meta.push(("float_accuracy", format!("{:.2}", cmp.float_accuracy)));
     meta.push(("int8_accuracy", format!("{:.2}", cmp.int8_accuracy)));
     meta.push(("top1_agreement", format!("{:.2}", cmp.top1_agreement)));
-    let blob = build_blob(&graph, &q, &meta_text(&meta))?;
+    let blob = build_blob(&graph, &q, &meta_text(&meta), classes)?;
     Ok((blob, cmp))
 }
 

@@ -23,8 +23,13 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Module, Tensor, D};
 use shared::kernels::{conv2d_s8_scratch_len, AddParams, Conv2dParams, Dims};
-use shared::model::format::{self, Header, LayerRecord, TensorRecord};
-use shared::model::{Model, Op, MAX_ARENA_LEN, MAX_LAYERS, MAX_SCRATCH_LEN, MAX_TENSORS, NAME_LEN};
+use shared::model::format::{
+    self, class_name_field, class_name_ok, Header, LayerRecord, TensorRecord,
+};
+use shared::model::{
+    Model, Op, CLASS_NAME_LEN, MAX_ARENA_LEN, MAX_CLASSES, MAX_LAYERS, MAX_SCRATCH_LEN,
+    MAX_TENSORS, MIN_CLASSES, NAME_LEN,
+};
 use shared::preprocess::INPUT_SCALE_RECIPROCAL;
 use shared::quant::quantize_multiplier;
 
@@ -468,8 +473,14 @@ pub fn plan_arena(sizes: &[usize], life: &[(usize, usize)]) -> (Vec<usize>, usiz
 }
 
 /// Encodes the quantized graph as a model blob with provenance `meta`
-/// (`key=value` lines).
-pub fn build_blob(graph: &Graph, q: &TensorQuant, meta: &str) -> Result<Vec<u8>> {
+/// (`key=value` lines) and the names of its classes (one per logit, in
+/// label order).
+pub fn build_blob(
+    graph: &Graph,
+    q: &TensorQuant,
+    meta: &str,
+    classes: &[String],
+) -> Result<Vec<u8>> {
     let n_t = graph.tensors.len();
     // The reader's limits (`shared::model`), so every blob written parses.
     ensure!(
@@ -481,6 +492,7 @@ pub fn build_blob(graph: &Graph, q: &TensorQuant, meta: &str) -> Result<Vec<u8>>
         "{} layers: the blob format allows 1 to {MAX_LAYERS}",
         graph.layers.len()
     );
+    check_class_names(graph, classes)?;
     let life = tensor_lifetimes(graph)?;
     let sizes: Vec<usize> = graph.tensors.iter().map(|t| t.dims.len()).collect();
     let (offsets, arena) = plan_arena(&sizes, &life);
@@ -501,7 +513,15 @@ pub fn build_blob(graph: &Graph, q: &TensorQuant, meta: &str) -> Result<Vec<u8>>
         scratch <= MAX_SCRATCH_LEN,
         "the conv scratch needs {scratch} i16, more than the {MAX_SCRATCH_LEN} the blob format allows"
     );
-    let mut blob = encode(graph, q, meta, &offsets, (arena, scratch), &records, &data)?;
+    let mut blob = encode(
+        graph,
+        q,
+        (meta, classes),
+        &offsets,
+        (arena, scratch),
+        &records,
+        &data,
+    )?;
     format::seal(&mut blob);
     // Writer and reader agree: what is written here is what `parse` accepts.
     OwnedModel::new(&blob).context("the written blob fails shared's validation")?;
@@ -656,12 +676,33 @@ fn conv_record(params: &Conv2dParams, input: usize, output: usize) -> Result<Lay
     })
 }
 
-/// Header (CRC left 0), meta, tensor table, layer table and data section,
+/// One valid class name per logit, within the blob format's limits.
+fn check_class_names(graph: &Graph, classes: &[String]) -> Result<()> {
+    let logits = graph.tensors.last().map_or(0, |t| t.dims.len());
+    ensure!(
+        classes.len() == logits,
+        "{} class names for a model with {logits} logits",
+        classes.len()
+    );
+    ensure!(
+        (MIN_CLASSES..=MAX_CLASSES).contains(&logits),
+        "{logits} classes: the blob format allows {MIN_CLASSES} to {MAX_CLASSES}"
+    );
+    for (i, name) in classes.iter().enumerate() {
+        ensure!(
+            class_name_ok(name),
+            "class {i} ({name:?}): a class name must be 1 to {CLASS_NAME_LEN} bytes of UTF-8 without control characters"
+        );
+    }
+    Ok(())
+}
+
+/// Header (CRC left 0), meta, class names, tensor table, layer table and data section,
 /// laid out by [`Header::layout`].
 fn encode(
     graph: &Graph,
     q: &TensorQuant,
-    meta: &str,
+    (meta, classes): (&str, &[String]),
     offsets: &[usize],
     (arena, scratch): (usize, usize),
     records: &[LayerRecord],
@@ -673,13 +714,23 @@ fn encode(
         scratch_len: scratch as u32,
         input: 0,
         output: (n_t - 1) as u16,
-        ..Header::layout(meta.len(), n_t as u16, records.len() as u16, data.0.len())
-            .context("the blob would exceed 4 GiB")?
+        ..Header::layout(
+            meta.len(),
+            classes.len() as u16,
+            n_t as u16,
+            records.len() as u16,
+            data.0.len(),
+        )
+        .context("the blob would exceed 4 GiB")?
     };
     let mut blob = Vec::with_capacity(header.total_len as usize);
     blob.extend_from_slice(&header.encode());
     blob.extend_from_slice(meta.as_bytes());
-    blob.resize(header.tensors_at as usize, 0);
+    blob.resize(header.classes_at as usize, 0);
+    for name in classes {
+        // Checked by `check_class_names`.
+        blob.extend_from_slice(&class_name_field(name).context("class name")?);
+    }
     for (t, info) in graph.tensors.iter().enumerate() {
         let d = info.dims;
         let dims = [d.h, d.w, d.c].map(u16::try_from);
@@ -798,6 +849,11 @@ mod tests {
         assert_eq!((q, s), (vec![0, 0], vec![1.0]));
     }
 
+    /// `n` class names.
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("class {i}")).collect()
+    }
+
     /// Input 32x32x3 → 1x1 conv to `width` channels → global average pool →
     /// FC to 10 logits.
     fn tiny_graph(width: usize) -> (Graph, TensorQuant) {
@@ -841,13 +897,25 @@ mod tests {
     #[test]
     fn writer_enforces_the_readers_limits() {
         let (g, q) = tiny_graph(8);
-        let blob = build_blob(&g, &q, "model=tiny\n").unwrap();
+        let blob = build_blob(&g, &q, "model=tiny\n", &names(10)).unwrap();
         let owned = OwnedModel::new(&blob).unwrap();
         assert_eq!(owned.model().unwrap().layer_count(), 3);
+        assert_eq!(owned.model().unwrap().class_name(9), Some("class 9"));
+
+        // Class names: one per logit, each valid.
+        let err = format!("{:#}", build_blob(&g, &q, "", &names(9)).unwrap_err());
+        assert!(
+            err.contains("9 class names for a model with 10 logits"),
+            "{err}"
+        );
+        let mut bad = names(10);
+        bad[4] = "line\nbreak".into();
+        let err = format!("{:#}", build_blob(&g, &q, "", &bad).unwrap_err());
+        assert!(err.contains("class 4"), "{err}");
 
         // 1024 channels at 32x32: a 1 MiB tensor beside the input.
         let (g, q) = tiny_graph(1024);
-        let err = format!("{:#}", build_blob(&g, &q, "").unwrap_err());
+        let err = format!("{:#}", build_blob(&g, &q, "", &names(10)).unwrap_err());
         assert!(err.contains(&MAX_ARENA_LEN.to_string()), "{err}");
 
         let (mut g, mut q) = tiny_graph(8);
@@ -858,12 +926,12 @@ mod tests {
             });
             q.push((1.0, 0));
         }
-        let err = format!("{:#}", build_blob(&g, &q, "").unwrap_err());
+        let err = format!("{:#}", build_blob(&g, &q, "", &names(10)).unwrap_err());
         assert!(err.contains(&format!("at most {MAX_TENSORS}")), "{err}");
 
         let (mut g, q) = tiny_graph(8);
         g.layers.clear();
-        let err = format!("{:#}", build_blob(&g, &q, "").unwrap_err());
+        let err = format!("{:#}", build_blob(&g, &q, "", &names(10)).unwrap_err());
         assert!(err.contains(&format!("1 to {MAX_LAYERS}")), "{err}");
     }
 

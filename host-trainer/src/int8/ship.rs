@@ -11,7 +11,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::Device;
 
 use crate::checkpoint::{
@@ -128,6 +128,30 @@ pub fn check_replace(dir: &Path, candidate: f64, test_set: &Dataset, force: bool
             return Ok(());
         }
     };
+    let same_classes = shipped
+        .model()
+        .map(|m| crate::export::check_classes(&m, test_set).is_ok())
+        .unwrap_or(false);
+    if !same_classes {
+        let names: Vec<String> = shipped
+            .model()
+            .map(|m| m.class_names().map(str::to_string).collect())
+            .unwrap_or_default();
+        ensure!(
+            force,
+            "not replacing the shipped model {}: it classifies other classes ({}) than the new one ({}). \
+             Pass --force to replace it anyway",
+            path.display(),
+            names.join(", "),
+            test_set.classes.join(", ")
+        );
+        eprintln!(
+            "warning: --force: replacing the shipped model ({}) with one for other classes ({})",
+            names.join(", "),
+            test_set.classes.join(", ")
+        );
+        return Ok(());
+    }
     let now = int8_accuracy(&shipped, test_set)
         .with_context(|| format!("measuring the shipped model {}", path.display()))?;
     let n = test_set.len();
@@ -209,7 +233,8 @@ mod tests {
     #[test]
     fn a_less_accurate_model_is_refused_unless_forced() {
         let dir = tempfile::tempdir().unwrap();
-        let ds = synthetic(20, 10, 1);
+        let mut ds = synthetic(20, 10, 1);
+        ds.classes = shared::CIFAR10_CLASSES.map(String::from).to_vec();
         // No shipped model: anything goes.
         check_replace(dir.path(), 0.0, &ds, false).unwrap();
         // A damaged file is replaced, with a warning.
@@ -229,5 +254,19 @@ mod tests {
         );
         assert!(e.contains(&format!("{:.2}%", now - 0.5)), "{e}");
         check_replace(dir.path(), now - 0.5, &ds, true).unwrap();
+        // A model of other classes: refused unless forced, whatever the
+        // figures, naming both class lists.
+        let mut other = synthetic(20, 3, 2);
+        other.classes = vec!["ok".into(), "damaged".into(), "empty".into()];
+        let e = check_replace(dir.path(), 100.0, &other, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("airplane, automobile")
+                && e.contains("ok, damaged, empty")
+                && e.contains("--force"),
+            "{e}"
+        );
+        check_replace(dir.path(), 100.0, &other, true).unwrap();
     }
 }

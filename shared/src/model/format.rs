@@ -5,15 +5,17 @@
 //! from one field table, so the two cannot drift apart. The unit tests
 //! re-encode every record of the shipped blob to the identical bytes.
 //!
-//! # Layout (version 1, little-endian)
+//! # Layout (version 2, little-endian)
 //!
 //! A [`Header`] of [`HEADER_LEN`] bytes, then the sections it points to,
 //! in the order [`Header::layout`] places them, each 4-byte aligned:
 //!
 //! 1. provenance text (UTF-8 `key=value` lines), zero-padded to 4 bytes;
-//! 2. the tensor table: [`TensorRecord`]s of [`TENSOR_RECORD_LEN`] bytes;
-//! 3. the layer table: [`LayerRecord`]s of [`LAYER_RECORD_LEN`] bytes;
-//! 4. the data section: the layers' weights, biases and requantization
+//! 2. the class names: one [`CLASS_NAME_LEN`]-byte field per logit, in
+//!    label order, each UTF-8, zero-padded ([`class_name_field`]);
+//! 3. the tensor table: [`TensorRecord`]s of [`TENSOR_RECORD_LEN`] bytes;
+//! 4. the layer table: [`LayerRecord`]s of [`LAYER_RECORD_LEN`] bytes;
+//! 5. the data section: the layers' weights, biases and requantization
 //!    arrays (`i8` filters, `i32` tables at 4-byte aligned offsets).
 //!
 //! The CRC-32 (IEEE) at [`CRC_AT`] covers bytes [`CRC_FROM`]`..` of the
@@ -25,8 +27,8 @@
 
 /// Blob magic.
 pub const MAGIC: [u8; 4] = *b"MRN8";
-/// The one blob format this code reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// The one blob format this code reads. Version 1 had no class names.
+pub const FORMAT_VERSION: u16 = 2;
 /// Length of the fixed header.
 pub const HEADER_LEN: usize = 64;
 /// Length of one tensor record.
@@ -35,6 +37,12 @@ pub const TENSOR_RECORD_LEN: usize = 24;
 pub const LAYER_RECORD_LEN: usize = 64;
 /// Length of a layer name field.
 pub const NAME_LEN: usize = 16;
+/// Length of a class name field.
+pub const CLASS_NAME_LEN: usize = 32;
+/// Fewest classes a model may have.
+pub const MIN_CLASSES: usize = 2;
+/// Most classes a model may have.
+pub const MAX_CLASSES: usize = 100;
 /// "No tensor" in a layer record.
 pub const NO_TENSOR: u16 = 0xFFFF;
 /// Where the header stores the CRC-32.
@@ -210,8 +218,12 @@ record! {
         data_at: u32 = 48,
         /// Length of the data section.
         data_len: u32 = 52,
+        /// Offset of the class name table.
+        classes_at: u32 = 56,
+        /// Class names in the table: the number of logits.
+        class_count: u16 = 60,
         /// Zero.
-        reserved: [u8; 8] = 56,
+        reserved: [u8; 2] = 62,
     }
 }
 
@@ -296,13 +308,21 @@ record! {
 
 impl Header {
     /// A header with the sections laid out back to back after it: the
-    /// provenance text at [`HEADER_LEN`], then (4-byte aligned) `tensors`
-    /// tensor records, `layers` layer records and `data_len` bytes of
-    /// data; the total length follows. The arena, scratch, input, output
-    /// and CRC are left 0. `None` if the blob would exceed 4 GiB.
-    pub fn layout(meta_len: usize, tensors: u16, layers: u16, data_len: usize) -> Option<Self> {
+    /// provenance text at [`HEADER_LEN`], then (4-byte aligned) `classes`
+    /// class name fields, `tensors` tensor records, `layers` layer records
+    /// and `data_len` bytes of data; the total length follows. The arena,
+    /// scratch, input, output and CRC are left 0. `None` if the blob would
+    /// exceed 4 GiB.
+    pub fn layout(
+        meta_len: usize,
+        classes: u16,
+        tensors: u16,
+        layers: u16,
+        data_len: usize,
+    ) -> Option<Self> {
         let meta_at = HEADER_LEN;
-        let tensors_at = meta_at.checked_add(meta_len)?.checked_next_multiple_of(4)?;
+        let classes_at = meta_at.checked_add(meta_len)?.checked_next_multiple_of(4)?;
+        let tensors_at = classes_at + classes as usize * CLASS_NAME_LEN;
         let layers_at = tensors_at + tensors as usize * TENSOR_RECORD_LEN;
         let data_at = layers_at + layers as usize * LAYER_RECORD_LEN;
         let total = data_at.checked_add(data_len)?;
@@ -325,7 +345,9 @@ impl Header {
             layers_at: u32_of(layers_at)?,
             data_at: u32_of(data_at)?,
             data_len: u32_of(data_len)?,
-            reserved: [0; 8],
+            classes_at: u32_of(classes_at)?,
+            class_count: classes,
+            reserved: [0; 2],
         })
     }
 }
@@ -399,6 +421,34 @@ pub fn layer_name(record: &[u8; LAYER_RECORD_LEN]) -> &[u8] {
     &field[..len]
 }
 
+/// Whether `name` may be a class name: 1 to [`CLASS_NAME_LEN`] bytes of
+/// UTF-8 without control characters (NUL included).
+pub fn class_name_ok(name: &str) -> bool {
+    (1..=CLASS_NAME_LEN).contains(&name.len()) && !name.chars().any(char::is_control)
+}
+
+/// The class name field for `name` (zero-padded), `None` unless
+/// [`class_name_ok`].
+pub fn class_name_field(name: &str) -> Option<[u8; CLASS_NAME_LEN]> {
+    if !class_name_ok(name) {
+        return None;
+    }
+    let mut f = [0u8; CLASS_NAME_LEN];
+    f[..name.len()].copy_from_slice(name.as_bytes());
+    Some(f)
+}
+
+/// The class name in a field: its bytes up to the first zero, which must
+/// be a valid name followed by zeros only; `None` otherwise.
+pub fn class_name(field: &[u8; CLASS_NAME_LEN]) -> Option<&str> {
+    let len = field.iter().position(|&c| c == 0).unwrap_or(CLASS_NAME_LEN);
+    if field[len..].iter().any(|&c| c != 0) {
+        return None;
+    }
+    let name = core::str::from_utf8(&field[..len]).ok()?;
+    class_name_ok(name).then_some(name)
+}
+
 /// Writes the CRC-32 of `blob[CRC_FROM..]` into the header (the last step
 /// of writing a blob). `blob` holds at least [`HEADER_LEN`] bytes.
 pub fn seal(blob: &mut [u8]) {
@@ -421,6 +471,7 @@ mod tests {
         assert_eq!(&h.encode(), head);
         let laid = Header::layout(
             h.meta_len as usize,
+            h.class_count,
             h.tensor_count,
             h.layer_count,
             h.data_len as usize,
@@ -438,6 +489,14 @@ mod tests {
             h
         );
         let m = default_model().unwrap();
+        assert_eq!(m.class_count(), h.class_count as usize);
+        for (c, name) in m.class_names().enumerate() {
+            let at = h.classes_at as usize + c * CLASS_NAME_LEN;
+            assert_eq!(
+                blob[at..][..CLASS_NAME_LEN],
+                class_name_field(name).unwrap()
+            );
+        }
         for t in 0..h.tensor_count as usize {
             let at = h.tensors_at as usize + t * TENSOR_RECORD_LEN;
             let rec: &[u8; TENSOR_RECORD_LEN] = blob[at..][..TENSOR_RECORD_LEN].try_into().unwrap();
@@ -468,6 +527,34 @@ mod tests {
         copy[CRC_AT..CRC_FROM].fill(0);
         seal(&mut copy);
         assert_eq!(copy, blob);
+    }
+
+    #[test]
+    fn class_names() {
+        let f = class_name_field("part OK").unwrap();
+        assert_eq!(&f[..8], b"part OK\0");
+        assert_eq!(class_name(&f), Some("part OK"));
+        let f = class_name_field("Bär é 🐕").unwrap();
+        assert_eq!(class_name(&f), Some("Bär é 🐕"));
+        assert_eq!(
+            class_name(&class_name_field(&"x".repeat(32)).unwrap()).map(str::len),
+            Some(32)
+        );
+        for bad in ["", "a\nb", "tab\t", "nul\0", &"x".repeat(33)] {
+            assert_eq!(class_name_field(bad), None, "{bad:?}");
+        }
+        // An empty field, bytes after the terminator, invalid UTF-8, a
+        // control character: all rejected by the reader.
+        let mut f = [0u8; CLASS_NAME_LEN];
+        assert_eq!(class_name(&f), None);
+        f[..3].copy_from_slice(b"cat");
+        f[5] = b'x';
+        assert_eq!(class_name(&f), None);
+        f[5] = 0;
+        f[1] = 0xff;
+        assert_eq!(class_name(&f), None);
+        f[1] = 0x07;
+        assert_eq!(class_name(&f), None);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! # Blob format
 //!
-//! A header, provenance text, a tensor table, a layer table and a data
+//! A header, provenance text, the class names, a tensor table, a layer table and a data
 //! section, versioned ([`FORMAT_VERSION`]) and checksummed: see [`format`],
 //! which defines every field once for the reader here and the writer in
 //! `host-trainer`.
@@ -35,7 +35,8 @@ mod top1;
 mod validate;
 
 pub use format::{
-    Op, FORMAT_VERSION, HEADER_LEN, LAYER_RECORD_LEN, MAGIC, NAME_LEN, NO_TENSOR, TENSOR_RECORD_LEN,
+    Op, CLASS_NAME_LEN, FORMAT_VERSION, HEADER_LEN, LAYER_RECORD_LEN, MAGIC, MAX_CLASSES,
+    MIN_CLASSES, NAME_LEN, NO_TENSOR, TENSOR_RECORD_LEN,
 };
 
 use format::{Header, LayerRecord, TensorRecord, CRC_FROM};
@@ -151,6 +152,12 @@ pub enum ModelError {
         /// The field.
         field: &'static str,
     },
+    /// A class name is empty, too long, not UTF-8 or holds control
+    /// characters.
+    ClassName {
+        /// Class index.
+        index: u16,
+    },
     /// A layer record is invalid.
     Layer {
         /// Layer index.
@@ -219,6 +226,10 @@ impl core::fmt::Display for ModelError {
             ModelError::Alignment => write!(f, "model blob is not 4-byte aligned in memory"),
             ModelError::Header { field } => write!(f, "model header field `{field}` is invalid"),
             ModelError::Tensor { index, field } => write!(f, "tensor {index}: field `{field}` is invalid"),
+            ModelError::ClassName { index } => write!(
+                f,
+                "class {index}: the name is not 1 to {CLASS_NAME_LEN} bytes of UTF-8 without control characters"
+            ),
             ModelError::Layer { index, field } => write!(f, "layer {index}: field `{field}` is invalid"),
             ModelError::Unwritten { layer, field, tensor } => write!(
                 f,
@@ -316,6 +327,8 @@ pub struct Model<'a> {
     input: u16,
     output: u16,
     meta: &'a str,
+    classes_at: usize,
+    class_count: u16,
     tensors_at: usize,
     layers_at: usize,
     data: Range<usize>,
@@ -424,15 +437,23 @@ impl<'a> Model<'a> {
             input: h.input,
             output: h.output,
             meta: core::str::from_utf8(&blob[meta]).map_err(|_| header("meta"))?,
+            classes_at: h.classes_at as usize,
+            class_count: h.class_count,
             tensors_at,
             layers_at,
             data: span(h.data_at as usize, h.data_len as usize, total).ok_or(header("data"))?,
         };
+        if !(MIN_CLASSES..=MAX_CLASSES).contains(&(h.class_count as usize)) {
+            return Err(header("class_count"));
+        }
+        span(m.classes_at, h.class_count as usize * CLASS_NAME_LEN, total)
+            .ok_or(header("class_table"))?;
         span(tensors_at, n_tensors as usize * TENSOR_RECORD_LEN, total)
             .ok_or(header("tensor_table"))?;
         span(layers_at, n_layers as usize * LAYER_RECORD_LEN, total)
             .ok_or(header("layer_table"))?;
         if !(m.data.start.is_multiple_of(4)
+            && m.classes_at.is_multiple_of(4)
             && tensors_at.is_multiple_of(4)
             && layers_at.is_multiple_of(4))
         {
@@ -442,7 +463,42 @@ impl<'a> Model<'a> {
             return Err(header("input_output"));
         }
         m.validate()?;
+        m.validate_classes()?;
         Ok(m)
+    }
+
+    /// Every class name is valid, and there is one per logit.
+    fn validate_classes(&self) -> Result<(), ModelError> {
+        if self.output().dims.len() != self.class_count as usize {
+            return Err(ModelError::Header {
+                field: "class_count",
+            });
+        }
+        for index in 0..self.class_count {
+            if self.class_name(index as usize).is_none() {
+                return Err(ModelError::ClassName { index });
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of classes: the number of logits.
+    pub fn class_count(&self) -> usize {
+        self.class_count as usize
+    }
+
+    /// The name of class `i` (label order), `None` past the last class.
+    pub fn class_name(&self, i: usize) -> Option<&'a str> {
+        if i >= self.class_count as usize {
+            return None;
+        }
+        let at = self.classes_at + i * CLASS_NAME_LEN;
+        format::class_name(record_at(self.blob, at))
+    }
+
+    /// The class names in label order.
+    pub fn class_names(&self) -> impl Iterator<Item = &'a str> + '_ {
+        (0..self.class_count()).filter_map(|i| self.class_name(i))
     }
 
     /// Provenance text (`key=value` lines): recipe, data set, accuracy, …

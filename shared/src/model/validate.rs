@@ -384,6 +384,12 @@ pub(super) mod tests {
 
         pub(in crate::model) fn bytes(&self) -> Vec<u8> {
             let meta = b"model=hand-built\n";
+            // One class per logit (of a valid output tensor).
+            let classes = self
+                .tensors
+                .get(self.output as usize)
+                .map_or(0, |t| t.dims.iter().map(|&d| d as usize).product::<usize>())
+                .clamp(format::MIN_CLASSES, format::MAX_CLASSES);
             let h = Header {
                 arena_len: self.arena,
                 scratch_len: self.scratch,
@@ -391,6 +397,7 @@ pub(super) mod tests {
                 output: self.output,
                 ..Header::layout(
                     meta.len(),
+                    classes as u16,
                     self.tensors.len() as u16,
                     self.layers.len() as u16,
                     self.data.len(),
@@ -399,7 +406,10 @@ pub(super) mod tests {
             };
             let mut b = h.encode().to_vec();
             b.extend_from_slice(meta);
-            b.resize(h.tensors_at as usize, 0);
+            b.resize(h.classes_at as usize, 0);
+            for c in 0..classes {
+                b.extend_from_slice(&format::class_name_field(&std::format!("class {c}")).unwrap());
+            }
             for t in &self.tensors {
                 b.extend_from_slice(&TensorRecord::new(t.dims, t.offset, t.scale, t.zp).encode());
             }
@@ -877,11 +887,80 @@ pub(super) mod tests {
             })
         );
         let mut bytes = residual().bytes();
-        bytes[60] = 1;
+        bytes[62] = 1;
         format::seal(&mut bytes);
         assert_eq!(
             with_model(&bytes, |r| r.err()),
             Some(ModelError::Header { field: "reserved" })
+        );
+    }
+
+    /// `bytes` with header field `at` (a u16) set to `v`, resealed.
+    fn with_u16(mut bytes: Vec<u8>, at: usize, v: u16) -> Vec<u8> {
+        bytes[at..at + 2].copy_from_slice(&v.to_le_bytes());
+        format::seal(&mut bytes);
+        bytes
+    }
+
+    #[test]
+    fn class_names_are_read_and_checked() {
+        let bytes = residual().bytes();
+        with_model(&bytes, |m| {
+            let m = m.unwrap();
+            assert_eq!(m.class_count(), 10);
+            assert_eq!(m.class_name(0), Some("class 0"));
+            assert_eq!(m.class_name(9), Some("class 9"));
+            assert_eq!(m.class_name(10), None);
+            assert_eq!(m.class_names().last(), Some("class 9"));
+        });
+        let err = |b: &[u8]| with_model(b, |r| r.err());
+        let header = |field| Some(ModelError::Header { field });
+        // Class count: not the number of logits, under 2, over 100.
+        for n in [9, 11, 1, 0, 101] {
+            assert_eq!(
+                err(&with_u16(bytes.clone(), 60, n)),
+                header("class_count"),
+                "{n}"
+            );
+        }
+        // The table past the end of the blob.
+        let mut b = bytes.clone();
+        let past = b.len() as u32 - 64;
+        b[56..60].copy_from_slice(&past.to_le_bytes());
+        format::seal(&mut b);
+        assert_eq!(err(&b), header("class_table"));
+        // A name that is not UTF-8, holds a control character, is empty or
+        // has bytes after its end.
+        let at = u32::from_le_bytes(bytes[56..60].try_into().unwrap()) as usize;
+        for (i, patch) in [
+            (3, &[0xffu8][..]),
+            (4, b"\n"),
+            (5, &[0]),
+            (6, &[0, 0, b'x']),
+        ] {
+            let mut b = bytes.clone();
+            let name = at + i * CLASS_NAME_LEN;
+            b[name..name + patch.len()].copy_from_slice(patch);
+            format::seal(&mut b);
+            assert_eq!(
+                err(&b),
+                Some(ModelError::ClassName { index: i as u16 }),
+                "class {i}"
+            );
+        }
+        // A version 1 blob: an error that names both versions.
+        let e = err(&with_u16(bytes.clone(), 4, 1)).unwrap();
+        assert_eq!(
+            e,
+            ModelError::Version {
+                found: 1,
+                supported: 2
+            }
+        );
+        let text = std::format!("{e}");
+        assert!(
+            text.contains("version 1") && text.contains("version 2"),
+            "{text}"
         );
     }
 }

@@ -17,7 +17,7 @@
 use super::Aligned;
 
 /// Blob format version this file was generated for.
-pub const GENERATED_FORMAT_VERSION: u16 = 1;
+pub const GENERATED_FORMAT_VERSION: u16 = 2;
 const _: () = assert!(
     GENERATED_FORMAT_VERSION == super::FORMAT_VERSION,
     "the committed model was exported for another blob format: re-export it with `host-trainer export`"
@@ -30,7 +30,7 @@ pub const SCRATCH_LEN: usize = 2304;
 /// Conv scratch (`i16` elements, 4-byte aligned) for the fast kernels' fastest paths.
 pub const SCRATCH_LEN_FAST: usize = 6656;
 
-static BLOB_BYTES: Aligned<[u8; 1361976]> = Aligned(*include_bytes!("model.bin"));
+static BLOB_BYTES: Aligned<[u8; 1362296]> = Aligned(*include_bytes!("model.bin"));
 
-/// The model blob (1361976 bytes), 16-byte aligned.
+/// The model blob (1362296 bytes), 16-byte aligned.
 pub static BLOB: &Aligned<[u8]> = &BLOB_BYTES;
