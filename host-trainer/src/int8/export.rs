@@ -297,7 +297,7 @@ pub fn export(
     let classes = &test_set.classes;
     anyhow::ensure!(
         classes.len() == cfg.arch.classes,
-        "the checkpoint's model has {} classes, the test set {} ({})",
+        "the checkpoint's model has {} classes, the test set {} ({}): pass the data set it was trained on (--data)",
         cfg.arch.classes,
         classes.len(),
         classes.join(", ")
