@@ -137,6 +137,15 @@ struct ArchArgs {
     blocks: Option<Vec<usize>>,
 }
 
+/// `train --decay`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DecayArg {
+    /// ×0.1 at 50% and 75% of the iterations.
+    Step,
+    /// Linear to 0.
+    Linear,
+}
+
 /// Where `train` puts the int8 model when it finishes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum ExportTarget {
@@ -187,6 +196,10 @@ struct TrainArgs {
     /// Peak learning rate (default: the recipe's).
     #[arg(long)]
     lr: Option<f64>,
+    /// Replace the recipe's learning-rate decay (for a like-for-like
+    /// comparison): `step` (×0.1 at 50% and 75%) or `linear` (to 0).
+    #[arg(long, value_enum)]
+    decay: Option<DecayArg>,
     /// Seed for initialization, shuffling and augmentation.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -403,6 +416,13 @@ fn run_train(a: TrainArgs) -> Result<()> {
         TrainConfig::from_recipe(a.recipe, train_set.len(), a.epochs, a.batch_size, a.lr)?;
     cfg.arch = arch;
     cfg.arch.classes = train_set.classes.len();
+    if let Some(d) = a.decay {
+        let shape = match d {
+            DecayArg::Step => train::DecayShape::Step,
+            DecayArg::Linear => train::DecayShape::Linear,
+        };
+        cfg.set_decay(shape, train_set.len());
+    }
     cfg.init = a
         .init
         .as_deref()

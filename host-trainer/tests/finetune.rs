@@ -20,11 +20,7 @@ use host_trainer::train::{self, Recipe, RunOptions, TrainConfig};
 const CLASSES: [&str; 3] = ["airplane", "cat", "ship"];
 
 fn cifar_folders() -> PathBuf {
-    std::env::var_os("MINI_RESNET_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/cifar10-jpeg")
-        })
+    std::env::var_os("MINI_RESNET_DATA").map_or_else(data::team_folders, PathBuf::from)
 }
 
 /// `per` images of each of [`CLASSES`] from `split`, enlarged to 48x48.

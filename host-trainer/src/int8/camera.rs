@@ -26,6 +26,7 @@ use serde::Serialize;
 use shared::preprocess::{preprocess, Frame, PixelFormat, INPUT_LEN};
 
 use crate::augment::mix;
+use crate::camera_aug::Rng;
 use crate::data::{Dataset, IMAGE_BYTES};
 use crate::export::argmax;
 use crate::quantize::OwnedModel;
@@ -104,9 +105,9 @@ impl Corruption {
             Corruption::Contrast => contrast(px, [0.75, 0.5, 0.4, 0.3, 0.15][s]),
             Corruption::GaussianNoise => {
                 let sigma = [0.04, 0.06, 0.08, 0.09, 0.10][s] * ZOOM;
-                let mut rng = Normal(seed);
+                let mut rng = Rng(seed);
                 px.iter_mut()
-                    .for_each(|v| *v = (*v + sigma * rng.sample()).clamp(0.0, 1.0));
+                    .for_each(|v| *v = (*v + sigma * rng.normal()).clamp(0.0, 1.0));
             }
             Corruption::DefocusBlur => {
                 let (r, a) = [(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1.0, 0.2), (1.5, 0.1)][s];
@@ -115,8 +116,7 @@ impl Corruption {
             }
             Corruption::MotionBlur => {
                 let sigma = [1.0, 1.5, 2.0, 2.5, 3.0][s] * ZOOM;
-                let angle = ((mix(seed ^ 0x0A46) >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
-                    * std::f32::consts::FRAC_PI_2;
+                let angle = (Rng(seed ^ 0x0A46).unit() - 0.5) * std::f32::consts::FRAC_PI_2;
                 motion_blur(px, sigma, angle);
             }
             Corruption::Jpeg => jpeg(px, [80, 65, 58, 50, 40][s])?,
@@ -352,22 +352,6 @@ fn pixelate(px: &mut Px, c: f32) {
                 px[(y * FRAME_W + x) * 3 + c] = sums[k * 3 + c] / counts[k];
             }
         }
-    }
-}
-
-/// Standard normal samples from a seeded SplitMix64 stream (Box–Muller).
-struct Normal(u64);
-
-impl Normal {
-    fn unit(&mut self) -> f32 {
-        self.0 = mix(self.0);
-        (self.0 >> 40) as f32 / (1u64 << 24) as f32
-    }
-
-    fn sample(&mut self) -> f32 {
-        let u = 1.0 - self.unit();
-        let v = self.unit();
-        (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
     }
 }
 

@@ -22,7 +22,7 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Module, Tensor, D};
-use shared::kernels::{conv2d_s8_scratch_len, AddParams, Conv2dParams, Dims};
+use shared::kernels::{conv2d_s8_scratch_len, AddParams, Conv2dParams, Dims, PoolParams};
 use shared::model::format::{
     self, class_name_field, class_name_ok, Header, LayerRecord, TensorRecord,
 };
@@ -598,13 +598,16 @@ fn layer_record(
             named(with_tables(conv_record(&params, *i, *o)?, tables), name)
         }
         FLayer::MaxPool { io: (i, o) } => {
+            let p = PoolParams::MAX_3X3_S2_P1;
             let r = LayerRecord {
-                kernel_h: 3,
-                kernel_w: 3,
-                stride_h: 2,
-                stride_w: 2,
-                pad_h: 1,
-                pad_w: 1,
+                kernel_h: small(p.kernel_h, "pool")?,
+                kernel_w: small(p.kernel_w, "pool")?,
+                stride_h: small(p.stride_h, "pool stride")?,
+                stride_w: small(p.stride_w, "pool stride")?,
+                pad_h: small(p.pad_h, "pool padding")?,
+                pad_w: small(p.pad_w, "pool padding")?,
+                act_min: p.act_min,
+                act_max: p.act_max,
                 ..base(Op::MaxPool, *i, *o)
             };
             named(r, "maxpool")

@@ -268,8 +268,8 @@ fn cutout(out: &mut [f32], cy: usize, cx: usize, size: usize) {
     }
 }
 
-/// A SplitMix64 stream.
-struct Rng(u64);
+/// A SplitMix64 stream (also the camera benchmark's corruptions').
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -278,7 +278,7 @@ impl Rng {
     }
 
     /// Uniform in `[0, 1)`, 24 bits.
-    fn unit(&mut self) -> f32 {
+    pub(crate) fn unit(&mut self) -> f32 {
         (self.next() >> 40) as f32 / (1u64 << 24) as f32
     }
 
@@ -295,7 +295,7 @@ impl Rng {
     }
 
     /// Standard normal (Box–Muller).
-    fn normal(&mut self) -> f32 {
+    pub(crate) fn normal(&mut self) -> f32 {
         let u = 1.0 - self.unit();
         let v = self.unit();
         (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()

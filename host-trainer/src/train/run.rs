@@ -82,7 +82,31 @@ pub struct TrainConfig {
     pub seed: u64,
 }
 
+/// A learning-rate decay shape, to replace a recipe's for a like-for-like
+/// comparison (`train --decay`): everything else stays the recipe's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecayShape {
+    /// ×0.1 at 50% and 75% of the iterations (the `default` recipe's).
+    Step,
+    /// Linear to 0 at the last iteration (the `linear` recipe's).
+    Linear,
+}
+
 impl TrainConfig {
+    /// Replaces the schedule's decay by `shape` over this configuration's
+    /// iterations on `train_len` images (warm-up, peak rate and the rest
+    /// unchanged).
+    pub fn set_decay(&mut self, shape: DecayShape, train_len: usize) {
+        let total = train_len / self.batch_size * self.epochs;
+        self.schedule.decay = match shape {
+            DecayShape::Step => Decay::Milestones {
+                at: vec![total / 2, total * 3 / 4],
+                gamma: 0.1,
+            },
+            DecayShape::Linear => Decay::Linear { total },
+        };
+    }
+
     /// The configuration of `recipe` for `train_len` training images, with
     /// optional overrides of epochs, batch size and peak learning rate.
     pub fn from_recipe(

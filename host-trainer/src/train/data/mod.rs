@@ -31,7 +31,7 @@ use md5::{Digest, Md5};
 pub mod folders;
 mod resolve;
 pub use folders::network_pixels;
-pub use resolve::{class_table, describe, load_limited, resolve};
+pub use resolve::{class_table, describe, load_limited, resolve, team_folders};
 
 /// Class names in the official CIFAR-10 label order: label `i` is `CLASSES[i]`.
 pub const CLASSES: [&str; 10] = shared::CIFAR10_CLASSES;

@@ -31,6 +31,12 @@ pub fn resolve(data: Option<&Path>, val_split: Option<f64>) -> Result<Source> {
     }
 }
 
+/// The team's CIFAR-10 JPEG folders, `../shared/data/cifar10-jpeg` beside
+/// the workspace (they may not exist: users download the official set).
+pub fn team_folders() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/cifar10-jpeg")
+}
+
 fn default_chain(data: Option<&Path>) -> Result<Source> {
     if let Some(p) = data {
         return detect(p);
@@ -38,7 +44,7 @@ fn default_chain(data: Option<&Path>) -> Result<Source> {
     if let Some(p) = std::env::var_os("MINI_RESNET_DATA") {
         return detect(&PathBuf::from(p)).context("$MINI_RESNET_DATA");
     }
-    let team = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/cifar10-jpeg");
+    let team = team_folders();
     if team.join("train").is_dir() {
         eprintln!("data: {}", team.display());
         return detect(&team);
