@@ -284,11 +284,13 @@ pub fn run(
     if let Some(&first) = report.differing.first() {
         match first_divergence(blob, &path, ds.image(first), &tflm, work)? {
             Some(d) => println!(
-                "first divergence (test image {first}): layer {} `{}` (tensor {}), element {} of {}: \
-                 shared {} vs TFLM {}",
+                "first divergence (test image {first}): layer {} `{}` (tensor {}), element {} \
+                 (NHWC; {} elements of that tensor differ): shared {} vs TFLM {}",
                 d.layer, d.name, d.tensor, d.element, d.count, d.host, d.tflm
             ),
-            None => println!("test image {first}: every layer output agrees, yet the logits differ"),
+            None => {
+                println!("test image {first}: every layer output agrees, yet the logits differ")
+            }
         }
     }
     Ok(report)
