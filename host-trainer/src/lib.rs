@@ -12,7 +12,8 @@
 //!    weights and TFLM requantization → the model blob ([`export`],
 //!    [`quantize`]), checked against the float model, and shipped into
 //!    `shared` only if it is not worse ([`ship`]); [`classify`] and the
-//!    [`camera`] benchmark run the blob through the board's path;
+//!    [`camera`] benchmark run the blob through the board's path; [`tflite`]
+//!    writes it as a `.tflite` file that TFLite Micro runs bit for bit alike;
 //! 3. [`mod@bench`]: training and inference speed against PyTorch ([`peer`]).
 //!
 //! The `host-trainer` binary is the command-line front end: argument
@@ -23,7 +24,7 @@ pub mod int8;
 pub mod train;
 
 pub use bench::peer;
-pub use int8::{camera, classify, export, quantize, ship};
+pub use int8::{camera, classify, export, quantize, ship, tflite};
 pub use train::{
     agreement, augment, camera_aug, checkpoint, data, model, ops, optim, resident, schedule,
     transfer,

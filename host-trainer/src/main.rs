@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use host_trainer::model::ArchConfig;
@@ -36,6 +36,10 @@ enum Command {
     /// Check that a device (CUDA) computes what the CPU does: two training
     /// steps and an eval pass, compared tensor by tensor.
     DeviceCheck(DeviceCheckArgs),
+    /// Run the test set through TensorFlow Lite Micro (Python, venv made on
+    /// demand in tflite/.venv) and through shared::model::run; compare the
+    /// int8 logits byte for byte (docs/tflite.md).
+    TfliteCheck(TfliteCheckArgs),
 }
 
 #[derive(Debug, Args)]
@@ -75,11 +79,19 @@ struct QuantArgs {
 struct ExportArgs {
     /// Checkpoint to export (`<run>/checkpoint.safetensors`, or `default`
     /// for the float checkpoint committed with the shipped model).
+    #[arg(long, required_unless_present = "from", conflicts_with = "from")]
+    checkpoint: Option<PathBuf>,
+    /// Convert this int8 model instead (a `.bin` file, or `default` for the
+    /// one in `shared`) to `--format tflite`: no data set needed.
     #[arg(long)]
-    checkpoint: PathBuf,
+    from: Option<String>,
+    /// `bin` (the blob) or `tflite` (TensorFlow Lite, docs/tflite.md);
+    /// default: `tflite` for an `--out` ending in `.tflite`.
+    #[arg(long, value_enum)]
+    format: Option<ExportFormat>,
     /// `shared` (replace the model committed in
     /// `shared/src/model/generated/`, if the new one is at least as
-    /// accurate) or a `.bin` file path.
+    /// accurate), a `.bin` or a `.tflite` file path.
     #[arg(long, default_value = "shared")]
     out: String,
     /// Replace the shipped model even with a less accurate one.
@@ -87,6 +99,31 @@ struct ExportArgs {
     force: bool,
     #[command(flatten)]
     quant: QuantArgs,
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+/// File format of `export`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ExportFormat {
+    /// The model blob `shared` reads.
+    Bin,
+    /// TensorFlow Lite flatbuffer (schema v3) for TFLite Micro.
+    Tflite,
+}
+
+#[derive(Debug, Args)]
+struct TfliteCheckArgs {
+    /// Int8 model: a `.bin` file, or `default` for the one in `shared`.
+    #[arg(long, default_value = "default")]
+    model: String,
+    /// The `.tflite` file to check against it; default: the model exported
+    /// afresh (`export --from MODEL --format tflite`) into the work folder.
+    #[arg(long)]
+    tflite: Option<PathBuf>,
+    /// Folder for the exchanged files (inputs, outputs, the exported model).
+    #[arg(long, default_value = "target/tflite-check")]
+    work_dir: PathBuf,
     #[command(flatten)]
     data: DataArgs,
 }
@@ -323,6 +360,7 @@ fn main() -> Result<()> {
         Some(Command::Export(a)) => run_export(a),
         Some(Command::Classify(a)) => run_classify(a),
         Some(Command::DeviceCheck(a)) => run_device_check(a),
+        Some(Command::TfliteCheck(a)) => run_tflite_check(a),
     })
 }
 
@@ -586,12 +624,36 @@ fn run_eval(a: EvalArgs) -> Result<()> {
 }
 
 fn run_export(a: ExportArgs) -> Result<()> {
+    let tflite = match a.format {
+        Some(f) => f == ExportFormat::Tflite,
+        None => a.out.ends_with(".tflite"),
+    };
+    anyhow::ensure!(
+        !tflite || a.out.ends_with(".tflite"),
+        "--format tflite writes a TFLite file: give --out NAME.tflite (`{}` is not one)",
+        a.out
+    );
+    anyhow::ensure!(
+        tflite || a.out.ends_with(".bin") || a.out == "shared",
+        "--out `{}`: give `shared`, NAME.bin or NAME.tflite",
+        a.out
+    );
+    if let Some(from) = &a.from {
+        anyhow::ensure!(
+            tflite,
+            "--from converts a model to TFLite: add --format tflite"
+        );
+        let owned = host_trainer::classify::load_model(from)?;
+        host_trainer::tflite::write_tflite(&owned, std::path::Path::new(&a.out))?;
+        return Ok(());
+    }
+    let checkpoint = a.checkpoint.context("--checkpoint or --from is required")?;
     let device = train::device(&a.data.device)?;
     let src = data_source(&a.data)?;
     let train_set = data::load_limited(&src, data::Split::Train, None)?;
     let test_set = data::load_limited(&src, data::Split::Test, a.data.test_limit)?;
     export_checkpoint(
-        &a.checkpoint,
+        &checkpoint,
         &[a.out.as_str()],
         &a.quant,
         a.force,
@@ -600,6 +662,21 @@ fn run_export(a: ExportArgs) -> Result<()> {
         &test_set,
         &device,
     )
+}
+
+fn run_tflite_check(a: TfliteCheckArgs) -> Result<()> {
+    let owned = host_trainer::classify::load_model(&a.model)?;
+    let src = data_source(&a.data)?;
+    let test_set = data::load_limited(&src, data::Split::Test, a.data.test_limit)?;
+    let report =
+        host_trainer::tflite::check::run(&owned, a.tflite.as_deref(), &test_set, &a.work_dir)?;
+    anyhow::ensure!(
+        report.differing.is_empty(),
+        "TFLM and shared::model::run differ on {} of {} images",
+        report.differing.len(),
+        report.images
+    );
+    Ok(())
 }
 
 fn run_classify(a: ClassifyArgs) -> Result<()> {

@@ -8,6 +8,11 @@
 //!   and per layer on the Cortex-M7 (QEMU, exact), flash/RAM of the board
 //!   image, beside CMSIS-NN; `--update-snapshot` records the counts in
 //!   `tests/snapshots/mcu-instructions.json`.
+//! * `tflite-check [ARGS…]` — `host-trainer tflite-check ARGS…` in release:
+//!   the CIFAR-10 test set through TensorFlow Lite Micro (Python venv made
+//!   on demand in `tflite/.venv`) and through `shared::model::run`, logits
+//!   compared byte for byte (docs/tflite.md). Needs PyPI once and the data
+//!   set, so not part of `ci`.
 
 mod bench_mcu;
 
@@ -25,12 +30,26 @@ fn main() -> ExitCode {
             args.iter().any(|a| a == "--json"),
             args.iter().any(|a| a == "--update-snapshot"),
         ),
+        Some("tflite-check") => {
+            let mut cmd = vec![
+                "run",
+                "-p",
+                "host-trainer",
+                "--release",
+                "--",
+                "tflite-check",
+            ];
+            cmd.extend(args[1..].iter().map(String::as_str));
+            run("cargo", &cmd)
+        }
         _ => {
             eprintln!(
-                "usage: cargo xtask <ci | bench-mcu [--json] [--update-snapshot]>\n\n  \
-                 ci         set up the machine, lint, build for the MCU and run every test\n  \
-                 bench-mcu  instructions per inference (QEMU), flash/RAM, vs CMSIS-NN;\n             \
-                 --update-snapshot writes tests/snapshots/mcu-instructions.json"
+                "usage: cargo xtask <ci | bench-mcu [--json] [--update-snapshot] | tflite-check [ARGS…]>\n\n  \
+                 ci            set up the machine, lint, build for the MCU and run every test\n  \
+                 bench-mcu     instructions per inference (QEMU), flash/RAM, vs CMSIS-NN;\n                \
+                 --update-snapshot writes tests/snapshots/mcu-instructions.json\n  \
+                 tflite-check  the test set through TFLite Micro and shared::model::run, compared\n                \
+                 byte for byte (host-trainer tflite-check --help; not part of ci)"
             );
             return ExitCode::from(2);
         }

@@ -2,10 +2,12 @@
 //! calibration, per-channel quantization with TFLM requantization, blob
 //! writing ([`quantize`]), and the export with its float-vs-int8 comparison
 //! ([`export`]); shipping into `shared` ([`ship`]); the camera-realism benchmark of an int8 model
-//! ([`camera`]).
+//! ([`camera`]); the same model as a TensorFlow Lite file that TFLite
+//! Micro runs bit for bit alike, and the check that it does ([`tflite`]).
 
 pub mod camera;
 pub mod classify;
 pub mod export;
 pub mod quantize;
 pub mod ship;
+pub mod tflite;

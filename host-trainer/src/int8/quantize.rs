@@ -344,14 +344,23 @@ pub fn calibrate(
     Ok((graph, q))
 }
 
-/// Symmetric per-output-channel int8 weights: `(q, scales)`.
+/// `scale` rounded to the `f32` that the blob and a `.tflite` file store.
+/// Every multiplier is derived from these rounded scales, in `f64`, as
+/// TFLM's `Prepare` derives it from the `f32` scales of a `.tflite` file,
+/// so that TFLM computes exactly the blob's multipliers and shifts.
+pub fn f32_exact(scale: f64) -> f64 {
+    f64::from(scale as f32)
+}
+
+/// Symmetric per-output-channel int8 weights: `(q, scales)`, the scales
+/// [`f32_exact`].
 fn quantize_weights(w: &[f32], out_c: usize) -> (Vec<i8>, Vec<f64>) {
     let per = w.len() / out_c;
     let mut q = Vec::with_capacity(w.len());
     let mut scales = Vec::with_capacity(out_c);
     for row in w.chunks(per) {
         let max = row.iter().fold(0f64, |m, &v| m.max((v as f64).abs()));
-        let s = if max > 0.0 { max / 127.0 } else { 1.0 };
+        let s = f32_exact(if max > 0.0 { max / 127.0 } else { 1.0 });
         scales.push(s);
         q.extend(
             row.iter()
@@ -474,13 +483,15 @@ pub fn plan_arena(sizes: &[usize], life: &[(usize, usize)]) -> (Vec<usize>, usiz
 
 /// Encodes the quantized graph as a model blob with provenance `meta`
 /// (`key=value` lines) and the names of its classes (one per logit, in
-/// label order).
+/// label order). The scales of `q` are taken [`f32_exact`], as the blob
+/// stores them.
 pub fn build_blob(
     graph: &Graph,
     q: &TensorQuant,
     meta: &str,
     classes: &[String],
 ) -> Result<Vec<u8>> {
+    let q: &TensorQuant = &q.iter().map(|&(s, z)| (f32_exact(s), z)).collect();
     let n_t = graph.tensors.len();
     // The reader's limits (`shared::model`), so every blob written parses.
     ensure!(
@@ -847,7 +858,8 @@ mod tests {
     fn weights_are_symmetric_per_channel() {
         let (q, s) = quantize_weights(&[0.5, -1.0, 0.25, 0.0, 2.0, -2.0, 1.0, 0.0], 2);
         assert_eq!(q, vec![64, -127, 32, 0, 127, -127, 64, 0]);
-        assert!((s[0] - 1.0 / 127.0).abs() < 1e-12 && (s[1] - 2.0 / 127.0).abs() < 1e-12);
+        assert!((s[0] - 1.0 / 127.0).abs() < 1e-9 && (s[1] - 2.0 / 127.0).abs() < 1e-9);
+        assert!(s.iter().all(|&x| f32_exact(x) == x));
         let (q, s) = quantize_weights(&[0.0, 0.0], 1);
         assert_eq!((q, s), (vec![0, 0], vec![1.0]));
     }

@@ -47,8 +47,9 @@ pub fn resolve_checkpoint(p: &Path) -> PathBuf {
 pub struct ExportJob<'a> {
     /// The float checkpoint (`default` allowed).
     pub checkpoint: &'a Path,
-    /// Destinations: `shared` (under the rule of [`check_replace`]) or
-    /// `.bin` file paths.
+    /// Destinations: `shared` (under the rule of [`check_replace`]),
+    /// `.bin` file paths, or `.tflite` file paths (the same blob as TFLite,
+    /// with its class names).
     pub outs: &'a [&'a str],
     /// Calibration and provenance.
     pub options: ExportOptions,
@@ -90,6 +91,9 @@ pub fn export_checkpoint(job: &ExportJob<'_>, device: &Device) -> Result<()> {
                 blob.len(),
                 dir.display()
             );
+        } else if out.ends_with(".tflite") {
+            let owned = OwnedModel::new(&blob)?;
+            crate::tflite::write_tflite(&owned, Path::new(out))?;
         } else {
             write_atomic(Path::new(out), &blob)?;
             println!("int8 model ({} bytes) written to {out}", blob.len());
