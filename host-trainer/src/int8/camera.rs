@@ -444,15 +444,7 @@ pub fn run(
     ensure!(n > 0, "the camera benchmark needs at least one test image");
     let ds = &ds.subsample(n);
     let images: Vec<usize> = (0..n).collect();
-    let plain = {
-        let logits = crate::export::int8_logits(m, ds)?;
-        let hits = logits
-            .iter()
-            .zip(&ds.labels)
-            .filter(|(l, &y)| argmax(l) == y as usize)
-            .count();
-        100.0 * hits as f64 / n as f64
-    };
+    let plain = crate::export::evaluate_int8(m, ds)?.int8_accuracy;
     let clean = accuracy(m, ds, &images, None)?;
     progress("clean");
     let mut rows = vec![CameraRow {

@@ -610,16 +610,13 @@ fn layer_record(
         }
         FLayer::MaxPool { io: (i, o) } => {
             let p = PoolParams::MAX_3X3_S2_P1;
+            let window = [
+                p.kernel_h, p.kernel_w, p.stride_h, p.stride_w, p.pad_h, p.pad_w,
+            ];
             let r = LayerRecord {
-                kernel_h: small(p.kernel_h, "pool")?,
-                kernel_w: small(p.kernel_w, "pool")?,
-                stride_h: small(p.stride_h, "pool stride")?,
-                stride_w: small(p.stride_w, "pool stride")?,
-                pad_h: small(p.pad_h, "pool padding")?,
-                pad_w: small(p.pad_w, "pool padding")?,
                 act_min: p.act_min,
                 act_max: p.act_max,
-                ..base(Op::MaxPool, *i, *o)
+                ..with_window(base(Op::MaxPool, *i, *o), window)?
             };
             named(r, "maxpool")
         }
@@ -675,18 +672,31 @@ fn base(op: Op, input: usize, output: usize) -> LayerRecord {
 /// The record of a conv with `params` from tensor `input` to `output`
 /// (data tables and name still empty).
 fn conv_record(params: &Conv2dParams, input: usize, output: usize) -> Result<LayerRecord> {
+    let p = params;
+    let window = [
+        p.kernel_h, p.kernel_w, p.stride_h, p.stride_w, p.pad_h, p.pad_w,
+    ];
     Ok(LayerRecord {
-        kernel_h: small(params.kernel_h, "kernel")?,
-        kernel_w: small(params.kernel_w, "kernel")?,
-        stride_h: small(params.stride_h, "stride")?,
-        stride_w: small(params.stride_w, "stride")?,
-        pad_h: small(params.pad_h, "padding")?,
-        pad_w: small(params.pad_w, "padding")?,
         act_min: params.act_min,
         act_max: params.act_max,
         input_offset: params.input_offset,
         output_offset: params.output_offset,
-        ..base(Op::Conv, input, output)
+        ..with_window(base(Op::Conv, input, output), window)?
+    })
+}
+
+/// `r` with a window's `[kernel_h, kernel_w, stride_h, stride_w, pad_h,
+/// pad_w]`, each checked to fit its byte.
+fn with_window(r: LayerRecord, window: [usize; 6]) -> Result<LayerRecord> {
+    let [kh, kw, sh, sw, ph, pw] = window;
+    Ok(LayerRecord {
+        kernel_h: small(kh, "kernel")?,
+        kernel_w: small(kw, "kernel")?,
+        stride_h: small(sh, "stride")?,
+        stride_w: small(sw, "stride")?,
+        pad_h: small(ph, "padding")?,
+        pad_w: small(pw, "padding")?,
+        ..r
     })
 }
 

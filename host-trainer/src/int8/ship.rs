@@ -19,8 +19,7 @@ use crate::checkpoint::{
 };
 use crate::data::Dataset;
 use crate::export::{
-    argmax, export, int8_logits, shared_generated_dir, write_float_reference, write_shared,
-    ExportOptions,
+    export, shared_generated_dir, write_float_reference, write_shared, ExportOptions,
 };
 use crate::model::MiniResNet;
 use crate::quantize::OwnedModel;
@@ -104,13 +103,7 @@ pub fn export_checkpoint(job: &ExportJob<'_>, device: &Device) -> Result<()> {
 
 /// Int8 top-1 accuracy (%) of `m` on `ds`.
 pub fn int8_accuracy(m: &OwnedModel, ds: &Dataset) -> Result<f64> {
-    let logits = int8_logits(m, ds)?;
-    let hits = logits
-        .iter()
-        .zip(&ds.labels)
-        .filter(|(l, &y)| argmax(l) == y as usize)
-        .count();
-    Ok(100.0 * hits as f64 / ds.len().max(1) as f64)
+    Ok(crate::export::evaluate_int8(m, ds)?.int8_accuracy)
 }
 
 /// Decides whether a candidate of int8 accuracy `candidate` (on `test_set`)

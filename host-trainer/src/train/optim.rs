@@ -141,6 +141,24 @@ fn data_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mu
     }
 }
 
+/// `f(dst[i], a[i], b[i])` for every element, in parallel chunks.
+fn zip_update(
+    (dst, dst_l): (&mut CpuStorage, &Layout),
+    (a, al): (&CpuStorage, &Layout),
+    (b, bl): (&CpuStorage, &Layout),
+    f: impl Fn(&mut f32, f32, f32) + Sync,
+) -> candle_core::Result<()> {
+    let (dst, a, b) = (data_mut(dst, dst_l)?, data(a, al)?, data(b, bl)?);
+    dst.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(dst, (a, b))| {
+            for ((d, &a), &b) in dst.iter_mut().zip(a).zip(b) {
+                f(d, a, b);
+            }
+        });
+    Ok(())
+}
+
 impl InplaceOp3 for MomentumPass {
     fn name(&self) -> &'static str {
         "sgd-momentum"
@@ -155,16 +173,10 @@ impl InplaceOp3 for MomentumPass {
         p: &CpuStorage,
         pl: &Layout,
     ) -> candle_core::Result<()> {
-        let (buf, g, p) = (data_mut(dst, dst_l)?, data(g, gl)?, data(p, pl)?);
         let o = self.0;
-        buf.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(p.par_chunks(CHUNK)))
-            .for_each(|(buf, (g, p))| {
-                for ((b, &g), &p) in buf.iter_mut().zip(g).zip(p) {
-                    *b = (*b * o.momentum + 0.0) + o.decayed(g, p);
-                }
-            });
-        Ok(())
+        zip_update((dst, dst_l), (g, gl), (p, pl), |b, g, p| {
+            *b = (*b * o.momentum + 0.0) + o.decayed(g, p);
+        })
     }
 }
 
@@ -182,21 +194,15 @@ impl InplaceOp3 for WeightPass {
         buf: &CpuStorage,
         bl: &Layout,
     ) -> candle_core::Result<()> {
-        let (p, g, buf) = (data_mut(dst, dst_l)?, data(g, gl)?, data(buf, bl)?);
         let o = self.0;
-        p.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(buf.par_chunks(CHUNK)))
-            .for_each(|(p, (g, buf))| {
-                for ((p, &g), &b) in p.iter_mut().zip(g).zip(buf) {
-                    let d = if o.nesterov {
-                        o.decayed(g, *p) + (b * o.momentum + 0.0)
-                    } else {
-                        b
-                    };
-                    *p -= d * o.lr + 0.0;
-                }
-            });
-        Ok(())
+        zip_update((dst, dst_l), (g, gl), (buf, bl), |p, g, b| {
+            let d = if o.nesterov {
+                o.decayed(g, *p) + (b * o.momentum + 0.0)
+            } else {
+                b
+            };
+            *p -= d * o.lr + 0.0;
+        })
     }
 }
 
