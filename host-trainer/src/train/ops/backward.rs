@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::conv::{pad_images, Geom, Moments, Saved};
+use super::conv::{padded_chunk, Geom, Moments, Saved};
 use super::kernel::{self, Epilogue, Isa, Tile};
 use super::{Aligned, SyncPtr};
 
@@ -110,9 +110,9 @@ pub(super) fn bn_backward(s: &Saved, dy: &[f32], g: &Geom, relu: bool) -> BnBack
     r
 }
 
-/// `dz` of images `n0..n1` into the zeroed `dst`, whose image `i` pixel
-/// (y, x) is at `(i·(ho + 2q) + y + q)·(wo + 2q) + x + q` (leaving a zero
-/// border of `q`).
+/// `dz` of images `n0..n1` into `dst`, whose image `i` pixel (y, x) is at
+/// `(i·(ho + 2q) + y + q)·(wo + 2q) + x + q`, with a zero border of `q`:
+/// every element of the chunk's images is written.
 #[allow(clippy::too_many_arguments)]
 fn dz_chunk(
     g: &Geom,
@@ -127,6 +127,7 @@ fn dz_chunk(
     let (o, p) = (g.o, g.p());
     let (hq, wq) = (g.ho + 2 * q, g.wo + 2 * q);
     for i in 0..n1 - n0 {
+        zero_border(&mut dst[i * hq * wq * o..][..hq * wq * o], (hq, wq, o), q);
         for y in 0..g.ho {
             let src = ((n0 + i) * p + y * g.wo) * o;
             let d0 = ((i * hq + y + q) * wq + q) * o;
@@ -137,6 +138,22 @@ fn dz_chunk(
             } else {
                 dz_pixels(d, dy, z, s, bn, false);
             }
+        }
+    }
+}
+
+/// Zeroes the border of width `q` of one image of `h` × `w` pixels of `ch`
+/// values.
+fn zero_border(img: &mut [f32], (h, w, ch): (usize, usize, usize), q: usize) {
+    if q == 0 {
+        return;
+    }
+    for (y, row) in img.chunks_exact_mut(w * ch).enumerate() {
+        if y < q || y + q >= h {
+            row.fill(0.0);
+        } else {
+            row[..q * ch].fill(0.0);
+            row[(w - q) * ch..].fill(0.0);
         }
     }
 }
@@ -172,7 +189,9 @@ fn dw_chunk(isa: Isa, g: &Geom, xpad: &[f32], dz: &[f32], images: usize, q: usiz
             (a as isize, b as isize)
         })
         .collect();
-    let mut dw = Aligned::zeros(g.k * g.k * c * o);
+    // Every element is written by the products below (each tap's c×o block,
+    // not accumulating).
+    let mut dw = Aligned::uninit(g.k * g.k * c * o);
     for t in 0..g.k * g.k {
         let (ky, kx) = (t / g.k, t % g.k);
         let tile = Tile::flat(
@@ -302,14 +321,14 @@ pub(super) fn conv_backward(
     // of the padded scatter).
     let mut dx = super::output_vec(if need_dx { g.n * img_in } else { 0 });
     let dxp = SyncPtr(dx.as_mut_ptr());
-    let parts: Vec<Aligned> = g
+    let mut parts: Vec<Aligned> = g
         .chunks()
         .into_par_iter()
         .map(|(n0, n1)| {
             let images = n1 - n0;
-            let mut xpad = vec![0f32; images * g.hp() * g.wp() * g.c];
-            pad_images(x, g, (n0, n1), &mut xpad);
-            let mut dz = Aligned::zeros(images * (g.ho + 2 * q) * (g.wo + 2 * q) * g.o);
+            let xpad = padded_chunk(x, g, (n0, n1));
+            // Every element is written by `dz_chunk` (border and values).
+            let mut dz = Aligned::uninit(images * (g.ho + 2 * q) * (g.wo + 2 * q) * g.o);
             dz_chunk(g, dy, s, bn, relu, (n0, n1), q, &mut dz);
             let dw = dw_chunk(isa, g, &xpad, &dz, images, q);
             if need_dx {
@@ -323,18 +342,19 @@ pub(super) fn conv_backward(
             dw
         })
         .collect();
-    // Sum the chunks in order, then [tap][c][o] → OIHW by blocks of 16
-    // output channels.
+    // Sum the chunks in order (into the first), then [tap][c][o] → OIHW by
+    // blocks of 16 output channels.
     let (kk, c, o) = (g.k * g.k, g.c, g.o);
-    let mut sum = parts[0].to_vec();
+    let (sum, rest) = parts.split_first_mut().expect("at least one chunk");
     sum.par_chunks_mut(4096).enumerate().for_each(|(i, d)| {
-        for part in &parts[1..] {
+        for part in rest.iter() {
             d.iter_mut()
                 .zip(&part[i * 4096..])
                 .for_each(|(d, p)| *d += p);
         }
     });
-    let mut dw = vec![0f32; o * c * kk];
+    // Every element is written: each block covers its rows' (c, tap) pairs.
+    let mut dw = super::output_vec(o * c * kk);
     dw.par_chunks_mut(16 * c * kk)
         .enumerate()
         .for_each(|(blk, rows)| {
@@ -342,8 +362,8 @@ pub(super) fn conv_backward(
             for t in 0..kk {
                 for ic in 0..c {
                     let src = &sum[(t * c + ic) * o + o0..];
-                    for (j, row) in rows.chunks_mut(c * kk).enumerate() {
-                        row[ic * kk + t] = src[j];
+                    for (row, &v) in rows.chunks_exact_mut(c * kk).zip(src) {
+                        row[ic * kk + t] = v;
                     }
                 }
             }

@@ -19,6 +19,7 @@
 //! added in order. So results do not depend on the thread count or on
 //! scheduling.
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -86,14 +87,19 @@ impl Geom {
         self.stride == 1 && self.pad < self.k
     }
     /// The batch cut into chunks of consecutive images: each holds at most
-    /// about [`CHUNK_BYTES`] of padded input and output gradient (or one image),
+    /// about [`CHUNK_BYTES`] of padded input and output gradient, or twice
+    /// its weight-gradient part if that is larger (or one image),
     /// their count is a multiple of four (so two or four threads get equal
     /// work) unless there are fewer images, and sizes differ by at most one.
     /// Depends only on the shape, never on the thread count.
     pub(super) fn chunks(&self) -> Vec<(usize, usize)> {
         let per_image =
             4 * (self.hp() * self.wp() * self.c + (self.ho + 2) * (self.wo + 2) * self.o);
-        let cap = (CHUNK_BYTES / per_image.max(1)).max(1);
+        // A chunk's weight-gradient part is at most about its data, or the
+        // parts and their sum cost more than the products (small images,
+        // many channels).
+        let dw_part = 4 * self.k * self.k * self.c * self.o;
+        let cap = (CHUNK_BYTES.max(2 * dw_part) / per_image.max(1)).max(1);
         let count = self.n.div_ceil(cap).max(4).next_multiple_of(4).min(self.n);
         (0..count)
             .map(|i| (i * self.n / count, (i + 1) * self.n / count))
@@ -116,17 +122,43 @@ impl Geom {
 /// [`Geom::chunks`]).
 const CHUNK_BYTES: usize = 192 * 1024;
 
-/// Copies images `n0..n1` of `x` (NHWC) into the zeroed `dst`, leaving a
-/// zero border of `pad` (rows `h + 2·pad`, columns `w + 2·pad`).
+/// Copies images `n0..n1` of `x` (NHWC) into `dst` with a zero border of
+/// `pad` (rows `h + 2·pad`, columns `w + 2·pad`), writing every element of
+/// those images (so `dst` need not be zeroed first).
 pub(super) fn pad_images(x: &[f32], g: &Geom, (n0, n1): (usize, usize), dst: &mut [f32]) {
-    let (hp, wp, c, p) = (g.hp(), g.wp(), g.c, g.pad);
-    let img = g.h * g.w * c;
-    for (i, d) in dst.chunks_mut(hp * wp * c).take(n1 - n0).enumerate() {
-        let src = &x[(n0 + i) * img..][..img];
-        for y in 0..g.h {
-            d[((y + p) * wp + p) * c..][..g.w * c].copy_from_slice(&src[y * g.w * c..][..g.w * c]);
+    let (wp, c, p) = (g.wp(), g.c, g.pad);
+    let row = g.w * c;
+    for (i, d) in dst
+        .chunks_exact_mut(g.hp() * wp * c)
+        .take(n1 - n0)
+        .enumerate()
+    {
+        let src = &x[(n0 + i) * g.h * row..][..g.h * row];
+        for (y, drow) in d.chunks_exact_mut(wp * c).enumerate() {
+            if y < p || y >= p + g.h {
+                drow.fill(0.0);
+                continue;
+            }
+            let (left, rest) = drow.split_at_mut(p * c);
+            let (mid, right) = rest.split_at_mut(row);
+            left.fill(0.0);
+            mid.copy_from_slice(&src[(y - p) * row..][..row]);
+            right.fill(0.0);
         }
     }
+}
+
+/// Images `n0..n1` of `x` with the zero border of `g.pad` (the images
+/// themselves when there is no padding).
+pub(super) fn padded_chunk<'a>(x: &'a [f32], g: &Geom, (n0, n1): (usize, usize)) -> Cow<'a, [f32]> {
+    if g.pad == 0 {
+        let img = g.h * g.w * g.c;
+        return Cow::Borrowed(&x[n0 * img..n1 * img]);
+    }
+    // Every element is written by `pad_images` (border and copy).
+    let mut xpad = super::output_vec((n1 - n0) * g.hp() * g.wp() * g.c);
+    pad_images(x, g, (n0, n1), &mut xpad);
+    Cow::Owned(xpad)
 }
 
 /// Weights OIHW → `[tap][c][o]`, each scaled by `scale[o]` if given.
@@ -362,8 +394,7 @@ impl ConvBnOp {
             .chunks()
             .into_par_iter()
             .map(|(n0, n1)| {
-                let mut xpad = vec![0f32; (n1 - n0) * g.hp() * g.wp() * g.c];
-                pad_images(x, g, (n0, n1), &mut xpad);
+                let xpad = padded_chunk(x, g, (n0, n1));
                 // SAFETY: images n0..n1 of z belong to this chunk only.
                 let zc = unsafe {
                     std::slice::from_raw_parts_mut(zp.ptr().add(n0 * p * o), (n1 - n0) * p * o)

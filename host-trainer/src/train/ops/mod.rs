@@ -146,7 +146,16 @@ struct Aligned {
 
 impl Aligned {
     fn zeros(len: usize) -> Self {
-        let v = vec![0f32; len + 16];
+        Self::at_line(vec![0f32; len + 16], len)
+    }
+
+    /// Like [`output_vec`]: the caller writes all `len` elements before
+    /// reading any.
+    fn uninit(len: usize) -> Self {
+        Self::at_line(output_vec(len + 16), len)
+    }
+
+    fn at_line(v: Vec<f32>, len: usize) -> Self {
         let off = v.as_ptr().align_offset(64).min(16);
         Self { v, off, len }
     }

@@ -83,11 +83,16 @@ impl CustomOp1 for MaxPoolOp {
         let dx = read(x, "maxpool backward", |x| {
             read(y, "maxpool backward", |y| {
                 read(dy, "maxpool backward", |dy| {
-                    let mut dx = vec![0f32; x.len()];
+                    // Every element is written: each image is zeroed, then
+                    // routed to (while it is in cache).
+                    let mut dx = super::output_vec(x.len());
                     dx.par_chunks_mut(h * w * c)
                         .zip(x.par_chunks(h * w * c))
                         .zip(y.par_chunks(ho * wo * c).zip(dy.par_chunks(ho * wo * c)))
-                        .for_each(|((dx, x), (y, dy))| route(dx, x, y, dy, (h, w, c, ho, wo)));
+                        .for_each(|((dx, x), (y, dy))| {
+                            dx.fill(0.0);
+                            route(dx, x, y, dy, (h, w, c, ho, wo));
+                        });
                     Ok(dx)
                 })
             })
@@ -100,8 +105,8 @@ impl CustomOp1 for MaxPoolOp {
 /// One image's max-pool backward: `dy` of each output to the first input
 /// of its window equal to the output (a NaN maximum, equal to nothing, to
 /// the window's first position). The search runs over all channels at
-/// once (last position to first, so the first match wins); only the final
-/// scatter is per element.
+/// once (last position to first, so the first match wins), and so does
+/// the update of each window position.
 fn route(
     dx: &mut [f32],
     x: &[f32],
@@ -127,8 +132,13 @@ fn route(
                     *p = if v == yv { t as u32 } else { *p };
                 }
             }
-            for (ch, (&p, &d)) in pos.iter().zip(dy).enumerate() {
-                dx[offs[p as usize] + ch] += d;
+            // Whole pixels: each window position adds its channels' share
+            // (dy where it holds the maximum, +0 elsewhere: no change).
+            for (t, &off) in offs[..m].iter().enumerate() {
+                let d = &mut dx[off..][..c];
+                for ((d, &p), &g) in d.iter_mut().zip(&pos).zip(dy) {
+                    *d += if p == t as u32 { g } else { 0.0 };
+                }
             }
         }
     }

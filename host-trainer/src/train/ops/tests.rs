@@ -105,6 +105,8 @@ fn conv_bn_matches_stock_candle_forward_and_backward() {
         // Enough images for several chunks per thread group.
         (70, 2, 8, 8, 3, 3, 1, 1),
         (37, 2, 6, 6, 3, 3, 2, 1),
+        // Chunks sized by the weight-gradient part (wide, 2x2 images).
+        (41, 128, 2, 2, 128, 3, 1, 1),
     ];
     for (i, &(n, c, h, w, o, k, s, p)) in cases.iter().enumerate() {
         for relu in [false, true] {
