@@ -9,6 +9,11 @@ use super::conv::{padded_chunk, Geom, Moments, Saved};
 use super::kernel::{self, Epilogue, Isa, Tile};
 use super::{Aligned, SyncPtr};
 
+/// Narrowest input for which the weight gradient reads the unpadded input
+/// ([`dw_chunk_direct`]); narrower ones are padded first, as runs of one or
+/// two pixels per segment cost more than the copy.
+const DIRECT_DW_WIDTH: usize = 8;
+
 /// Weights OIHW → `[tap][o][c]`, taps flipped when `flip` (the stride-1
 /// input gradient) or as they are (the strided scatter).
 fn pack_backward(w: &[f32], g: &Geom, flip: bool) -> Aligned {
@@ -214,6 +219,67 @@ fn dw_chunk(isa: Isa, g: &Geom, xpad: &[f32], dz: &[f32], images: usize, q: usiz
     dw
 }
 
+/// Output positions `lo..hi` (of `n_out`) whose input position `x·s + t −
+/// pad` lies inside `0..n_in`, for kernel offset `t`.
+fn valid_range(t: usize, g: &Geom, n_out: usize, n_in: usize) -> (usize, usize) {
+    let s = g.stride;
+    let lo = g.pad.saturating_sub(t).div_ceil(s);
+    let hi = match (n_in + g.pad).checked_sub(t + 1) {
+        Some(last) => (last / s + 1).min(n_out),
+        None => 0,
+    };
+    (lo, hi.max(lo))
+}
+
+/// As [`dw_chunk`], but reading the chunk's unpadded images `x`: each tap
+/// sums only over the output pixels whose input pixel is inside the image
+/// (the padded version adds zero products there), so no padded copy is
+/// made. Worth it on images wide enough for long runs of pixels.
+fn dw_chunk_direct(isa: Isa, g: &Geom, x: &[f32], dz: &[f32], images: usize, q: usize) -> Aligned {
+    let (c, o, s) = (g.c, g.o, g.stride);
+    let (hq, wq) = (g.ho + 2 * q, g.wo + 2 * q);
+    // Every element is written: each tap's c×o block by a product, or
+    // zeroed when no pixel reaches inside the image.
+    let mut dw = Aligned::uninit(g.k * g.k * c * o);
+    for t in 0..g.k * g.k {
+        let (ky, kx) = (t / g.k, t % g.k);
+        let (y0, y1) = valid_range(ky, g, g.ho, g.h);
+        let (x0, x1) = valid_range(kx, g, g.wo, g.w);
+        let out = &mut dw[t * c * o..][..c * o];
+        if y0 == y1 || x0 == x1 {
+            out.fill(0.0);
+            continue;
+        }
+        let segs: Vec<(isize, isize)> = (0..images)
+            .flat_map(|i| (y0..y1).map(move |y| (i, y)))
+            .map(|(i, y)| {
+                let (iy, ix) = (y * s + ky - g.pad, x0 * s + kx - g.pad);
+                let a = ((i * g.h + iy) * g.w + ix) * c;
+                let b = ((i * hq + y + q) * wq + q + x0) * o;
+                (a as isize, b as isize)
+            })
+            .collect();
+        let tile = Tile::flat(
+            x.as_ptr(),
+            1,
+            (s * c) as isize,
+            dz.as_ptr(),
+            o as isize,
+            &segs,
+            x1 - x0,
+            out.as_mut_ptr(),
+            o as isize,
+            false,
+        );
+        // SAFETY: row r (channel) of step j in segment (i, y) reads
+        // x[i][y·s + ky − pad][(x0 + j)·s + kx − pad][r], inside the image
+        // by the valid ranges; B reads dz[i][y + q][x0 + j + q][0..o]; out
+        // is the tap's c×o block.
+        unsafe { kernel::product(isa, &tile, c, o) };
+    }
+    dw
+}
+
 /// Input gradient of one chunk into `dx` (the chunk's images, NHWC), plus
 /// `res` (laid out like `dx`) when given.
 fn dx_chunk(
@@ -326,11 +392,14 @@ pub(super) fn conv_backward(
         .into_par_iter()
         .map(|(n0, n1)| {
             let images = n1 - n0;
-            let xpad = padded_chunk(x, g, (n0, n1));
             // Every element is written by `dz_chunk` (border and values).
             let mut dz = Aligned::uninit(images * (g.ho + 2 * q) * (g.wo + 2 * q) * g.o);
             dz_chunk(g, dy, s, bn, relu, (n0, n1), q, &mut dz);
-            let dw = dw_chunk(isa, g, &xpad, &dz, images, q);
+            let dw = if g.pad > 0 && g.w >= DIRECT_DW_WIDTH {
+                dw_chunk_direct(isa, g, &x[n0 * img_in..n1 * img_in], &dz, images, q)
+            } else {
+                dw_chunk(isa, g, &padded_chunk(x, g, (n0, n1)), &dz, images, q)
+            };
             if need_dx {
                 // SAFETY: images n0..n1 of dx belong to this chunk only.
                 let dxc = unsafe {
