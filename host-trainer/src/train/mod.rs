@@ -1,6 +1,7 @@
 //! Stage 1: training in float. Data loading and augmentation, the model,
 //! the fast CPU ops, the optimizer and schedules, checkpoints, the training
-//! loop (`run.rs`, re-exported here), and the CPU-vs-device agreement check.
+//! loop (`run.rs`) with its recipes (`recipe.rs`) and reports (`report.rs`),
+//! all three re-exported here, and the CPU-vs-device agreement check.
 
 pub mod agreement;
 pub mod augment;
@@ -10,9 +11,13 @@ pub mod data;
 pub mod model;
 pub mod ops;
 pub mod optim;
+mod recipe;
+mod report;
 pub mod resident;
 mod run;
 pub mod schedule;
 pub mod transfer;
 
+pub use recipe::*;
+pub use report::*;
 pub use run::*;

@@ -1,0 +1,599 @@
+//! Tests of the training loop, recipes and reports.
+
+use super::*;
+use crate::schedule::Decay;
+
+#[test]
+fn device_names() {
+    assert!(device("cpu").unwrap().is_cpu());
+    let e = device("gpu").unwrap_err().to_string();
+    assert!(e.contains("unknown device `gpu`"), "{e}");
+}
+
+/// Without the feature, `cuda` says how to build with it.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_without_the_feature_says_how_to_build() {
+    let e = device("cuda").unwrap_err().to_string();
+    assert!(e.contains("--features cuda"), "{e}");
+}
+
+fn tiny_config(epochs: usize) -> TrainConfig {
+    let mut cfg =
+        TrainConfig::from_recipe(Recipe::Default, 64, Some(epochs), Some(16), Some(0.05)).unwrap();
+    cfg.arch = ArchConfig {
+        widths: vec![4, 8],
+        blocks: vec![1, 1],
+        maxpool: true,
+        classes: 4,
+    };
+    cfg.seed = 3;
+    cfg
+}
+
+/// `train` on the CPU with test options (evaluation batch 32, no progress bars).
+fn run_cpu(
+    cfg: TrainConfig,
+    train_set: &Dataset,
+    test_set: &Dataset,
+    dir: &Path,
+    resume: bool,
+    stop_after: Option<usize>,
+) -> Result<TrainOutcome> {
+    train(
+        cfg,
+        train_set,
+        test_set,
+        &opts(dir, resume, stop_after),
+        &Device::Cpu,
+    )
+}
+
+fn opts(dir: &Path, resume: bool, stop_after: Option<usize>) -> RunOptions {
+    RunOptions {
+        run_dir: dir.to_path_buf(),
+        resume,
+        eval_batch: 32,
+        stop_after,
+        progress: false,
+    }
+}
+
+fn weights(t: &Trainee) -> Vec<(String, Vec<f32>)> {
+    t.named_vars()
+        .into_iter()
+        .map(|(n, v)| {
+            (
+                n,
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn resume_equals_uninterrupted_run() {
+    let train_set = crate::data::synthetic(64, 4, 1);
+    let test_set = crate::data::synthetic(32, 4, 2);
+    let a = tempfile::tempdir().unwrap();
+    let straight = run_cpu(tiny_config(3), &train_set, &test_set, a.path(), false, None).unwrap();
+    let b = tempfile::tempdir().unwrap();
+    // "Killed" after epoch 1, then resumed twice.
+    run_cpu(
+        tiny_config(3),
+        &train_set,
+        &test_set,
+        b.path(),
+        false,
+        Some(1),
+    )
+    .unwrap();
+    run_cpu(
+        tiny_config(3),
+        &train_set,
+        &test_set,
+        b.path(),
+        true,
+        Some(1),
+    )
+    .unwrap();
+    let resumed = run_cpu(tiny_config(3), &train_set, &test_set, b.path(), true, None).unwrap();
+    assert_eq!(weights(&straight.trainee), weights(&resumed.trainee));
+    assert_eq!(straight.history.len(), 3);
+    assert_eq!(resumed.history.len(), 3);
+    for (x, y) in straight.history.iter().zip(&resumed.history) {
+        assert_eq!((x.train_loss, x.test_acc), (y.train_loss, y.test_acc));
+    }
+    for f in [
+        "metrics.csv",
+        "metrics.json",
+        "learning_curve.svg",
+        "confusion.csv",
+        "per_class.json",
+        "config.json",
+    ] {
+        assert!(b.path().join(f).exists(), "{f}");
+    }
+    let csv = fs::read_to_string(b.path().join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 4);
+}
+
+#[test]
+fn learns_the_toy_task() {
+    let train_set = crate::data::synthetic(256, 4, 5);
+    let test_set = crate::data::synthetic(64, 4, 6);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_config(4);
+    cfg.schedule.decay = Decay::Linear {
+        total: 4 * 256 / 16,
+    };
+    let out = run_cpu(cfg, &train_set, &test_set, dir.path(), false, None).unwrap();
+    assert!(
+        out.test.accuracy > 60.0,
+        "toy accuracy {}",
+        out.test.accuracy
+    );
+}
+
+#[test]
+fn resume_may_change_the_epoch_count_and_nothing_else() {
+    let train_set = crate::data::synthetic(64, 4, 1);
+    let test_set = crate::data::synthetic(32, 4, 2);
+    let d = tempfile::tempdir().unwrap();
+    run_cpu(
+        tiny_config(2),
+        &train_set,
+        &test_set,
+        d.path(),
+        false,
+        Some(1),
+    )
+    .unwrap();
+    let mut other_lr = tiny_config(3);
+    other_lr.schedule.base_lr = 0.2;
+    let err = run_cpu(other_lr, &train_set, &test_set, d.path(), true, None).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("only --epochs may change"),
+        "{err:#}"
+    );
+    // A longer run: the linear decay now ends at epoch 3.
+    let r = run_cpu(tiny_config(3), &train_set, &test_set, d.path(), true, None).unwrap();
+    assert_eq!(r.history.len(), 3);
+    assert!(r.history[2].lr < r.history[1].lr);
+}
+
+#[test]
+fn refuses_to_overwrite_and_rejects_changed_resume() {
+    let train_set = crate::data::synthetic(32, 4, 1);
+    let dir = tempfile::tempdir().unwrap();
+    run_cpu(
+        tiny_config(1),
+        &train_set,
+        &train_set,
+        dir.path(),
+        false,
+        None,
+    )
+    .unwrap();
+    let err = run_cpu(
+        tiny_config(1),
+        &train_set,
+        &train_set,
+        dir.path(),
+        false,
+        None,
+    )
+    .err()
+    .unwrap();
+    assert!(format!("{err:#}").contains("--resume"), "{err:#}");
+    let mut other = tiny_config(2);
+    other.seed = 99;
+    let err = run_cpu(other, &train_set, &train_set, dir.path(), true, None)
+        .err()
+        .unwrap();
+    assert!(
+        format!("{err:#}").contains("saved configuration"),
+        "{err:#}"
+    );
+}
+
+#[test]
+fn nan_loss_stops_with_a_clear_message() {
+    let train_set = crate::data::synthetic(32, 4, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_config(1);
+    cfg.schedule.base_lr = f64::INFINITY; // the first update makes every weight non-finite
+    cfg.schedule.warmup = 0;
+    let err = run_cpu(cfg, &train_set, &train_set, dir.path(), false, None)
+        .err()
+        .unwrap();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("training diverged") && msg.contains("epoch 1, step"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_non_finite_state_never_replaces_the_last_good_checkpoint() {
+    let cfg = tiny_config(1);
+    let t = Trainee::new(&cfg.arch, cfg.seed, &Device::Cpu).unwrap();
+    let opt = Sgd::new(t.named_vars(), cfg.sgd);
+    let meta = CheckpointMeta {
+        config: cfg.clone(),
+        epoch: 1,
+        iteration: 4,
+        history: Vec::new(),
+        data: None,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("checkpoint.safetensors");
+    save_checkpoint(&path, &t, &opt, &meta).unwrap();
+    let good = fs::read(&path).unwrap();
+    let (name, var) = t.named_vars().into_iter().nth(1).unwrap();
+    let mut v = var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let last = v.len() - 1;
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        v[last] = bad;
+        var.set(&Tensor::from_vec(v.clone(), var.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+        let meta = CheckpointMeta {
+            epoch: 2,
+            ..meta.clone()
+        };
+        let msg = format!("{:#}", save_checkpoint(&path, &t, &opt, &meta).unwrap_err());
+        assert!(
+            msg.contains(&format!("`model.{name}` holds {bad} at element {last}"))
+                && msg.contains("epoch 2"),
+            "{msg}"
+        );
+        assert!(
+            fs::read(&path).unwrap() == good,
+            "the good checkpoint was replaced"
+        );
+    }
+    assert_eq!(load_checkpoint(&path, &Device::Cpu).unwrap().meta.epoch, 1);
+}
+
+#[test]
+fn damaged_checkpoint_is_an_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("checkpoint.safetensors");
+    fs::write(&p, b"not a checkpoint").unwrap();
+    let err = load_checkpoint(&p, &Device::Cpu).err().unwrap();
+    assert!(
+        format!("{err:#}").contains("checkpoint.safetensors"),
+        "{err:#}"
+    );
+}
+
+/// The toy training and test sets of the checkpoint tests.
+fn toy_sets() -> (Dataset, Dataset) {
+    (
+        crate::data::synthetic(64, 4, 1),
+        crate::data::synthetic(32, 4, 2),
+    )
+}
+
+/// One epoch into `dir` (the "interrupted" run of the tests below).
+fn one_epoch(dir: &Path, train_set: &Dataset, test_set: &Dataset) {
+    run_cpu(tiny_config(3), train_set, test_set, dir, false, Some(1)).unwrap();
+}
+
+/// `--init`: the backbone comes from the checkpoint, the head is new
+/// and sized to the new classes; a frozen epoch moves only the head
+/// (and the BN statistics); a later epoch moves everything. A
+/// checkpoint of another architecture is an error naming it.
+#[test]
+fn init_copies_the_backbone_and_freezing_trains_only_the_head() {
+    let (train_set, test_set) = toy_sets();
+    let src = tempfile::tempdir().unwrap();
+    one_epoch(src.path(), &train_set, &test_set);
+    let init = src.path().join("checkpoint.safetensors");
+    let source =
+        model_from_checkpoint(&load_checkpoint(&init, &Device::Cpu).unwrap(), &Device::Cpu)
+            .unwrap();
+    let (three, three_test) = (
+        crate::data::synthetic(48, 3, 7),
+        crate::data::synthetic(24, 3, 8),
+    );
+    let mut cfg = tiny_config(2);
+    cfg.arch.classes = 3;
+    cfg.init = Some(init.clone());
+    cfg.freeze_epochs = 1;
+    let dir = tempfile::tempdir().unwrap();
+    let frozen = run_cpu(cfg.clone(), &three, &three_test, dir.path(), false, Some(1)).unwrap();
+    let before = weights(&source);
+    let after = weights(&frozen.trainee);
+    let conv =
+        |w: &[(String, Vec<f32>)], n: &str| w.iter().find(|(k, _)| k == n).unwrap().1.clone();
+    assert_eq!(
+        conv(&after, "stem.conv.weight"),
+        conv(&before, "stem.conv.weight")
+    );
+    assert_eq!(conv(&after, "fc.weight").len(), 3 * 8);
+    assert_ne!(conv(&after, "fc.bias"), vec![0.0; 3]);
+    let thawed = run_cpu(cfg.clone(), &three, &three_test, dir.path(), true, None).unwrap();
+    assert_ne!(
+        conv(&weights(&thawed.trainee), "stem.conv.weight"),
+        conv(&before, "stem.conv.weight")
+    );
+
+    let mut other = cfg;
+    other.arch.widths = vec![4, 16];
+    let e = format!(
+        "{:#}",
+        run_cpu(
+            other,
+            &three,
+            &three_test,
+            tempfile::tempdir().unwrap().path(),
+            false,
+            None
+        )
+        .unwrap_err()
+    );
+    assert!(
+        e.contains("--init") && e.contains(&init.display().to_string()) && e.contains("widths"),
+        "{e}"
+    );
+}
+
+/// The committed float checkpoint: weights and BN statistics only,
+/// the same eval logits, its provenance kept, and no resume from it.
+#[test]
+fn a_weights_only_checkpoint_evaluates_the_same_and_cannot_be_resumed() {
+    let (train_set, test_set) = toy_sets();
+    let dir = tempfile::tempdir().unwrap();
+    one_epoch(dir.path(), &train_set, &test_set);
+    let p = dir.path().join("checkpoint.safetensors");
+    let full = load_checkpoint(&p, &Device::Cpu).unwrap();
+    assert!(!full.weights_only);
+    let w = dir.path().join("weights.safetensors");
+    crate::checkpoint::save_weights(&w, &full, "test rev").unwrap();
+    let slim = load_checkpoint(&w, &Device::Cpu).unwrap();
+    assert!(slim.weights_only);
+    assert!(slim.tensors.keys().all(|n| n.starts_with("model.")));
+    assert!(full.tensors.keys().any(|n| n.starts_with("momentum.")));
+    assert_eq!(
+        crate::checkpoint::read_provenance(&w).unwrap().as_deref(),
+        Some("test rev")
+    );
+    let eval = |ck: &crate::checkpoint::Checkpoint| {
+        let t = model_from_checkpoint(ck, &Device::Cpu).unwrap();
+        evaluate(&t.model, &test_set, 64, &Device::Cpu)
+            .unwrap()
+            .loss
+    };
+    assert_eq!(eval(&full), eval(&slim));
+    fs::rename(&w, &p).unwrap();
+    let err = format!(
+        "{:#}",
+        run_cpu(
+            tiny_config(3),
+            &train_set,
+            &test_set,
+            dir.path(),
+            true,
+            None
+        )
+        .unwrap_err()
+    );
+    assert!(err.contains("weights only"), "{err}");
+}
+
+#[test]
+fn a_flipped_bit_in_a_checkpoint_is_caught_by_its_checksum() {
+    let (train_set, test_set) = toy_sets();
+    let dir = tempfile::tempdir().unwrap();
+    one_epoch(dir.path(), &train_set, &test_set);
+    let p = dir.path().join("checkpoint.safetensors");
+    let mut bytes = fs::read(&p).unwrap();
+    let last = bytes.len() - 3; // inside the last tensor's data
+    bytes[last] ^= 0x40; // an exponent bit: the value stays finite
+    fs::write(&p, &bytes).unwrap();
+    let err = format!("{:#}", load_checkpoint(&p, &Device::Cpu).unwrap_err());
+    assert!(
+        err.contains("damaged checkpoint") && err.contains("checksum"),
+        "{err}"
+    );
+    let err = format!(
+        "{:#}",
+        run_cpu(
+            tiny_config(3),
+            &train_set,
+            &test_set,
+            dir.path(),
+            true,
+            None
+        )
+        .unwrap_err()
+    );
+    assert!(
+        err.contains("--resume") && err.contains("checksum"),
+        "{err}"
+    );
+}
+
+#[test]
+fn resume_refuses_another_training_set_and_warns_on_another_test_set() {
+    let (train_set, test_set) = toy_sets();
+    let dir = tempfile::tempdir().unwrap();
+    one_epoch(dir.path(), &train_set, &test_set);
+    // Same size, other images (as another --data would give).
+    let other = crate::data::synthetic(64, 4, 9);
+    let err = format!(
+        "{:#}",
+        run_cpu(tiny_config(3), &other, &test_set, dir.path(), true, Some(1)).unwrap_err()
+    );
+    assert!(err.contains("training set differs"), "{err}");
+    // Another test set is allowed (a warning is printed).
+    let test2 = crate::data::synthetic(16, 4, 3);
+    run_cpu(
+        tiny_config(3),
+        &train_set,
+        &test2,
+        dir.path(),
+        true,
+        Some(1),
+    )
+    .unwrap();
+}
+
+/// A kill between the checkpoint and the metrics: resume rewrites the
+/// metrics and the curve from the checkpoint's history.
+#[test]
+fn resume_brings_metrics_and_curve_back_in_step() {
+    let (train_set, test_set) = toy_sets();
+    let dir = tempfile::tempdir().unwrap();
+    one_epoch(dir.path(), &train_set, &test_set);
+    let csv = dir.path().join("metrics.csv");
+    let full = fs::read_to_string(&csv).unwrap();
+    fs::write(&csv, full.lines().next().unwrap()).unwrap(); // header only
+    fs::remove_file(dir.path().join("learning_curve.svg")).unwrap();
+    run_cpu(
+        tiny_config(3),
+        &train_set,
+        &test_set,
+        dir.path(),
+        true,
+        Some(0),
+    )
+    .unwrap();
+    assert_eq!(fs::read_to_string(&csv).unwrap(), full);
+    let svg = fs::read_to_string(dir.path().join("learning_curve.svg")).unwrap();
+    assert!(svg.trim_end().ends_with("</svg>"), "{svg}");
+    let json = fs::read_to_string(dir.path().join("metrics.json")).unwrap();
+    assert!(!json.contains("null"), "{json}");
+}
+
+#[test]
+fn bad_learning_rates_are_refused() {
+    for lr in [0.0, -0.1, f64::NAN, f64::INFINITY] {
+        let e = TrainConfig::from_recipe(Recipe::Default, 64, Some(1), Some(16), Some(lr))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--lr must be a positive, finite number"),
+            "{lr}: {e}"
+        );
+    }
+}
+
+/// `--lr 100`: the run ends with an error naming the epoch and step, and
+/// the last good checkpoint (epoch 1, trained at a sane rate) stays
+/// readable and resumable.
+#[test]
+fn a_diverging_run_fails_and_keeps_the_last_good_checkpoint() {
+    let (train_set, test_set) = toy_sets();
+    let dir = tempfile::tempdir().unwrap();
+    one_epoch(dir.path(), &train_set, &test_set);
+    let p = dir.path().join("checkpoint.safetensors");
+    // Same run, lr 100 from here on (what a bad --lr does to a fresh run
+    // from its first step).
+    let mut cfg = tiny_config(3);
+    cfg.schedule.base_lr = 100.0;
+    cfg.schedule.warmup = 0;
+    let mut ck = load_checkpoint(&p, &Device::Cpu).unwrap();
+    ck.meta.config = cfg.clone();
+    let t = model_from_checkpoint(&ck, &Device::Cpu).unwrap();
+    let opt = Sgd::new(t.named_vars(), cfg.sgd);
+    save_checkpoint(&p, &t, &opt, &ck.meta).unwrap();
+    let good = fs::read(&p).unwrap();
+    let err = format!(
+        "{:#}",
+        run_cpu(cfg.clone(), &train_set, &test_set, dir.path(), true, None).unwrap_err()
+    );
+    assert!(
+        err.contains("diverged") || err.contains("not saving"),
+        "{err}"
+    );
+    assert!(err.contains("epoch"), "{err}");
+    assert_eq!(
+        fs::read(&p).unwrap(),
+        good,
+        "the last good checkpoint was replaced"
+    );
+    assert_eq!(load_checkpoint(&p, &Device::Cpu).unwrap().meta.epoch, 1);
+}
+
+#[test]
+fn a_failed_write_leaves_no_temporary_file() {
+    let dir = tempfile::tempdir().unwrap();
+    // Renaming onto a non-empty folder fails, as a full disk would fail
+    // the write: the temporary file must go.
+    let target = dir.path().join("metrics.csv");
+    fs::create_dir(&target).unwrap();
+    fs::write(target.join("x"), b"x").unwrap();
+    assert!(write_atomic(&target, b"data").is_err());
+    let left: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("metrics.csv")]);
+}
+
+#[test]
+fn smoothed_loss_by_hand() {
+    let logits = Tensor::new(&[[0f32, 0.0]], &Device::Cpu).unwrap();
+    let y = Tensor::new(&[1u32], &Device::Cpu).unwrap();
+    // Uniform logits: both terms are ln 2.
+    let l = smoothed_cross_entropy(&logits, &y, 0.1)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!((l - std::f32::consts::LN_2).abs() < 1e-6);
+    let logits = Tensor::new(&[[2f32, 0.0]], &Device::Cpu).unwrap();
+    let l = smoothed_cross_entropy(&logits, &y, 0.2)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    let lse = (2f64.exp() + 1.0).ln();
+    let want = 0.8 * lse + 0.2 * (lse - 1.0);
+    assert!((l - want).abs() < 1e-5, "{l} {want}");
+}
+
+#[test]
+fn recipes() {
+    let s = TrainConfig::from_recipe(Recipe::SeedSgdStep, 50_000, None, None, None).unwrap();
+    assert_eq!((s.epochs, s.batch_size, s.sgd.momentum), (10, 64, 0.0));
+    assert_eq!(s.schedule.lr(3999), 0.1);
+    assert!((s.schedule.lr(4000) - 0.01).abs() < 1e-12);
+    let m = TrainConfig::from_recipe(Recipe::SeedMomentum, 50_000, None, None, None).unwrap();
+    assert_eq!(
+        (m.epochs, m.batch_size, m.sgd.momentum, m.schedule.base_lr),
+        (5, 64, 0.9, 0.01)
+    );
+    // A set smaller than the recipe's batch is one batch; an explicit
+    // batch larger than the set, or a one-image set, is an error.
+    let small = TrainConfig::from_recipe(Recipe::Default, 10, None, None, None).unwrap();
+    assert_eq!(small.batch_size, 10);
+    assert!(TrainConfig::from_recipe(Recipe::Default, 10, None, Some(16), None).is_err());
+    assert!(TrainConfig::from_recipe(Recipe::Default, 1, None, None, None).is_err());
+    let f = TrainConfig::from_recipe(Recipe::Finetune, 450, None, None, None).unwrap();
+    assert_eq!(
+        (f.epochs, f.batch_size, f.freeze_epochs, f.schedule.base_lr),
+        (15, 32, 2, 0.01)
+    );
+    // The default: step decay, 390 steps per epoch, 100 epochs.
+    let d = TrainConfig::from_recipe(Recipe::Default, 50_000, None, None, None).unwrap();
+    assert_eq!((d.epochs, d.batch_size), (100, 128));
+    let lr = |it: usize| d.schedule.lr(it);
+    assert!((lr(0) - 0.1 / 780.0).abs() < 1e-12, "2-epoch warm-up");
+    assert_eq!([lr(779), lr(19_499)], [0.1, 0.1]);
+    assert!((lr(19_500) - 0.01).abs() < 1e-12 && (lr(29_249) - 0.01).abs() < 1e-12);
+    assert!((lr(29_250) - 0.001).abs() < 1e-12 && (lr(38_999) - 0.001).abs() < 1e-12);
+    assert_eq!(d.camera, Some(CameraAug::standard()));
+    let l = TrainConfig::from_recipe(Recipe::Linear, 50_000, None, None, None).unwrap();
+    assert_eq!((l.epochs, l.camera.clone()), (30, None));
+    assert!((l.schedule.lr(390 * 15) - 0.05).abs() < 1e-3);
+}
