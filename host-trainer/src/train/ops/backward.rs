@@ -439,3 +439,42 @@ pub(super) fn conv_backward(
         });
     (dx, dw)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `valid_range` against counting every position, over strides,
+    /// paddings, kernel offsets and sizes down to inputs smaller than the
+    /// kernel.
+    #[test]
+    fn valid_range_is_exactly_the_positions_inside() {
+        for (k, stride, pad) in [
+            (3, 1, 1),
+            (3, 2, 1),
+            (1, 2, 0),
+            (3, 1, 0),
+            (5, 2, 2),
+            (3, 3, 2),
+        ] {
+            for n_in in 1..12 {
+                let x = candle_core::Shape::from((1, n_in, n_in, 1));
+                let Ok(g) = Geom::new(&x, &candle_core::Shape::from((1, 1, k, k)), stride, pad)
+                else {
+                    continue;
+                };
+                for t in 0..k {
+                    let inside: Vec<usize> = (0..g.wo)
+                        .filter(|&o| (o * stride + t).checked_sub(pad).is_some_and(|i| i < n_in))
+                        .collect();
+                    let (lo, hi) = valid_range(t, &g, g.wo, n_in);
+                    assert_eq!(
+                        (lo..hi).collect::<Vec<_>>(),
+                        inside,
+                        "k {k} stride {stride} pad {pad} n_in {n_in} t {t}"
+                    );
+                }
+            }
+        }
+    }
+}
