@@ -257,6 +257,14 @@ impl ConvBn {
         Ok((a, b))
     }
 
+    /// Inference with the fast ops: `maxpool_3x3_s2_p1(relu(BN(conv(x))))`
+    /// in one pass (the stem).
+    fn forward_relu_maxpool_eval(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let cfg = self.conv.config();
+        let (a, b) = self.folded_bn()?;
+        ops::conv_affine_relu_maxpool_eval(x, self.conv.weight(), (&a, &b), cfg.stride, cfg.padding)
+    }
+
     /// Inference with the fast ops: `relu(BN(conv(x)) + res)` in one pass.
     fn forward_add_relu_eval(&self, x: &Tensor, res: &Tensor) -> candle_core::Result<Tensor> {
         let cfg = self.conv.config();
@@ -447,13 +455,16 @@ impl MiniResNet {
             Backend::Stock => x.clone(),
             Backend::FastCpu => x.permute((0, 2, 3, 1))?.contiguous()?,
         };
-        let mut x = self.stem.forward_with(&x, train, true, backend)?;
-        if self.arch.maxpool {
-            x = match backend {
-                Backend::Stock => maxpool_3x3_s2_p1(&x)?,
-                Backend::FastCpu => ops::maxpool_3x3_s2_p1(&x)?,
-            };
-        }
+        let mut x = if backend == Backend::FastCpu && !train && self.arch.maxpool {
+            self.stem.forward_relu_maxpool_eval(&x)?
+        } else {
+            let x = self.stem.forward_with(&x, train, true, backend)?;
+            match (self.arch.maxpool, backend) {
+                (false, _) => x,
+                (true, Backend::Stock) => maxpool_3x3_s2_p1(&x)?,
+                (true, Backend::FastCpu) => ops::maxpool_3x3_s2_p1(&x)?,
+            }
+        };
         for stage in &self.stages {
             for block in stage {
                 x = block.forward_with(&x, train, backend)?;

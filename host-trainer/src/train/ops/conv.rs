@@ -384,39 +384,52 @@ impl ConvBnOp {
         gb: &[f32],
         res: Option<&[f32]>,
     ) -> (Vec<f32>, Vec<Moments>) {
-        let isa = Isa::detect();
         let wf = pack_forward(w, g, (!self.train).then(|| &gb[..g.o]));
-        let (p, o) = (g.p(), g.o);
+        let img_out = g.p() * g.o;
         // Every element is written by the conv below.
-        let mut z = super::output_vec(g.n * p * o);
+        let mut z = super::output_vec(g.n * img_out);
         let zp = SyncPtr(z.as_mut_ptr());
         let per_chunk: Vec<Vec<Moments>> = g
             .chunks()
             .into_par_iter()
             .map(|(n0, n1)| {
-                let xpad = padded_chunk(x, g, (n0, n1));
                 // SAFETY: images n0..n1 of z belong to this chunk only.
                 let zc = unsafe {
-                    std::slice::from_raw_parts_mut(zp.ptr().add(n0 * p * o), (n1 - n0) * p * o)
+                    std::slice::from_raw_parts_mut(zp.ptr().add(n0 * img_out), (n1 - n0) * img_out)
                 };
-                let epilogue = if self.train {
-                    Epilogue::NONE
-                } else {
-                    Epilogue {
-                        bias: gb[o..].as_ptr(),
-                        res: res.map_or(std::ptr::null(), |r| r[n0 * p * o..].as_ptr()),
-                        relu: self.relu,
-                    }
-                };
-                conv_chunk(isa, g, (&xpad, &wf), n1 - n0, zc, epilogue);
-                if self.train {
-                    zc.chunks(p * o).map(|zi| image_moments(zi, o)).collect()
-                } else {
-                    Vec::new()
-                }
+                self.forward_chunk(g, (x, &wf, gb), res, (n0, n1), zc)
             })
             .collect();
         (z, per_chunk.into_iter().flatten().collect())
+    }
+
+    /// [`ConvBnOp::forward`] of images `n0..n1` into `zc` (theirs only),
+    /// weights packed by [`pack_forward`]; the moments in training mode.
+    fn forward_chunk(
+        &self,
+        g: &Geom,
+        (x, wf, gb): (&[f32], &[f32], &[f32]),
+        res: Option<&[f32]>,
+        (n0, n1): (usize, usize),
+        zc: &mut [f32],
+    ) -> Vec<Moments> {
+        let (p, o) = (g.p(), g.o);
+        let xpad = padded_chunk(x, g, (n0, n1));
+        let epilogue = if self.train {
+            Epilogue::NONE
+        } else {
+            Epilogue {
+                bias: gb[o..].as_ptr(),
+                res: res.map_or(std::ptr::null(), |r| r[n0 * p * o..].as_ptr()),
+                relu: self.relu,
+            }
+        };
+        conv_chunk(Isa::detect(), g, (&xpad, wf), n1 - n0, zc, epilogue);
+        if self.train {
+            zc.chunks(p * o).map(|zi| image_moments(zi, o)).collect()
+        } else {
+            Vec::new()
+        }
     }
 }
 
@@ -654,4 +667,92 @@ pub fn conv_affine_add_relu_eval(
         &res.contiguous()?,
         &ConvResidualEval { stride, pad, k },
     )
+}
+
+/// Inference-mode stem: `maxpool_3x3_s2_p1(relu(conv(x, w)·scale +
+/// shift))` chunk by chunk, so the conv's full-size output stays in cache
+/// between the two instead of going through memory. Arguments as
+/// [`ConvBnOp`]'s in inference mode.
+#[derive(Debug, Clone)]
+struct ConvPoolEval {
+    conv: ConvBnOp,
+}
+
+impl CustomOp3 for ConvPoolEval {
+    fn name(&self) -> &'static str {
+        "fast-conv-affine-relu-maxpool-nhwc"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = &self.conv;
+        let g = Geom::new(l1.shape(), l2.shape(), op.stride, op.pad)?;
+        let (x, w, gb) = (
+            slice(s1, l1, "conv_pool")?,
+            slice(s2, l2, "conv_pool")?,
+            slice(s3, l3, "conv_pool")?,
+        );
+        if gb.len() != 2 * g.o {
+            bail!(
+                "conv_pool: {} output channels but affine {:?}",
+                g.o,
+                l3.shape()
+            )
+        }
+        let t0 = Instant::now();
+        let wf = pack_forward(w, &g, Some(&gb[..g.o]));
+        let dims = super::pool::pooled(g.ho, g.wo, g.o);
+        let img_out = dims.3 * dims.4 * g.o;
+        // Every element is written by `pool_image`.
+        let mut y = super::output_vec(g.n * img_out);
+        let yp = SyncPtr(y.as_mut_ptr());
+        g.chunks().into_par_iter().for_each(|(n0, n1)| {
+            // Every element is written by the conv.
+            let mut zc = super::output_vec((n1 - n0) * g.p() * g.o);
+            op.forward_chunk(&g, (x, &wf, gb), None, (n0, n1), &mut zc);
+            // SAFETY: images n0..n1 of y belong to this chunk only.
+            let yc = unsafe {
+                std::slice::from_raw_parts_mut(yp.ptr().add(n0 * img_out), (n1 - n0) * img_out)
+            };
+            for (yi, zi) in yc
+                .chunks_exact_mut(img_out)
+                .zip(zc.chunks_exact(g.p() * g.o))
+            {
+                super::pool::pool_image(yi, None, zi, dims);
+            }
+        });
+        profile::add(Phase::Conv, t0);
+        Ok((CpuStorage::F32(y), Shape::from((g.n, dims.3, dims.4, g.o))))
+    }
+}
+
+/// Inference-mode `maxpool_3x3_s2_p1(relu(conv(x, w)·scale + shift))` on
+/// NHWC tensors: [`conv_affine_eval`] with ReLU, then
+/// [`super::maxpool_3x3_s2_p1`], in one pass. No gradient.
+pub fn conv_affine_relu_maxpool_eval(
+    x: &Tensor,
+    w: &Tensor,
+    (scale, shift): (&Tensor, &Tensor),
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
+    let conv = ConvBnOp {
+        stride,
+        pad,
+        eps: 0.0,
+        relu: true,
+        train: false,
+        saved: Arc::default(),
+        stats: Arc::default(),
+    };
+    let gb = Tensor::stack(&[scale, shift], 0)?;
+    x.contiguous()?
+        .apply_op3_no_bwd(&w.contiguous()?, &gb, &ConvPoolEval { conv })
 }

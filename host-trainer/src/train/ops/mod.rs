@@ -36,7 +36,10 @@ pub mod profile;
 mod tests;
 
 pub use block::{block_train, BlockSpec};
-pub use conv::{conv_affine_add_relu_eval, conv_affine_eval, conv_bn_train, BnStats};
+pub use conv::{
+    conv_affine_add_relu_eval, conv_affine_eval, conv_affine_relu_maxpool_eval, conv_bn_train,
+    BnStats,
+};
 pub use kernel::Isa;
 pub use pool::maxpool_3x3_s2_p1;
 use profile::Phase;

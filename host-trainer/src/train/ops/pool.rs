@@ -106,9 +106,15 @@ impl CustomOp1 for MaxPoolOp {
     }
 }
 
+/// `(h, w, c, ho, wo)` of the max pool of an `h` × `w` image of `c`
+/// channels.
+pub(super) fn pooled(h: usize, w: usize, c: usize) -> (usize, usize, usize, usize, usize) {
+    (h, w, c, (h - 1) / 2 + 1, (w - 1) / 2 + 1)
+}
+
 /// One image's max pool into `y`, and the window position (in
 /// [`window`] order) of each maximum into `arg` when given.
-fn pool_image(
+pub(super) fn pool_image(
     y: &mut [f32],
     mut arg: Option<&mut [u8]>,
     x: &[f32],

@@ -223,6 +223,31 @@ fn conv_affine_eval_matches_stock_candle() {
     }
 }
 
+/// The fused inference stem gives the bits of its two ops run apart: the
+/// stem's shape, odd sizes, stride 2 and a batch of several chunks.
+#[test]
+fn conv_relu_maxpool_eval_equals_the_two_ops() {
+    for (i, &(n, h, w, c, o, s)) in [
+        (3, 32, 32, 3, 16, 1),
+        (2, 7, 9, 5, 6, 1),
+        (2, 9, 8, 4, 16, 2),
+        (40, 12, 12, 3, 16, 1),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let seed = 100 + 10 * i as u64;
+        let x = rand(&[n, h, w, c], seed);
+        let wt = rand(&[o, c, 3, 3], seed + 1);
+        let (a, b) = (rand(&[o], seed + 2), rand(&[o], seed + 3));
+        let fused = conv_affine_relu_maxpool_eval(&x, &wt, (&a, &b), s, 1).unwrap();
+        let apart =
+            maxpool_3x3_s2_p1(&conv_affine_eval(&x, &wt, &a, &b, s, 1, true).unwrap()).unwrap();
+        assert_eq!(fused.dims(), apart.dims());
+        assert_eq!(max_abs_diff(&fused, &apart), 0.0, "case {i}");
+    }
+}
+
 #[test]
 fn add_relu_matches_stock_candle() {
     let a = rand(&[2, 3, 4, 5], 12);
