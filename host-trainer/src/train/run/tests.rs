@@ -289,16 +289,29 @@ fn one_epoch(dir: &Path, train_set: &Dataset, test_set: &Dataset) {
     run_cpu(tiny_config(3), train_set, test_set, dir, false, Some(1)).unwrap();
 }
 
+/// The error of `--resume` on the run in `dir` (which must fail).
+fn resume_error(dir: &Path, train_set: &Dataset, test_set: &Dataset) -> String {
+    let e = run_cpu(tiny_config(3), train_set, test_set, dir, true, None).unwrap_err();
+    format!("{e:#}")
+}
+
+/// A run of the toy sets interrupted after one epoch: its folder, its
+/// checkpoint's path and the sets.
+fn interrupted_run() -> (tempfile::TempDir, PathBuf, Dataset, Dataset) {
+    let (train_set, test_set) = toy_sets();
+    let dir = tempfile::tempdir().unwrap();
+    one_epoch(dir.path(), &train_set, &test_set);
+    let ckpt = dir.path().join("checkpoint.safetensors");
+    (dir, ckpt, train_set, test_set)
+}
+
 /// `--init`: the backbone comes from the checkpoint, the head is new
 /// and sized to the new classes; a frozen epoch moves only the head
 /// (and the BN statistics); a later epoch moves everything. A
 /// checkpoint of another architecture is an error naming it.
 #[test]
 fn init_copies_the_backbone_and_freezing_trains_only_the_head() {
-    let (train_set, test_set) = toy_sets();
-    let src = tempfile::tempdir().unwrap();
-    one_epoch(src.path(), &train_set, &test_set);
-    let init = src.path().join("checkpoint.safetensors");
+    let (_src, init, _, _) = interrupted_run();
     let source =
         model_from_checkpoint(&load_checkpoint(&init, &Device::Cpu).unwrap(), &Device::Cpu)
             .unwrap();
@@ -352,10 +365,7 @@ fn init_copies_the_backbone_and_freezing_trains_only_the_head() {
 /// the same eval logits, its provenance kept, and no resume from it.
 #[test]
 fn a_weights_only_checkpoint_evaluates_the_same_and_cannot_be_resumed() {
-    let (train_set, test_set) = toy_sets();
-    let dir = tempfile::tempdir().unwrap();
-    one_epoch(dir.path(), &train_set, &test_set);
-    let p = dir.path().join("checkpoint.safetensors");
+    let (dir, p, train_set, test_set) = interrupted_run();
     let full = load_checkpoint(&p, &Device::Cpu).unwrap();
     assert!(!full.weights_only);
     let w = dir.path().join("weights.safetensors");
@@ -376,27 +386,13 @@ fn a_weights_only_checkpoint_evaluates_the_same_and_cannot_be_resumed() {
     };
     assert_eq!(eval(&full), eval(&slim));
     fs::rename(&w, &p).unwrap();
-    let err = format!(
-        "{:#}",
-        run_cpu(
-            tiny_config(3),
-            &train_set,
-            &test_set,
-            dir.path(),
-            true,
-            None
-        )
-        .unwrap_err()
-    );
+    let err = resume_error(dir.path(), &train_set, &test_set);
     assert!(err.contains("weights only"), "{err}");
 }
 
 #[test]
 fn a_flipped_bit_in_a_checkpoint_is_caught_by_its_checksum() {
-    let (train_set, test_set) = toy_sets();
-    let dir = tempfile::tempdir().unwrap();
-    one_epoch(dir.path(), &train_set, &test_set);
-    let p = dir.path().join("checkpoint.safetensors");
+    let (dir, p, train_set, test_set) = interrupted_run();
     let mut bytes = fs::read(&p).unwrap();
     let last = bytes.len() - 3; // inside the last tensor's data
     bytes[last] ^= 0x40; // an exponent bit: the value stays finite
@@ -406,18 +402,7 @@ fn a_flipped_bit_in_a_checkpoint_is_caught_by_its_checksum() {
         err.contains("damaged checkpoint") && err.contains("checksum"),
         "{err}"
     );
-    let err = format!(
-        "{:#}",
-        run_cpu(
-            tiny_config(3),
-            &train_set,
-            &test_set,
-            dir.path(),
-            true,
-            None
-        )
-        .unwrap_err()
-    );
+    let err = resume_error(dir.path(), &train_set, &test_set);
     assert!(
         err.contains("--resume") && err.contains("checksum"),
         "{err}"
@@ -426,9 +411,7 @@ fn a_flipped_bit_in_a_checkpoint_is_caught_by_its_checksum() {
 
 #[test]
 fn resume_refuses_another_training_set_and_warns_on_another_test_set() {
-    let (train_set, test_set) = toy_sets();
-    let dir = tempfile::tempdir().unwrap();
-    one_epoch(dir.path(), &train_set, &test_set);
+    let (dir, _, train_set, test_set) = interrupted_run();
     // Same size, other images (as another --data would give).
     let other = crate::data::synthetic(64, 4, 9);
     let err = format!(
@@ -453,9 +436,7 @@ fn resume_refuses_another_training_set_and_warns_on_another_test_set() {
 /// metrics and the curve from the checkpoint's history.
 #[test]
 fn resume_brings_metrics_and_curve_back_in_step() {
-    let (train_set, test_set) = toy_sets();
-    let dir = tempfile::tempdir().unwrap();
-    one_epoch(dir.path(), &train_set, &test_set);
+    let (dir, _, train_set, test_set) = interrupted_run();
     let csv = dir.path().join("metrics.csv");
     let full = fs::read_to_string(&csv).unwrap();
     fs::write(&csv, full.lines().next().unwrap()).unwrap(); // header only
@@ -494,10 +475,7 @@ fn bad_learning_rates_are_refused() {
 /// readable and resumable.
 #[test]
 fn a_diverging_run_fails_and_keeps_the_last_good_checkpoint() {
-    let (train_set, test_set) = toy_sets();
-    let dir = tempfile::tempdir().unwrap();
-    one_epoch(dir.path(), &train_set, &test_set);
-    let p = dir.path().join("checkpoint.safetensors");
+    let (dir, p, train_set, test_set) = interrupted_run();
     // Same run, lr 100 from here on (what a bad --lr does to a fresh run
     // from its first step).
     let mut cfg = tiny_config(3);
