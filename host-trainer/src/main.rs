@@ -64,9 +64,18 @@ struct DeviceCheckArgs {
 
 #[derive(Debug, Args, Clone)]
 struct QuantArgs {
-    /// Training images used to calibrate activation ranges.
-    #[arg(long, default_value_t = 1000)]
+    /// Training images used to calibrate activation ranges (and the input
+    /// means of the bias correction). 3000 rather than 1000: the 99.999th
+    /// percentile of 1000 images' samples rests on about five values.
+    #[arg(long, default_value_t = 3000)]
     calib_images: usize,
+    /// Leave out the bias correction of weight quantization (each conv
+    /// and FC bias minus the mean output error its int8 weights make on
+    /// the calibration images). On the shipped model it raised top-1
+    /// agreement from 98.94% to 99.00% (3000 images) and from 98.87% to
+    /// 99.01% (1000).
+    #[arg(long)]
+    no_bias_correction: bool,
     /// Range estimator: `minmax` or `percentile:P`. The default was chosen by
     /// measurement on the seed-momentum model (10,000 test images): top-1
     /// agreement 98.24% with `percentile:99.999` on 1000 images, against
@@ -427,6 +436,7 @@ fn export_checkpoint(
         options: host_trainer::export::ExportOptions {
             calib_images: quant.calib_images,
             calibration: quant.calibration,
+            bias_correction: !quant.no_bias_correction,
             dataset: data::describe(src),
         },
         force,

@@ -69,6 +69,7 @@ fn opts() -> ExportOptions {
     ExportOptions {
         calib_images: 128,
         calibration: Calibration::MinMax,
+        bias_correction: true,
         dataset: "synthetic".into(),
     }
 }
@@ -436,7 +437,7 @@ fn per_layer_error_is_within_scale_derived_bounds() {
     let m = owned.model().unwrap();
     let f = fixture();
     let calib = f.train_set.subsample(128);
-    let (g, _) = calibrate(&f.trainee.model, &calib, Calibration::MinMax, 64).unwrap();
+    let (g, _, _) = calibrate(&f.trainee.model, &calib, Calibration::MinMax, 64).unwrap();
     assert_eq!(g.layers.len(), m.layer_count() as usize);
     let mut worst = 0f64;
     for img in 0..8 {
@@ -504,4 +505,34 @@ fn calibration_methods_both_export() {
     )
     .unwrap();
     assert_eq!(again.int8_accuracy, cmp.int8_accuracy);
+}
+
+/// Shipping writes the float checkpoint with the source checkpoint's
+/// provenance line when it has one (re-exporting the shipped checkpoint
+/// keeps where its weights came from), and this workspace's revision
+/// otherwise.
+#[test]
+fn shipping_keeps_a_weights_only_checkpoints_provenance() {
+    let f = fixture();
+    let (blob, cmp) = exported();
+    let given = "host-trainer 0.1.0 at git abc1234";
+    for (source, want) in [(Some(given), given), (None, "host-trainer ")] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = host_trainer::ship::Shipment {
+            blob,
+            int8_accuracy: cmp.int8_accuracy,
+            checkpoint: &f.ck,
+            provenance: source.map(String::from),
+            model: &f.trainee.model,
+            test_set: &f.test_set,
+            force: false,
+        };
+        host_trainer::ship::ship(&s, dir.path(), &Device::Cpu).unwrap();
+        let path = dir.path().join(host_trainer::ship::CHECKPOINT_FILE);
+        let line = host_trainer::checkpoint::read_provenance(&path)
+            .unwrap()
+            .unwrap();
+        assert!(line.starts_with(want), "{line}");
+        assert!(source.is_some() || !line.contains("abc1234"), "{line}");
+    }
 }

@@ -166,6 +166,7 @@ fn fine_tune_and_export(
     let opts = host_trainer::export::ExportOptions {
         calib_images: train_set.len(),
         calibration: "percentile:99.999".parse().unwrap(),
+        bias_correction: true,
         dataset: "3 CIFAR-10 classes as JPEG folders".into(),
     };
     let (blob, cmp) =

@@ -238,6 +238,9 @@ pub struct ExportOptions {
     pub calib_images: usize,
     /// Range estimator.
     pub calibration: Calibration,
+    /// Correct each conv and FC bias for its weights' quantization error
+    /// ([`crate::quantize::correct_biases`]).
+    pub bias_correction: bool,
     /// Data set name, for the provenance.
     pub dataset: String,
 }
@@ -269,7 +272,10 @@ pub fn export(
     device: &Device,
 ) -> Result<(Vec<u8>, Comparison)> {
     let calib = train_set.subsample(opts.calib_images);
-    let (graph, q) = calibrate(model, &calib, opts.calibration, 64)?;
+    let (mut graph, q, means) = calibrate(model, &calib, opts.calibration, 64)?;
+    if opts.bias_correction {
+        crate::quantize::correct_biases(&mut graph, &means);
+    }
     let cfg = &ck.meta.config;
     let base: Vec<(&str, String)> = vec![
         ("model", "mini-resnet".into()),
@@ -285,7 +291,16 @@ pub fn export(
         ("dataset", opts.dataset.clone()),
         (
             "calibration",
-            format!("{} on {} training images", opts.calibration, calib.len()),
+            format!(
+                "{} on {} training images{}",
+                opts.calibration,
+                calib.len(),
+                if opts.bias_correction {
+                    ", bias correction"
+                } else {
+                    ""
+                }
+            ),
         ),
         ("trainer_revision", git_revision()),
         (

@@ -290,13 +290,14 @@ pub fn calibrate(
     calib: &Dataset,
     method: Calibration,
     batch: usize,
-) -> Result<(Graph, TensorQuant)> {
+) -> Result<(Graph, TensorQuant, Vec<Vec<f64>>)> {
     ensure!(!calib.is_empty(), "no calibration images");
     let device = model.fc.weight().device().clone();
     let mut graph = None;
     let mut lo: Vec<f64> = Vec::new();
     let mut hi: Vec<f64> = Vec::new();
     let mut samples: Vec<Vec<f32>> = Vec::new();
+    let mut sums: Vec<(Vec<f64>, usize)> = Vec::new();
     let idx: Vec<usize> = (0..calib.len()).collect();
     for chunk in idx.chunks(batch) {
         let (x, _) = crate::augment::batch(calib, chunk, None, &device)?;
@@ -305,9 +306,21 @@ pub fn calibrate(
             lo = vec![f64::INFINITY; acts.len()];
             hi = vec![f64::NEG_INFINITY; acts.len()];
             samples = vec![Vec::new(); acts.len()];
+            sums = vec![(Vec::new(), 0); acts.len()];
             graph = Some(g);
         }
         for (t, a) in acts.iter().enumerate() {
+            let per_channel = match a.rank() {
+                4 => a.sum((0, 2, 3))?,
+                _ => a.sum(0)?,
+            };
+            let v: Vec<f32> = per_channel.to_vec1()?;
+            let (sum, count) = &mut sums[t];
+            sum.resize(v.len(), 0.0);
+            sum.iter_mut()
+                .zip(&v)
+                .for_each(|(s, &x)| *s += f64::from(x));
+            *count += a.elem_count() / v.len().max(1);
             let v: Vec<f32> = a.flatten_all()?.to_vec1()?;
             for &x in &v {
                 lo[t] = lo[t].min(x as f64);
@@ -341,7 +354,37 @@ pub fn calibrate(
         };
         q.push(chosen);
     }
-    Ok((graph, q))
+    let means = sums
+        .into_iter()
+        .map(|(s, n)| s.into_iter().map(|x| x / n.max(1) as f64).collect())
+        .collect();
+    Ok((graph, q, means))
+}
+
+/// Bias correction for weight quantization: each conv and FC bias minus
+/// the mean output error its int8 weights make, `ε[o] = Σ (ŵ − w)[o][…][c]
+/// · μ[c]`, with `μ` the input's per-channel mean on the calibration
+/// images (`means`, from [`calibrate`]; border padding ignored).
+pub fn correct_biases(graph: &mut Graph, means: &[Vec<f64>]) {
+    for l in &mut graph.layers {
+        let (input, w, b) = match l {
+            FLayer::Conv { io, w, b, .. } => (io.0, &*w, b),
+            FLayer::Fc { io, w, b } => (io.0, &*w, b),
+            _ => continue,
+        };
+        let mu = &means[input];
+        let (wq, ws) = quantize_weights(w, b.len());
+        let per = w.len() / b.len();
+        for (o, bo) in b.iter_mut().enumerate() {
+            let eps: f64 = (0..per)
+                .map(|j| {
+                    let i = o * per + j;
+                    (f64::from(wq[i]) * ws[o] - f64::from(w[i])) * mu[j % mu.len()]
+                })
+                .sum();
+            *bo = (f64::from(*bo) - eps) as f32;
+        }
+    }
 }
 
 /// `scale` rounded to the `f32` that the blob and a `.tflite` file store.
@@ -851,6 +894,70 @@ pub fn float_input(img: &[u8]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An FC layer fed its calibration means: with the corrected bias, the
+    /// int8 weights (dequantized) give the float output; without it they
+    /// do not. A conv's correction uses each input channel's mean at every
+    /// tap.
+    #[test]
+    fn bias_correction_cancels_the_weight_error_at_the_mean_input() {
+        let (out_c, in_c) = (3, 5);
+        let w: Vec<f32> = (0..out_c * in_c)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.0123 + 0.001)
+            .collect();
+        let b = vec![0.1f32, -0.2, 0.3];
+        let mu: Vec<f64> = (0..in_c).map(|c| 0.5 + c as f64 * 0.25).collect();
+        let fc = FLayer::Fc {
+            io: (0, 1),
+            w: w.clone(),
+            b: b.clone(),
+        };
+        let mut g = Graph {
+            tensors: Vec::new(),
+            layers: vec![fc.clone()],
+        };
+        correct_biases(&mut g, &[mu.clone(), vec![0.0; out_c]]);
+        let FLayer::Fc { b: corrected, .. } = &g.layers[0] else {
+            unreachable!()
+        };
+        let (wq, ws) = quantize_weights(&w, out_c);
+        for o in 0..out_c {
+            let dot = |f: &dyn Fn(usize) -> f64| (0..in_c).map(|c| f(c) * mu[c]).sum::<f64>();
+            let float = dot(&|c| f64::from(w[o * in_c + c])) + f64::from(b[o]);
+            let int8 = dot(&|c| f64::from(wq[o * in_c + c]) * ws[o]);
+            assert!(
+                (int8 + f64::from(corrected[o]) - float).abs() < 1e-6,
+                "channel {o}"
+            );
+            assert!(
+                (int8 + f64::from(b[o]) - float).abs() > 1e-5,
+                "channel {o}: no error to correct"
+            );
+        }
+        // A 3x3 conv (OHWI) with one input channel: the same sum over taps.
+        let conv = FLayer::Conv {
+            name: "c".into(),
+            io: (0, 1),
+            w: w[..9].to_vec(),
+            b: vec![0.0],
+            k: 3,
+            stride: 1,
+            relu: false,
+        };
+        let mut g = Graph {
+            tensors: Vec::new(),
+            layers: vec![conv],
+        };
+        correct_biases(&mut g, &[vec![2.0], vec![0.0]]);
+        let FLayer::Conv { b: corrected, .. } = &g.layers[0] else {
+            unreachable!()
+        };
+        let (wq, ws) = quantize_weights(&w[..9], 1);
+        let err: f64 = (0..9)
+            .map(|i| (f64::from(wq[i]) * ws[0] - f64::from(w[i])) * 2.0)
+            .sum();
+        assert!((f64::from(corrected[0]) + err).abs() < 1e-7);
+    }
 
     #[test]
     fn choose_quant_covers_range_and_zero() {

@@ -15,7 +15,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::Device;
 
 use crate::checkpoint::{
-    load_checkpoint, model_from_checkpoint, save_weights, write_atomic, Checkpoint,
+    load_checkpoint, model_from_checkpoint, read_provenance, save_weights, write_atomic, Checkpoint,
 };
 use crate::data::Dataset;
 use crate::export::{
@@ -62,7 +62,11 @@ pub struct ExportJob<'a> {
 
 /// Runs `job`: prints the float-vs-int8 comparison and writes the blob.
 pub fn export_checkpoint(job: &ExportJob<'_>, device: &Device) -> Result<()> {
-    let ck = load_checkpoint(&resolve_checkpoint(job.checkpoint), device)?;
+    let path = resolve_checkpoint(job.checkpoint);
+    let ck = load_checkpoint(&path, device)?;
+    // A weights-only checkpoint (such as the shipped one) keeps the line
+    // that says where its weights came from.
+    let source = read_provenance(&path)?;
     let t = model_from_checkpoint(&ck, device)?;
     let (blob, cmp) = export(
         &t.model,
@@ -80,6 +84,7 @@ pub fn export_checkpoint(job: &ExportJob<'_>, device: &Device) -> Result<()> {
                 blob: &blob,
                 int8_accuracy: cmp.int8_accuracy,
                 checkpoint: &ck,
+                provenance: source.clone(),
                 model: &t.model,
                 test_set: job.test_set,
                 force: job.force,
@@ -181,6 +186,9 @@ pub struct Shipment<'a> {
     pub int8_accuracy: f64,
     /// The float checkpoint it was exported from.
     pub checkpoint: &'a Checkpoint,
+    /// That checkpoint's provenance line, if it has one (weights-only
+    /// checkpoints); otherwise this workspace's revision is written.
+    pub provenance: Option<String>,
     /// The float model (for the reference logits).
     pub model: &'a MiniResNet,
     /// The test set both were measured on.
@@ -194,7 +202,8 @@ pub struct Shipment<'a> {
 pub fn ship(s: &Shipment<'_>, dir: &Path, device: &Device) -> Result<()> {
     check_replace(dir, s.int8_accuracy, s.test_set, s.force)?;
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    save_weights(&dir.join(CHECKPOINT_FILE), s.checkpoint, &provenance())?;
+    let line = s.provenance.clone().unwrap_or_else(provenance);
+    save_weights(&dir.join(CHECKPOINT_FILE), s.checkpoint, &line)?;
     write_float_reference(
         s.model,
         s.test_set,
