@@ -323,6 +323,9 @@ pub(super) fn train_bn(
     (saved, st)
 }
 
+/// A conv op's input, weight and (γ, β) or (scale, shift) slices.
+type Operands<'a> = (&'a [f32], &'a [f32], &'a [f32]);
+
 /// What the forward pass keeps for the backward pass.
 #[derive(Debug, Default)]
 pub(super) struct Saved {
@@ -403,6 +406,25 @@ impl ConvBnOp {
         (z, per_chunk.into_iter().flatten().collect())
     }
 
+    /// The geometry and the three operands (input, weight, and the 2·O
+    /// BN parameters or folded affine) of a `CustomOp3` call on this op.
+    fn operands<'a>(
+        &self,
+        [(s1, l1), (s2, l2), (s3, l3)]: [(&'a CpuStorage, &Layout); 3],
+        op: &str,
+    ) -> Result<(Geom, Operands<'a>)> {
+        let g = Geom::new(l1.shape(), l2.shape(), self.stride, self.pad)?;
+        let (x, w, gb) = (slice(s1, l1, op)?, slice(s2, l2, op)?, slice(s3, l3, op)?);
+        if gb.len() != 2 * g.o {
+            bail!(
+                "{op}: {} output channels but BN parameters {:?}",
+                g.o,
+                l3.shape()
+            )
+        }
+        Ok((g, (x, w, gb)))
+    }
+
     /// [`ConvBnOp::forward`] of images `n0..n1` into `zc` (theirs only),
     /// weights packed by [`pack_forward`]; the moments in training mode.
     fn forward_chunk(
@@ -447,17 +469,7 @@ impl CustomOp3 for ConvBnOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geom::new(l1.shape(), l2.shape(), self.stride, self.pad)?;
-        let x = slice(s1, l1, "conv_bn")?;
-        let w = slice(s2, l2, "conv_bn")?;
-        let gb = slice(s3, l3, "conv_bn")?;
-        if gb.len() != 2 * g.o {
-            bail!(
-                "conv_bn: {} output channels but BN parameters {:?}",
-                g.o,
-                l3.shape()
-            )
-        }
+        let (g, (x, w, gb)) = self.operands([(s1, l1), (s2, l2), (s3, l3)], "conv_bn")?;
         let shape = Shape::from((g.n, g.ho, g.wo, g.o));
         let t0 = Instant::now();
         let (z, moments) = self.forward(&g, x, w, gb, None);
@@ -693,19 +705,7 @@ impl CustomOp3 for ConvPoolEval {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = &self.conv;
-        let g = Geom::new(l1.shape(), l2.shape(), op.stride, op.pad)?;
-        let (x, w, gb) = (
-            slice(s1, l1, "conv_pool")?,
-            slice(s2, l2, "conv_pool")?,
-            slice(s3, l3, "conv_pool")?,
-        );
-        if gb.len() != 2 * g.o {
-            bail!(
-                "conv_pool: {} output channels but affine {:?}",
-                g.o,
-                l3.shape()
-            )
-        }
+        let (g, (x, w, gb)) = op.operands([(s1, l1), (s2, l2), (s3, l3)], "conv_pool")?;
         let t0 = Instant::now();
         let wf = pack_forward(w, &g, Some(&gb[..g.o]));
         let dims = super::pool::pooled(g.ho, g.wo, g.o);
