@@ -9,8 +9,8 @@
 //!    and [`schedule`], from scratch or from another run ([`transfer`]),
 //!    into a [`checkpoint`];
 //! 2. [`int8`]: checkpoint → BN folding, calibration, per-channel int8
-//!    weights and TFLM requantization → the model blob ([`export`],
-//!    [`quantize`]), checked against the float model, and shipped into
+//!    weights and TFLM requantization ([`quantize`]) → the model blob
+//!    ([`blob`], [`export`]), checked against the float model, and shipped into
 //!    `shared` only if it is not worse ([`ship`]); [`classify`] and the
 //!    [`camera`] benchmark run the blob through the board's path; [`tflite`]
 //!    writes it as a `.tflite` file that TFLite Micro runs bit for bit alike;
@@ -24,7 +24,7 @@ pub mod int8;
 pub mod train;
 
 pub use bench::peer;
-pub use int8::{camera, classify, export, quantize, ship, tflite};
+pub use int8::{blob, camera, classify, export, quantize, ship, tflite};
 pub use train::{
     agreement, augment, camera_aug, checkpoint, data, model, ops, optim, resident, schedule,
     transfer,

@@ -5,10 +5,11 @@
 use std::sync::OnceLock;
 
 use candle_core::Device;
+use host_trainer::blob::OwnedModel;
 use host_trainer::data::{synthetic, Dataset};
 use host_trainer::export::{compare, export, ExportOptions};
 use host_trainer::model::ArchConfig;
-use host_trainer::quantize::{calibrate, int8_input, Calibration, FLayer, Graph, OwnedModel};
+use host_trainer::quantize::{calibrate, int8_input, Calibration, FLayer, Graph};
 use host_trainer::train::{
     self, load_checkpoint, model_from_checkpoint, Recipe, RunOptions, TrainConfig,
 };

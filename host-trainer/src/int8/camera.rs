@@ -26,10 +26,10 @@ use serde::Serialize;
 use shared::preprocess::{preprocess, Frame, PixelFormat, INPUT_LEN};
 
 use crate::augment::mix;
+use crate::blob::OwnedModel;
 use crate::camera_aug::Rng;
 use crate::data::{Dataset, IMAGE_BYTES};
 use crate::export::argmax;
-use crate::quantize::OwnedModel;
 
 /// Frame width (QQVGA).
 pub const FRAME_W: usize = 160;

@@ -6,8 +6,8 @@ use anyhow::{Context, Result};
 use shared::model::Model;
 use shared::preprocess::INPUT_LEN;
 
+use crate::blob::OwnedModel;
 use crate::data::network_pixels;
-use crate::quantize::OwnedModel;
 
 /// An int8 model: a `.bin` file, or `default` for the one committed in
 /// `shared`.

@@ -9,9 +9,10 @@ use candle_core::Device;
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::blob::{build_blob, meta_text, OwnedModel};
 use crate::data::Dataset;
 use crate::model::MiniResNet;
-use crate::quantize::{build_blob, calibrate, int8_input, meta_text, Calibration, OwnedModel};
+use crate::quantize::{calibrate, int8_input, Calibration};
 use crate::train::{write_atomic, Checkpoint};
 
 /// Float-vs-int8 comparison on a data set.

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::Device;
 
+use crate::blob::OwnedModel;
 use crate::checkpoint::{
     load_checkpoint, model_from_checkpoint, read_provenance, save_weights, write_atomic, Checkpoint,
 };
@@ -22,7 +23,6 @@ use crate::export::{
     export, shared_generated_dir, write_float_reference, write_shared, ExportOptions,
 };
 use crate::model::MiniResNet;
-use crate::quantize::OwnedModel;
 
 /// File name of the committed float checkpoint, next to `model.bin`.
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";

@@ -11,9 +11,10 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 
+use crate::blob::OwnedModel;
 use crate::data::Dataset;
 use crate::export::{argmax, int8_logits};
-use crate::quantize::{int8_input, OwnedModel};
+use crate::quantize::int8_input;
 
 /// The Python side: the venv's interpreter and the runner script.
 #[derive(Debug, Clone)]

@@ -339,7 +339,8 @@ mod tests {
     use super::super::plan::tflm_multiplier;
     use super::super::read::{read, Summary};
     use super::*;
-    use crate::quantize::{build_blob, FLayer, FTensor, Graph, OwnedModel, TensorQuant};
+    use crate::blob::{build_blob, OwnedModel};
+    use crate::quantize::{FLayer, FTensor, Graph, TensorQuant};
 
     /// Every op kind and padding case on a 32x32x3 input: 3x3 stride-1 conv
     /// (SAME), 3x3 stride-2 pad-1 max pool (PADV2 -128), 3x3 stride-2 conv

@@ -42,8 +42,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
+use crate::blob::OwnedModel;
 use crate::checkpoint::write_atomic;
-use crate::quantize::OwnedModel;
 
 /// Writes `blob` as a `.tflite` file at `path` (atomically), with the
 /// blob's class names; prints the [`ExportReport`]'s warning, if any.
