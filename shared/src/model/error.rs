@@ -16,7 +16,7 @@ pub enum ModelError {
         /// Bytes present.
         actual: usize,
     },
-    /// The blob does not start with [`MAGIC`].
+    /// The blob does not start with [`MAGIC`](super::MAGIC).
     Magic,
     /// The blob's format version is not [`FORMAT_VERSION`].
     Version {
@@ -95,7 +95,7 @@ pub enum ModelError {
         /// The kernel's error.
         error: Error,
     },
-    /// A buffer passed to [`Model::run`] is too small.
+    /// A buffer passed to [`Model::run`](super::Model::run) is too small.
     Buffer {
         /// Which buffer (`"arena"`, `"scratch"`, `"input"`, `"logits"`).
         buffer: &'static str,
