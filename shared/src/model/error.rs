@@ -18,7 +18,7 @@ pub enum ModelError {
     },
     /// The blob does not start with [`MAGIC`](super::MAGIC).
     Magic,
-    /// The blob's format version is not [`FORMAT_VERSION`].
+    /// The blob's format version is not [`FORMAT_VERSION`](super::FORMAT_VERSION).
     Version {
         /// Version in the blob.
         found: u16,
