@@ -246,6 +246,11 @@ struct TrainArgs {
     /// comparison): `step` (×0.1 at 50% and 75%) or `linear` (to 0).
     #[arg(long, value_enum)]
     decay: Option<DecayArg>,
+    /// Keep an exponential moving average of the weights with this decay
+    /// per step (e.g. 0.999) and evaluate, export and ship the average; the
+    /// log shows the raw weights' test accuracy beside it.
+    #[arg(long)]
+    ema: Option<f64>,
     /// Seed for initialization, shuffling and augmentation.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -477,6 +482,10 @@ fn run_train(a: TrainArgs) -> Result<()> {
         .map(host_trainer::ship::resolve_checkpoint);
     if let Some(k) = a.freeze_epochs {
         cfg.freeze_epochs = k;
+    }
+    if let Some(d) = a.ema {
+        train::ema::check_decay(d)?;
+        cfg.ema = Some(d);
     }
     anyhow::ensure!(
         cfg.init.is_some() || (a.recipe != Recipe::Finetune && cfg.freeze_epochs == 0),

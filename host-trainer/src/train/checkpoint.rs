@@ -1,5 +1,6 @@
-//! Checkpoints: model variables, momentum buffers and the run's metadata
-//! in one safetensors file, written atomically and checked when read.
+//! Checkpoints: model variables, momentum buffers, the weight averages of
+//! a run with `--ema` and the run's metadata in one safetensors file,
+//! written atomically and checked when read.
 //!
 //! The metadata holds a checksum of every tensor's bytes, so a damaged file
 //! (a flipped bit, a NaN written by another tool) is an error naming the
@@ -15,6 +16,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::ema::{Ema, EMA_PREFIX};
 use crate::optim::Sgd;
 use crate::train::{EpochMetrics, TrainConfig, Trainee};
 
@@ -157,11 +159,18 @@ fn check_finite_metrics(path: &Path, meta: &CheckpointMeta) -> Result<()> {
     Ok(())
 }
 
-/// Saves model variables, momentum buffers and `meta` to `path` (atomic).
+/// Saves model variables, momentum buffers, the weight averages (if the
+/// run keeps them) and `meta` to `path` (atomic).
 ///
 /// A state with a non-finite value (a diverged run) is refused with an
 /// error naming the tensor, and `path` keeps the last good state.
-pub fn save_checkpoint(path: &Path, t: &Trainee, opt: &Sgd, meta: &CheckpointMeta) -> Result<()> {
+pub fn save_checkpoint(
+    path: &Path,
+    t: &Trainee,
+    opt: &Sgd,
+    ema: Option<&Ema>,
+    meta: &CheckpointMeta,
+) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = t
         .named_vars()
         .into_iter()
@@ -170,6 +179,10 @@ pub fn save_checkpoint(path: &Path, t: &Trainee, opt: &Sgd, meta: &CheckpointMet
     tensors.extend(
         opt.state()
             .map(|(n, m)| (format!("momentum.{n}"), m.clone())),
+    );
+    tensors.extend(
+        ema.into_iter()
+            .flat_map(|e| e.tensors().map(|(n, a)| (n, a.clone()))),
     );
     for (name, tensor) in &tensors {
         if let Some((i, v)) = first_non_finite(tensor)? {
@@ -215,16 +228,18 @@ fn write_checked(
     write_atomic(path, &serialize(&info)?)
 }
 
-/// Writes the model part of `ck` (weights and batch-norm statistics, f32;
-/// no momentum) with its metadata and a `provenance` line: the float
-/// checkpoint committed next to the shipped model. It loads like any
-/// checkpoint for `eval`, `export` and fine-tuning, but cannot be resumed.
+/// Writes the weights of `ck` that a model uses ([`Checkpoint::weights_prefix`]:
+/// weights and batch-norm statistics, f32; no momentum) as `model.*` with
+/// its metadata and a `provenance` line: the float checkpoint committed
+/// next to the shipped model. It loads like any checkpoint for `eval`,
+/// `export` and fine-tuning, but cannot be resumed.
 pub fn save_weights(path: &Path, ck: &Checkpoint, provenance: &str) -> Result<()> {
+    let prefix = ck.weights_prefix();
     let mut tensors: Vec<(String, Tensor)> = ck
         .tensors
         .iter()
-        .filter(|(n, _)| n.starts_with("model."))
-        .map(|(n, t)| Ok((n.clone(), t.to_dtype(DType::F32)?)))
+        .filter_map(|(n, t)| n.strip_prefix(prefix).map(|n| (n, t)))
+        .map(|(n, t)| Ok((format!("model.{n}"), t.to_dtype(DType::F32)?)))
         .collect::<Result<_>>()?;
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     ensure!(
@@ -250,10 +265,22 @@ pub fn read_provenance(path: &Path) -> Result<Option<String>> {
 pub struct Checkpoint {
     /// Metadata.
     pub meta: CheckpointMeta,
-    /// `model.*` and `momentum.*` tensors.
+    /// `model.*`, `momentum.*` and (with `--ema`) `ema.*` tensors.
     pub tensors: HashMap<String, Tensor>,
     /// Written by [`save_weights`]: no optimizer state, cannot be resumed.
     pub weights_only: bool,
+}
+
+impl Checkpoint {
+    /// The prefix of the weights a model built from this checkpoint uses:
+    /// `ema.` (the averages) for a run with `--ema`, else `model.`.
+    pub fn weights_prefix(&self) -> &'static str {
+        if self.tensors.keys().any(|n| n.starts_with(EMA_PREFIX)) {
+            EMA_PREFIX
+        } else {
+            "model."
+        }
+    }
 }
 
 /// Reads a checkpoint written by [`save_checkpoint`].
@@ -304,17 +331,29 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
     })
 }
 
-/// Loads a checkpoint's `model.*` tensors into a fresh model of its arch.
+/// The model a checkpoint holds, for evaluation, export and fine-tuning:
+/// its weight averages if the run kept them ([`Checkpoint::weights_prefix`]),
+/// else its weights, in a fresh model of its arch.
 pub fn model_from_checkpoint(ck: &Checkpoint, device: &Device) -> Result<Trainee> {
+    model_with_prefix(ck, ck.weights_prefix(), device)
+}
+
+/// The raw (trained, not averaged) weights of a checkpoint, to resume it.
+pub fn raw_model_from_checkpoint(ck: &Checkpoint, device: &Device) -> Result<Trainee> {
+    model_with_prefix(ck, "model.", device)
+}
+
+/// Loads a checkpoint's `<prefix>*` tensors into a fresh model of its arch.
+fn model_with_prefix(ck: &Checkpoint, prefix: &str, device: &Device) -> Result<Trainee> {
     let t = Trainee::new(&ck.meta.config.arch, ck.meta.config.seed, device)?;
     for (name, var) in t.named_vars() {
         let saved = ck
             .tensors
-            .get(&format!("model.{name}"))
-            .with_context(|| format!("checkpoint lacks tensor `model.{name}`"))?;
+            .get(&format!("{prefix}{name}"))
+            .with_context(|| format!("checkpoint lacks tensor `{prefix}{name}`"))?;
         ensure!(
             saved.dims() == var.dims(),
-            "checkpoint tensor `model.{name}` has shape {:?}, the model needs {:?}",
+            "checkpoint tensor `{prefix}{name}` has shape {:?}, the model needs {:?}",
             saved.dims(),
             var.dims()
         );

@@ -1,5 +1,6 @@
 //! Stage 1: training in float. Data loading and augmentation, the model,
-//! the fast CPU ops, the optimizer and schedules, checkpoints, the training
+//! the fast CPU ops, the optimizer, schedules and weight averaging ([`ema`]),
+//! checkpoints, the training
 //! loop (`run.rs`) with its recipes (`recipe.rs`) and reports (`report.rs`),
 //! all three re-exported here, and the CPU-vs-device agreement check.
 
@@ -8,6 +9,7 @@ pub mod augment;
 pub mod camera_aug;
 pub mod checkpoint;
 pub mod data;
+pub mod ema;
 pub mod model;
 pub mod ops;
 pub mod optim;

@@ -65,6 +65,10 @@ pub struct TrainConfig {
     /// Epochs at the start that train only the FC head.
     #[serde(default)]
     pub freeze_epochs: usize,
+    /// Decay per step of an exponential moving average of the weights
+    /// ([`crate::ema`]); the run then evaluates and exports the average.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema: Option<f64>,
     /// Seed for initialization, shuffling and augmentation.
     pub seed: u64,
 }
@@ -206,6 +210,7 @@ impl TrainConfig {
             camera: matches!(recipe, Recipe::Default | Recipe::Finetune).then(CameraAug::standard),
             init: None,
             freeze_epochs: if recipe == Recipe::Finetune { 2 } else { 0 },
+            ema: None,
             seed: 0,
         })
     }

@@ -8,13 +8,16 @@ use anyhow::Result;
 use crate::checkpoint::write_atomic;
 use crate::train::{EpochMetrics, Evaluation, Recipe, ARTICLE_MOMENTUM_5};
 
-/// Writes `metrics.csv` and `metrics.json`.
+/// Writes `metrics.csv` and `metrics.json` (`raw_test_acc`, the raw
+/// weights' accuracy, only in a run with `--ema`).
 pub fn write_metrics(dir: &Path, history: &[EpochMetrics]) -> Result<()> {
-    let mut csv =
-        String::from("epoch,train_loss,train_acc,test_loss,test_acc,lr,seconds,images_per_sec\n");
+    let mut csv = String::from(
+        "epoch,train_loss,train_acc,test_loss,test_acc,lr,seconds,images_per_sec,raw_test_acc\n",
+    );
     for m in history {
+        let raw = m.raw_test_acc.map_or(String::new(), |a| format!("{a:.4}"));
         csv.push_str(&format!(
-            "{},{:.6},{:.4},{:.6},{:.4},{:.8},{:.3},{:.2}\n",
+            "{},{:.6},{:.4},{:.6},{:.4},{:.8},{:.3},{:.2},{raw}\n",
             m.epoch,
             m.train_loss,
             m.train_acc,

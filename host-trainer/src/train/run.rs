@@ -14,10 +14,11 @@ use serde::{Deserialize, Serialize};
 use crate::augment::epoch_order;
 pub use crate::camera_aug::CameraAug;
 pub use crate::checkpoint::{
-    load_checkpoint, model_from_checkpoint, save_checkpoint, write_atomic, Checkpoint,
-    CheckpointMeta, DataFingerprint,
+    load_checkpoint, model_from_checkpoint, raw_model_from_checkpoint, save_checkpoint,
+    write_atomic, Checkpoint, CheckpointMeta, DataFingerprint,
 };
 use crate::data::Dataset;
+use crate::ema::Ema;
 use crate::model::{ArchConfig, MiniResNet};
 use crate::optim::Sgd;
 use crate::resident::Batches;
@@ -34,7 +35,8 @@ pub struct EpochMetrics {
     pub train_acc: f64,
     /// Test loss (plain cross-entropy).
     pub test_loss: f64,
-    /// Test accuracy (%), one pass, no test-time augmentation.
+    /// Test accuracy (%), one pass, no test-time augmentation (of the
+    /// averaged weights in a run with `--ema`).
     pub test_acc: f64,
     /// Learning rate at the last step of the epoch.
     pub lr: f64,
@@ -42,6 +44,9 @@ pub struct EpochMetrics {
     pub seconds: f64,
     /// Training throughput.
     pub images_per_sec: f64,
+    /// In a run with `--ema`: the test accuracy (%) of the raw weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_test_acc: Option<f64>,
 }
 
 /// Result of evaluating a model on a data set.
@@ -210,7 +215,7 @@ pub struct RunOptions {
 /// The outcome of [`train`].
 #[derive(Debug)]
 pub struct TrainOutcome {
-    /// The trained model.
+    /// The trained model (its weight averages in a run with `--ema`).
     pub trainee: Trainee,
     /// Metrics of every epoch so far.
     pub history: Vec<EpochMetrics>,
@@ -218,10 +223,12 @@ pub struct TrainOutcome {
     pub test: Evaluation,
 }
 
-/// Where a run stands: the model, its optimizer and what is done.
+/// Where a run stands: the model, its optimizer, its weight averages and
+/// what is done.
 struct RunState {
     trainee: Trainee,
     opt: Sgd,
+    ema: Option<Ema>,
     history: Vec<EpochMetrics>,
     iteration: usize,
     epoch: usize,
@@ -259,9 +266,11 @@ fn open_run(
             );
         }
         let opt = Sgd::new(trainee.named_vars(), cfg.sgd);
+        let ema = cfg.ema.map(|d| Ema::new(&trainee, d)).transpose()?;
         return Ok(RunState {
             trainee,
             opt,
+            ema,
             history: Vec::new(),
             iteration: 0,
             epoch: 0,
@@ -287,7 +296,12 @@ fn open_run(
             ckpt_path.display()
         ),
     }
-    let trainee = model_from_checkpoint(&ck, device)?;
+    let trainee = raw_model_from_checkpoint(&ck, device)?;
+    let ema = cfg
+        .ema
+        .map(|d| Ema::restore(&trainee, d, &ck.tensors))
+        .transpose()
+        .with_context(|| format!("--resume: {}", ckpt_path.display()))?;
     let mut opt = Sgd::new(trainee.named_vars(), cfg.sgd);
     for (name, tensor) in &ck.tensors {
         if let Some(p) = name.strip_prefix("momentum.") {
@@ -304,6 +318,7 @@ fn open_run(
     Ok(RunState {
         trainee,
         opt,
+        ema,
         history: ck.meta.history,
         iteration: ck.meta.iteration,
         epoch: ck.meta.epoch,
@@ -371,14 +386,16 @@ pub fn train(
     let batches = Batches::new(train_set, device)?;
     while run.epoch < last_epoch {
         let m = train_epoch(&cfg, &mut run, &batches, train_set.len(), opts, device)?;
-        let test = evaluate(&run.trainee.model, test_set, opts.eval_batch, device)?;
+        let (test, raw_test_acc) = evaluate_run(&mut run, test_set, opts.eval_batch, device)?;
         let m = EpochMetrics {
             test_loss: test.loss,
             test_acc: test.accuracy,
+            raw_test_acc,
             ..m
         };
+        let raw = raw_test_acc.map_or(String::new(), |a| format!(" (raw weights {a:.2}%)"));
         eprintln!(
-            "epoch {:>3}/{}: train loss {:.4} acc {:.2}% | test loss {:.4} acc {:.2}% | lr {:.5} | {:.0} s, {:.0} img/s",
+            "epoch {:>3}/{}: train loss {:.4} acc {:.2}% | test loss {:.4} acc {:.2}%{raw} | lr {:.5} | {:.0} s, {:.0} img/s",
             m.epoch, cfg.epochs, m.train_loss, m.train_acc, m.test_loss, m.test_acc, m.lr, m.seconds, m.images_per_sec
         );
         run.history.push(m);
@@ -394,9 +411,14 @@ pub fn train(
             &opts.run_dir.join("checkpoint.safetensors"),
             &run.trainee,
             &run.opt,
+            run.ema.as_ref(),
             &meta,
         )?;
         write_epoch_outputs(&opts.run_dir, &run.history, cfg.recipe)?;
+    }
+    // The averaged weights are the run's result.
+    if let Some(ema) = run.ema.as_mut() {
+        ema.swap(&run.trainee)?;
     }
     let test = evaluate(&run.trainee.model, test_set, opts.eval_batch, device)?;
     write_confusion(&opts.run_dir, &test)?;
@@ -405,6 +427,24 @@ pub fn train(
         history: run.history,
         test,
     })
+}
+
+/// The test evaluation of a run's model: of its weight averages if it keeps
+/// them, with the raw weights' accuracy beside it.
+fn evaluate_run(
+    run: &mut RunState,
+    test_set: &Dataset,
+    batch: usize,
+    device: &Device,
+) -> Result<(Evaluation, Option<f64>)> {
+    let raw = evaluate(&run.trainee.model, test_set, batch, device)?;
+    let Some(ema) = run.ema.as_mut() else {
+        return Ok((raw, None));
+    };
+    ema.swap(&run.trainee)?;
+    let avg = evaluate(&run.trainee.model, test_set, batch, device);
+    ema.swap(&run.trainee)?;
+    Ok((avg?, Some(raw.accuracy)))
 }
 
 /// One epoch of training steps; the returned metrics lack the test figures.
@@ -446,6 +486,9 @@ fn train_epoch(
         let grads = loss.backward()?;
         run.opt
             .step_where(&grads, lr, |n| crate::transfer::trains(cfg, epoch, n))?;
+        if let Some(ema) = run.ema.as_mut() {
+            ema.update(&run.trainee, run.iteration)?;
+        }
         run.iteration += 1;
         seen += idx.len();
         if (step + 1) % sync_every != 0 && step + 1 != steps {
@@ -490,6 +533,7 @@ fn train_epoch(
         lr,
         seconds,
         images_per_sec: seen as f64 / seconds,
+        raw_test_acc: None,
     })
 }
 

@@ -47,6 +47,8 @@ pub fn init_from(t: &Trainee, cfg: &TrainConfig, path: &Path, device: &Device) -
         b.blocks,
         b.maxpool
     );
+    // A run with --ema hands on its averaged weights.
+    let prefix = ck.weights_prefix();
     let mut copied = 0;
     for (name, var) in t.named_vars() {
         if is_head(&name) {
@@ -54,11 +56,11 @@ pub fn init_from(t: &Trainee, cfg: &TrainConfig, path: &Path, device: &Device) -
         }
         let saved = ck
             .tensors
-            .get(&format!("model.{name}"))
-            .with_context(|| format!("--init: {} lacks tensor `model.{name}`", path.display()))?;
+            .get(&format!("{prefix}{name}"))
+            .with_context(|| format!("--init: {} lacks tensor `{prefix}{name}`", path.display()))?;
         ensure!(
             saved.dims() == var.dims(),
-            "--init: tensor `model.{name}` of {} has shape {:?}, the model needs {:?}",
+            "--init: tensor `{prefix}{name}` of {} has shape {:?}, the model needs {:?}",
             path.display(),
             saved.dims(),
             var.dims()

@@ -75,38 +75,37 @@ fn weights(t: &Trainee) -> Vec<(String, Vec<f32>)> {
         .collect()
 }
 
+/// Killed after epoch 1, then resumed twice: the same weights, metrics and
+/// (with `--ema`) averages as one straight run.
 #[test]
 fn resume_equals_uninterrupted_run() {
+    for ema in [None, Some(0.9)] {
+        resume_matches_straight_run(ema);
+    }
+}
+
+fn resume_matches_straight_run(ema: Option<f64>) {
     let train_set = crate::data::synthetic(64, 4, 1);
     let test_set = crate::data::synthetic(32, 4, 2);
+    let cfg = || TrainConfig {
+        ema,
+        ..tiny_config(3)
+    };
     let a = tempfile::tempdir().unwrap();
-    let straight = run_cpu(tiny_config(3), &train_set, &test_set, a.path(), false, None).unwrap();
+    let straight = run_cpu(cfg(), &train_set, &test_set, a.path(), false, None).unwrap();
     let b = tempfile::tempdir().unwrap();
-    // "Killed" after epoch 1, then resumed twice.
-    run_cpu(
-        tiny_config(3),
-        &train_set,
-        &test_set,
-        b.path(),
-        false,
-        Some(1),
-    )
-    .unwrap();
-    run_cpu(
-        tiny_config(3),
-        &train_set,
-        &test_set,
-        b.path(),
-        true,
-        Some(1),
-    )
-    .unwrap();
-    let resumed = run_cpu(tiny_config(3), &train_set, &test_set, b.path(), true, None).unwrap();
+    run_cpu(cfg(), &train_set, &test_set, b.path(), false, Some(1)).unwrap();
+    run_cpu(cfg(), &train_set, &test_set, b.path(), true, Some(1)).unwrap();
+    let resumed = run_cpu(cfg(), &train_set, &test_set, b.path(), true, None).unwrap();
     assert_eq!(weights(&straight.trainee), weights(&resumed.trainee));
     assert_eq!(straight.history.len(), 3);
     assert_eq!(resumed.history.len(), 3);
     for (x, y) in straight.history.iter().zip(&resumed.history) {
-        assert_eq!((x.train_loss, x.test_acc), (y.train_loss, y.test_acc));
+        assert_eq!(
+            (x.train_loss, x.test_acc, x.raw_test_acc),
+            (y.train_loss, y.test_acc, y.raw_test_acc)
+        );
+        assert_eq!(x.raw_test_acc.is_some(), ema.is_some());
     }
     for f in [
         "metrics.csv",
@@ -120,6 +119,65 @@ fn resume_equals_uninterrupted_run() {
     }
     let csv = fs::read_to_string(b.path().join("metrics.csv")).unwrap();
     assert_eq!(csv.lines().count(), 4);
+    // The checkpoint's straight and resumed tensors are the same bits.
+    let ck = |d: &Path| load_checkpoint(&d.join("checkpoint.safetensors"), &Device::Cpu).unwrap();
+    let (x, y) = (ck(a.path()), ck(b.path()));
+    assert_eq!(x.tensors.len(), y.tensors.len());
+    for (n, t) in &x.tensors {
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(v(t), v(&y.tensors[n]), "{n}");
+    }
+}
+
+/// With `--ema` the run's result, the model a checkpoint gives for export
+/// and the committed weights are the averages; resume takes the raw ones.
+#[test]
+fn an_ema_run_evaluates_and_exports_its_averages() {
+    let train_set = crate::data::synthetic(64, 4, 1);
+    let test_set = crate::data::synthetic(32, 4, 2);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        ema: Some(0.9),
+        ..tiny_config(2)
+    };
+    let out = run_cpu(cfg, &train_set, &test_set, dir.path(), false, None).unwrap();
+    let p = dir.path().join("checkpoint.safetensors");
+    let ck = load_checkpoint(&p, &Device::Cpu).unwrap();
+    assert_eq!(ck.weights_prefix(), "ema.");
+    let avg = model_from_checkpoint(&ck, &Device::Cpu).unwrap();
+    let raw = raw_model_from_checkpoint(&ck, &Device::Cpu).unwrap();
+    assert_eq!(weights(&avg), weights(&out.trainee));
+    assert_ne!(weights(&raw), weights(&avg));
+    let last = out.history.last().unwrap();
+    let acc = evaluate(&avg.model, &test_set, 32, &Device::Cpu)
+        .unwrap()
+        .accuracy;
+    assert_eq!((acc, out.test.accuracy), (last.test_acc, last.test_acc));
+    let raw_acc = evaluate(&raw.model, &test_set, 32, &Device::Cpu)
+        .unwrap()
+        .accuracy;
+    assert_eq!(Some(raw_acc), last.raw_test_acc);
+
+    let w = dir.path().join("weights.safetensors");
+    crate::checkpoint::save_weights(&w, &ck, "test rev").unwrap();
+    let slim = load_checkpoint(&w, &Device::Cpu).unwrap();
+    assert!(slim.tensors.keys().all(|n| n.starts_with("model.")));
+    let from_slim = model_from_checkpoint(&slim, &Device::Cpu).unwrap();
+    assert_eq!(weights(&from_slim), weights(&avg));
+
+    // --ema cannot be added to or dropped from a run on resume.
+    let err = run_cpu(
+        tiny_config(2),
+        &train_set,
+        &test_set,
+        dir.path(),
+        true,
+        None,
+    )
+    .err()
+    .map(|e| format!("{e:#}"))
+    .unwrap();
+    assert!(err.contains("only --epochs may change"), "{err}");
 }
 
 #[test]
@@ -232,7 +290,7 @@ fn a_non_finite_state_never_replaces_the_last_good_checkpoint() {
     };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("checkpoint.safetensors");
-    save_checkpoint(&path, &t, &opt, &meta).unwrap();
+    save_checkpoint(&path, &t, &opt, None, &meta).unwrap();
     let good = fs::read(&path).unwrap();
     let (name, var) = t.named_vars().into_iter().nth(1).unwrap();
     let mut v = var
@@ -250,7 +308,10 @@ fn a_non_finite_state_never_replaces_the_last_good_checkpoint() {
             epoch: 2,
             ..meta.clone()
         };
-        let msg = format!("{:#}", save_checkpoint(&path, &t, &opt, &meta).unwrap_err());
+        let msg = format!(
+            "{:#}",
+            save_checkpoint(&path, &t, &opt, None, &meta).unwrap_err()
+        );
         assert!(
             msg.contains(&format!("`model.{name}` holds {bad} at element {last}"))
                 && msg.contains("epoch 2"),
@@ -485,7 +546,7 @@ fn a_diverging_run_fails_and_keeps_the_last_good_checkpoint() {
     ck.meta.config = cfg.clone();
     let t = model_from_checkpoint(&ck, &Device::Cpu).unwrap();
     let opt = Sgd::new(t.named_vars(), cfg.sgd);
-    save_checkpoint(&p, &t, &opt, &ck.meta).unwrap();
+    save_checkpoint(&p, &t, &opt, None, &ck.meta).unwrap();
     let good = fs::read(&p).unwrap();
     let err = format!(
         "{:#}",
