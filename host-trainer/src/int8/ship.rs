@@ -202,7 +202,7 @@ pub struct Shipment<'a> {
 pub fn ship(s: &Shipment<'_>, dir: &Path, device: &Device) -> Result<()> {
     check_replace(dir, s.int8_accuracy, s.test_set, s.force)?;
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let line = s.provenance.clone().unwrap_or_else(provenance);
+    let line = s.provenance.clone().unwrap_or_else(trainer_revision);
     save_weights(&dir.join(CHECKPOINT_FILE), s.checkpoint, &line)?;
     write_float_reference(
         s.model,
@@ -213,8 +213,9 @@ pub fn ship(s: &Shipment<'_>, dir: &Path, device: &Device) -> Result<()> {
     write_shared(s.blob, dir)
 }
 
-/// The git revision of the workspace, for the checkpoint's provenance.
-fn provenance() -> String {
+/// `host-trainer <version> at git <revision>`: the trainer that wrote a
+/// checkpoint, for its provenance.
+pub fn trainer_revision() -> String {
     let rev = std::process::Command::new("git")
         .args([
             "-C",

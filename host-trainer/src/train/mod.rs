@@ -1,11 +1,12 @@
 //! Stage 1: training in float. Data loading and augmentation, the model,
-//! the fast CPU ops, the optimizer, schedules and weight averaging ([`ema`]),
-//! checkpoints, the training
+//! the fast CPU ops, the optimizer, schedules and weight averaging ([`ema`]
+//! during a run, [`average`] of checkpoints), checkpoints, the training
 //! loop (`run.rs`) with its recipes (`recipe.rs`) and reports (`report.rs`),
 //! all three re-exported here, and the CPU-vs-device agreement check.
 
 pub mod agreement;
 pub mod augment;
+pub mod average;
 pub mod camera_aug;
 pub mod checkpoint;
 pub mod data;
