@@ -261,8 +261,14 @@ pub(crate) struct TrainArgs {
     /// Keep an exponential moving average of the weights with this decay
     /// per step (e.g. 0.999) and evaluate, export and ship the average; the
     /// log shows the raw weights' test accuracy beside it.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "swa_from")]
     pub(crate) ema: Option<f64>,
+    /// From this epoch (1-based) on, average the weights at the end of
+    /// every epoch (stochastic weight averaging) and evaluate, export and
+    /// ship the average; the log shows the raw weights' test accuracy
+    /// beside it.
+    #[arg(long)]
+    pub(crate) swa_from: Option<usize>,
     /// Seed for initialization, shuffling and augmentation.
     #[arg(long, default_value_t = 0)]
     pub(crate) seed: u64,

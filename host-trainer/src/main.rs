@@ -153,10 +153,11 @@ fn run_train(a: TrainArgs) -> Result<()> {
     if let Some(k) = a.freeze_epochs {
         cfg.freeze_epochs = k;
     }
-    if let Some(d) = a.ema {
-        train::ema::check_decay(d)?;
-        cfg.ema = Some(d);
+    if a.ema.is_some() || a.swa_from.is_some() {
+        cfg.ema = a.ema;
+        cfg.swa_from = a.swa_from;
     }
+    cfg.averaging()?;
     anyhow::ensure!(
         cfg.init.is_some() || (a.recipe != Recipe::Finetune && cfg.freeze_epochs == 0),
         "--recipe finetune and --freeze-epochs start from trained weights: add --init default (the shipped \

@@ -1,5 +1,5 @@
 //! Checkpoints: model variables, momentum buffers, the weight averages of
-//! a run with `--ema` and the run's metadata in one safetensors file,
+//! a run with `--ema` or `--swa-from` and the run's metadata in one safetensors file,
 //! written atomically and checked when read.
 //!
 //! The metadata holds a checksum of every tensor's bytes, so a damaged file
@@ -16,7 +16,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::ema::{Ema, EMA_PREFIX};
+use crate::ema::{RunningAverage, AVG_PREFIX};
 use crate::optim::Sgd;
 use crate::train::{EpochMetrics, TrainConfig, Trainee};
 
@@ -168,7 +168,7 @@ pub fn save_checkpoint(
     path: &Path,
     t: &Trainee,
     opt: &Sgd,
-    ema: Option<&Ema>,
+    avg: Option<&RunningAverage>,
     meta: &CheckpointMeta,
 ) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = t
@@ -181,7 +181,7 @@ pub fn save_checkpoint(
             .map(|(n, m)| (format!("momentum.{n}"), m.clone())),
     );
     tensors.extend(
-        ema.into_iter()
+        avg.into_iter()
             .flat_map(|e| e.tensors().map(|(n, a)| (n, a.clone()))),
     );
     for (name, tensor) in &tensors {
@@ -265,7 +265,7 @@ pub fn read_provenance(path: &Path) -> Result<Option<String>> {
 pub struct Checkpoint {
     /// Metadata.
     pub meta: CheckpointMeta,
-    /// `model.*`, `momentum.*` and (with `--ema`) `ema.*` tensors.
+    /// `model.*`, `momentum.*` and (with `--ema`/`--swa-from`) `avg.*` tensors.
     pub tensors: HashMap<String, Tensor>,
     /// Written by [`save_weights`]: no optimizer state, cannot be resumed.
     pub weights_only: bool,
@@ -273,10 +273,11 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// The prefix of the weights a model built from this checkpoint uses:
-    /// `ema.` (the averages) for a run with `--ema`, else `model.`.
+    /// `avg.` (the averages) for a run with `--ema`, or with `--swa-from` once
+    /// its average has begun; else `model.`.
     pub fn weights_prefix(&self) -> &'static str {
-        if self.tensors.keys().any(|n| n.starts_with(EMA_PREFIX)) {
-            EMA_PREFIX
+        if self.tensors.keys().any(|n| n.starts_with(AVG_PREFIX)) {
+            AVG_PREFIX
         } else {
             "model."
         }

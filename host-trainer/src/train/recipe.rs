@@ -69,6 +69,11 @@ pub struct TrainConfig {
     /// ([`crate::ema`]); the run then evaluates and exports the average.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ema: Option<f64>,
+    /// Average the weights at the end of every epoch from this one (1-based)
+    /// on (SWA, [`crate::ema`]); the run then evaluates and exports the
+    /// average.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swa_from: Option<usize>,
     /// Seed for initialization, shuffling and augmentation.
     pub seed: u64,
 }
@@ -84,6 +89,27 @@ pub enum DecayShape {
 }
 
 impl TrainConfig {
+    /// The running average of the weights this run keeps, if any.
+    pub fn averaging(&self) -> Result<Option<crate::ema::Rule>> {
+        use crate::ema::Rule;
+        match (self.ema, self.swa_from) {
+            (Some(_), Some(_)) => anyhow::bail!("--ema and --swa-from exclude each other"),
+            (Some(d), None) => {
+                crate::ema::check_decay(d)?;
+                Ok(Some(Rule::Ema(d)))
+            }
+            (None, Some(e)) => {
+                ensure!(
+                    (1..=self.epochs).contains(&e),
+                    "--swa-from {e}: the run has epochs 1 to {}",
+                    self.epochs
+                );
+                Ok(Some(Rule::SwaFrom(e)))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
     /// Replaces the schedule's decay by `shape` over this configuration's
     /// iterations on `train_len` images (warm-up, peak rate and the rest
     /// unchanged).
@@ -211,6 +237,7 @@ impl TrainConfig {
             init: None,
             freeze_epochs: if recipe == Recipe::Finetune { 2 } else { 0 },
             ema: None,
+            swa_from: None,
             seed: 0,
         })
     }

@@ -18,7 +18,7 @@ pub use crate::checkpoint::{
     write_atomic, Checkpoint, CheckpointMeta, DataFingerprint,
 };
 use crate::data::Dataset;
-use crate::ema::Ema;
+use crate::ema::RunningAverage;
 use crate::model::{ArchConfig, MiniResNet};
 use crate::optim::Sgd;
 use crate::resident::Batches;
@@ -36,7 +36,8 @@ pub struct EpochMetrics {
     /// Test loss (plain cross-entropy).
     pub test_loss: f64,
     /// Test accuracy (%), one pass, no test-time augmentation (of the
-    /// averaged weights in a run with `--ema`).
+    /// averaged weights in a run with `--ema` or `--swa-from`, once they
+    /// exist).
     pub test_acc: f64,
     /// Learning rate at the last step of the epoch.
     pub lr: f64,
@@ -44,7 +45,7 @@ pub struct EpochMetrics {
     pub seconds: f64,
     /// Training throughput.
     pub images_per_sec: f64,
-    /// In a run with `--ema`: the test accuracy (%) of the raw weights.
+    /// With an average: the test accuracy (%) of the raw weights.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raw_test_acc: Option<f64>,
 }
@@ -215,7 +216,8 @@ pub struct RunOptions {
 /// The outcome of [`train`].
 #[derive(Debug)]
 pub struct TrainOutcome {
-    /// The trained model (its weight averages in a run with `--ema`).
+    /// The trained model (its weight averages in a run with `--ema` or
+    /// `--swa-from`).
     pub trainee: Trainee,
     /// Metrics of every epoch so far.
     pub history: Vec<EpochMetrics>,
@@ -228,7 +230,7 @@ pub struct TrainOutcome {
 struct RunState {
     trainee: Trainee,
     opt: Sgd,
-    ema: Option<Ema>,
+    avg: Option<RunningAverage>,
     history: Vec<EpochMetrics>,
     iteration: usize,
     epoch: usize,
@@ -266,11 +268,14 @@ fn open_run(
             );
         }
         let opt = Sgd::new(trainee.named_vars(), cfg.sgd);
-        let ema = cfg.ema.map(|d| Ema::new(&trainee, d)).transpose()?;
+        let avg = cfg
+            .averaging()?
+            .map(|rule| RunningAverage::new(&trainee, rule))
+            .transpose()?;
         return Ok(RunState {
             trainee,
             opt,
-            ema,
+            avg,
             history: Vec::new(),
             iteration: 0,
             epoch: 0,
@@ -297,9 +302,9 @@ fn open_run(
         ),
     }
     let trainee = raw_model_from_checkpoint(&ck, device)?;
-    let ema = cfg
-        .ema
-        .map(|d| Ema::restore(&trainee, d, &ck.tensors))
+    let avg = cfg
+        .averaging()?
+        .map(|rule| RunningAverage::restore(&trainee, rule, &ck.tensors))
         .transpose()
         .with_context(|| format!("--resume: {}", ckpt_path.display()))?;
     let mut opt = Sgd::new(trainee.named_vars(), cfg.sgd);
@@ -318,7 +323,7 @@ fn open_run(
     Ok(RunState {
         trainee,
         opt,
-        ema,
+        avg,
         history: ck.meta.history,
         iteration: ck.meta.iteration,
         epoch: ck.meta.epoch,
@@ -386,6 +391,9 @@ pub fn train(
     let batches = Batches::new(train_set, device)?;
     while run.epoch < last_epoch {
         let m = train_epoch(&cfg, &mut run, &batches, train_set.len(), opts, device)?;
+        if let Some(avg) = run.avg.as_mut() {
+            avg.after_epoch(&run.trainee, run.epoch + 1)?;
+        }
         let (test, raw_test_acc) = evaluate_run(&mut run, test_set, opts.eval_batch, device)?;
         let m = EpochMetrics {
             test_loss: test.loss,
@@ -411,14 +419,14 @@ pub fn train(
             &opts.run_dir.join("checkpoint.safetensors"),
             &run.trainee,
             &run.opt,
-            run.ema.as_ref(),
+            run.avg.as_ref(),
             &meta,
         )?;
         write_epoch_outputs(&opts.run_dir, &run.history, cfg.recipe)?;
     }
     // The averaged weights are the run's result.
-    if let Some(ema) = run.ema.as_mut() {
-        ema.swap(&run.trainee)?;
+    if let Some(avg) = run.avg.as_mut() {
+        avg.swap(&run.trainee)?;
     }
     let test = evaluate(&run.trainee.model, test_set, opts.eval_batch, device)?;
     write_confusion(&opts.run_dir, &test)?;
@@ -438,13 +446,13 @@ fn evaluate_run(
     device: &Device,
 ) -> Result<(Evaluation, Option<f64>)> {
     let raw = evaluate(&run.trainee.model, test_set, batch, device)?;
-    let Some(ema) = run.ema.as_mut() else {
+    let Some(avg) = run.avg.as_mut().filter(|a| a.started()) else {
         return Ok((raw, None));
     };
-    ema.swap(&run.trainee)?;
-    let avg = evaluate(&run.trainee.model, test_set, batch, device);
-    ema.swap(&run.trainee)?;
-    Ok((avg?, Some(raw.accuracy)))
+    avg.swap(&run.trainee)?;
+    let ev = evaluate(&run.trainee.model, test_set, batch, device);
+    avg.swap(&run.trainee)?;
+    Ok((ev?, Some(raw.accuracy)))
 }
 
 /// One epoch of training steps; the returned metrics lack the test figures.
@@ -486,8 +494,8 @@ fn train_epoch(
         let grads = loss.backward()?;
         run.opt
             .step_where(&grads, lr, |n| crate::transfer::trains(cfg, epoch, n))?;
-        if let Some(ema) = run.ema.as_mut() {
-            ema.update(&run.trainee, run.iteration)?;
+        if let Some(avg) = run.avg.as_mut() {
+            avg.after_step(&run.trainee, run.iteration)?;
         }
         run.iteration += 1;
         seen += idx.len();

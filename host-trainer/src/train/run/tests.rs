@@ -76,21 +76,24 @@ fn weights(t: &Trainee) -> Vec<(String, Vec<f32>)> {
 }
 
 /// Killed after epoch 1, then resumed twice: the same weights, metrics and
-/// (with `--ema`) averages as one straight run.
+/// averages (`--ema`; `--swa-from 2`, which begins after the first resume)
+/// as one straight run.
 #[test]
 fn resume_equals_uninterrupted_run() {
-    for ema in [None, Some(0.9)] {
-        resume_matches_straight_run(ema);
+    for (ema, swa_from) in [(None, None), (Some(0.9), None), (None, Some(2))] {
+        resume_matches_straight_run(TrainConfig {
+            ema,
+            swa_from,
+            ..tiny_config(3)
+        });
     }
 }
 
-fn resume_matches_straight_run(ema: Option<f64>) {
+fn resume_matches_straight_run(config: TrainConfig) {
     let train_set = crate::data::synthetic(64, 4, 1);
     let test_set = crate::data::synthetic(32, 4, 2);
-    let cfg = || TrainConfig {
-        ema,
-        ..tiny_config(3)
-    };
+    let cfg = || config.clone();
+    let averaged = config.averaging().unwrap().is_some();
     let a = tempfile::tempdir().unwrap();
     let straight = run_cpu(cfg(), &train_set, &test_set, a.path(), false, None).unwrap();
     let b = tempfile::tempdir().unwrap();
@@ -105,8 +108,18 @@ fn resume_matches_straight_run(ema: Option<f64>) {
             (x.train_loss, x.test_acc, x.raw_test_acc),
             (y.train_loss, y.test_acc, y.raw_test_acc)
         );
-        assert_eq!(x.raw_test_acc.is_some(), ema.is_some());
     }
+    let with_raw: Vec<bool> = resumed
+        .history
+        .iter()
+        .map(|m| m.raw_test_acc.is_some())
+        .collect();
+    let want = match (config.ema, config.swa_from) {
+        (Some(_), _) => vec![true; 3],
+        (_, Some(_)) => vec![false, true, true],
+        _ => vec![false; 3],
+    };
+    assert_eq!(with_raw, want);
     for f in [
         "metrics.csv",
         "metrics.json",
@@ -123,6 +136,7 @@ fn resume_matches_straight_run(ema: Option<f64>) {
     let ck = |d: &Path| load_checkpoint(&d.join("checkpoint.safetensors"), &Device::Cpu).unwrap();
     let (x, y) = (ck(a.path()), ck(b.path()));
     assert_eq!(x.tensors.len(), y.tensors.len());
+    assert_eq!(x.weights_prefix() == "avg.", averaged);
     for (n, t) in &x.tensors {
         let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(v(t), v(&y.tensors[n]), "{n}");
@@ -132,7 +146,7 @@ fn resume_matches_straight_run(ema: Option<f64>) {
 /// With `--ema` the run's result, the model a checkpoint gives for export
 /// and the committed weights are the averages; resume takes the raw ones.
 #[test]
-fn an_ema_run_evaluates_and_exports_its_averages() {
+fn an_averaging_run_evaluates_and_exports_its_averages() {
     let train_set = crate::data::synthetic(64, 4, 1);
     let test_set = crate::data::synthetic(32, 4, 2);
     let dir = tempfile::tempdir().unwrap();
@@ -143,7 +157,7 @@ fn an_ema_run_evaluates_and_exports_its_averages() {
     let out = run_cpu(cfg, &train_set, &test_set, dir.path(), false, None).unwrap();
     let p = dir.path().join("checkpoint.safetensors");
     let ck = load_checkpoint(&p, &Device::Cpu).unwrap();
-    assert_eq!(ck.weights_prefix(), "ema.");
+    assert_eq!(ck.weights_prefix(), "avg.");
     let avg = model_from_checkpoint(&ck, &Device::Cpu).unwrap();
     let raw = raw_model_from_checkpoint(&ck, &Device::Cpu).unwrap();
     assert_eq!(weights(&avg), weights(&out.trainee));
@@ -165,7 +179,20 @@ fn an_ema_run_evaluates_and_exports_its_averages() {
     let from_slim = model_from_checkpoint(&slim, &Device::Cpu).unwrap();
     assert_eq!(weights(&from_slim), weights(&avg));
 
-    // --ema cannot be added to or dropped from a run on resume.
+    // --ema cannot be added to or dropped from a run on resume, and
+    // excludes --swa-from.
+    let both = TrainConfig {
+        ema: Some(0.9),
+        swa_from: Some(1),
+        ..tiny_config(2)
+    };
+    assert!(both.averaging().is_err());
+    let late = TrainConfig {
+        swa_from: Some(3),
+        ..tiny_config(2)
+    };
+    let e = late.averaging().unwrap_err().to_string();
+    assert!(e.contains("epochs 1 to 2"), "{e}");
     let err = run_cpu(
         tiny_config(2),
         &train_set,
