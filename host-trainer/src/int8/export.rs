@@ -278,7 +278,7 @@ pub fn export(
         crate::quantize::correct_biases(&mut graph, &means);
     }
     let cfg = &ck.meta.config;
-    let base: Vec<(&str, String)> = vec![
+    let mut base: Vec<(&str, String)> = vec![
         ("model", "mini-resnet".into()),
         ("arch", serde_json::to_string(&cfg.arch)?),
         (
@@ -289,6 +289,11 @@ pub fn export(
                 .to_string(),
         ),
         ("epochs", ck.meta.epoch.to_string()),
+    ];
+    // A weights-only checkpoint says where its weights came from (e.g. an
+    // average of checkpoints).
+    base.extend(ck.provenance.clone().map(|p| ("weights", p)));
+    base.extend([
         ("dataset", opts.dataset.clone()),
         (
             "calibration",
@@ -308,7 +313,7 @@ pub fn export(
             "input",
             "pixel-128, scale 1/128, zero point 0 (shared::preprocess)".into(),
         ),
-    ];
+    ]);
     // First pass without the figures, to measure the int8 network itself.
     let classes = &test_set.classes;
     anyhow::ensure!(

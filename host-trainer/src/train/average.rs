@@ -63,6 +63,7 @@ pub fn average_checkpoints(paths: &[PathBuf], device: &Device) -> Result<(Checkp
             meta: last.meta,
             tensors,
             weights_only: true,
+            provenance: Some(what.clone()),
         },
         what,
     ))

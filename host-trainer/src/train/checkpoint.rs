@@ -269,6 +269,9 @@ pub struct Checkpoint {
     pub tensors: HashMap<String, Tensor>,
     /// Written by [`save_weights`]: no optimizer state, cannot be resumed.
     pub weights_only: bool,
+    /// The provenance line of a weights-only checkpoint: where its weights
+    /// came from.
+    pub provenance: Option<String>,
 }
 
 impl Checkpoint {
@@ -329,6 +332,7 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
         meta,
         tensors,
         weights_only: info.contains_key("provenance"),
+        provenance: info.get("provenance").cloned(),
     })
 }
 
