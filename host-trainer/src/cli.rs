@@ -261,14 +261,18 @@ pub(crate) struct TrainArgs {
     /// Keep an exponential moving average of the weights with this decay
     /// per step (e.g. 0.999) and evaluate, export and ship the average; the
     /// log shows the raw weights' test accuracy beside it.
-    #[arg(long, conflicts_with = "swa_from")]
+    #[arg(long, conflicts_with_all = ["swa_from", "no_average"])]
     pub(crate) ema: Option<f64>,
     /// From this epoch (1-based) on, average the weights at the end of
     /// every epoch (stochastic weight averaging) and evaluate, export and
     /// ship the average; the log shows the raw weights' test accuracy
     /// beside it.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_average")]
     pub(crate) swa_from: Option<usize>,
+    /// Keep no average of the weights (the `default` recipe averages its
+    /// last quarter of epochs): evaluate and export the raw weights.
+    #[arg(long)]
+    pub(crate) no_average: bool,
     /// Seed for initialization, shuffling and augmentation.
     #[arg(long, default_value_t = 0)]
     pub(crate) seed: u64,

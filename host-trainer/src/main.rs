@@ -153,7 +153,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
     if let Some(k) = a.freeze_epochs {
         cfg.freeze_epochs = k;
     }
-    if a.ema.is_some() || a.swa_from.is_some() {
+    if a.ema.is_some() || a.swa_from.is_some() || a.no_average {
         cfg.ema = a.ema;
         cfg.swa_from = a.swa_from;
     }

@@ -78,12 +78,17 @@ impl RunningAverage {
         Ok(Self { rule, avg })
     }
 
-    /// The average saved in a checkpoint's `avg.*` tensors: one for each
-    /// of `t`'s variables, or none at all for SWA that has not started.
-    pub fn restore(t: &Trainee, rule: Rule, saved: &HashMap<String, Tensor>) -> Result<Self> {
+    /// The average saved in a checkpoint's `avg.*` tensors after
+    /// `completed` epochs: one for each of `t`'s variables, or nothing for
+    /// SWA that has not begun by then.
+    pub fn restore(
+        t: &Trainee,
+        rule: Rule,
+        saved: &HashMap<String, Tensor>,
+        completed: usize,
+    ) -> Result<Self> {
         let mut me = Self::new(t, rule)?;
-        let started = saved.keys().any(|k| k.starts_with(AVG_PREFIX));
-        if !started && matches!(rule, Rule::SwaFrom(_)) {
+        if matches!(rule, Rule::SwaFrom(from) if completed < from) {
             return Ok(me);
         }
         let avg = t
@@ -278,22 +283,23 @@ mod tests {
 
         let saved: HashMap<String, Tensor> = ema.tensors().map(|(n, a)| (n, a.clone())).collect();
         assert!(saved.keys().all(|k| k.starts_with(AVG_PREFIX)));
-        let back = RunningAverage::restore(&t, Rule::Ema(0.9), &saved).unwrap();
+        let back = RunningAverage::restore(&t, Rule::Ema(0.9), &saved, 1).unwrap();
         assert_eq!(avgs(&back), avg);
-        let swa = RunningAverage::restore(&t, Rule::SwaFrom(5), &saved).unwrap();
+        let swa = RunningAverage::restore(&t, Rule::SwaFrom(5), &saved, 5).unwrap();
         assert_eq!(avgs(&swa), avg);
-        let fresh = RunningAverage::restore(&t, Rule::SwaFrom(5), &HashMap::new()).unwrap();
+        let fresh = RunningAverage::restore(&t, Rule::SwaFrom(5), &HashMap::new(), 4).unwrap();
         assert!(!fresh.started());
 
         let mut missing = saved.clone();
         missing.remove("avg.fc.weight");
         for rule in [Rule::Ema(0.9), Rule::SwaFrom(5)] {
-            let e = RunningAverage::restore(&t, rule, &missing)
+            let e = RunningAverage::restore(&t, rule, &missing, 6)
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("avg.fc.weight"), "{e}");
         }
-        assert!(RunningAverage::restore(&t, Rule::Ema(0.9), &HashMap::new()).is_err());
+        assert!(RunningAverage::restore(&t, Rule::Ema(0.9), &HashMap::new(), 0).is_err());
+        assert!(RunningAverage::restore(&t, Rule::SwaFrom(5), &HashMap::new(), 5).is_err());
         for bad in [0.0, 1.0, -0.5, f64::NAN] {
             assert!(RunningAverage::new(&t, Rule::Ema(bad)).is_err(), "{bad}");
         }

@@ -287,7 +287,7 @@ fn open_run(
             opts.run_dir.display()
         )
     })?;
-    check_resume_config(&ck.meta.config, cfg)?;
+    check_resume_config(&ck.meta.config, cfg, ck.meta.epoch)?;
     ensure!(
         !ck.weights_only,
         "--resume: {} holds weights only (no momentum buffers), so the run cannot continue \
@@ -304,7 +304,7 @@ fn open_run(
     let trainee = raw_model_from_checkpoint(&ck, device)?;
     let avg = cfg
         .averaging()?
-        .map(|rule| RunningAverage::restore(&trainee, rule, &ck.tensors))
+        .map(|rule| RunningAverage::restore(&trainee, rule, &ck.tensors, ck.meta.epoch))
         .transpose()
         .with_context(|| format!("--resume: {}", ckpt_path.display()))?;
     let mut opt = Sgd::new(trainee.named_vars(), cfg.sgd);
@@ -331,22 +331,34 @@ fn open_run(
 }
 
 /// `--resume` may change `--epochs` (and with it the schedule's length:
-/// decay and warm-up follow from the epoch count), nothing else.
-fn check_resume_config(saved: &TrainConfig, cfg: &TrainConfig) -> Result<()> {
+/// decay and warm-up follow from the epoch count, and so does the first
+/// epoch of the `default` recipe's average, as long as that average has
+/// not begun after `completed` epochs), nothing else.
+fn check_resume_config(saved: &TrainConfig, cfg: &TrainConfig, completed: usize) -> Result<()> {
     let same_schedule_kind = std::mem::discriminant(&saved.schedule.decay)
         == std::mem::discriminant(&cfg.schedule.decay)
         && saved.schedule.base_lr == cfg.schedule.base_lr;
+    let same_average_kind = saved.swa_from.is_some() == cfg.swa_from.is_some();
     ensure!(
         same_schedule_kind
+            && same_average_kind
             && TrainConfig {
                 epochs: cfg.epochs,
                 schedule: cfg.schedule.clone(),
+                swa_from: cfg.swa_from,
                 ..saved.clone()
             } == *cfg,
         "--resume: the options differ from the run's saved configuration (only --epochs may change)\n saved: {}\n given: {}",
         serde_json::to_string(saved)?,
         serde_json::to_string(cfg)?
     );
+    if let (Some(old), Some(new)) = (saved.swa_from, cfg.swa_from) {
+        ensure!(
+            old == new || completed < old.min(new),
+            "--resume: the run averages the weights of epochs {old} on and has completed {completed}, \
+             so the average can no longer start at epoch {new}: pass --swa-from {old}"
+        );
+    }
     Ok(())
 }
 

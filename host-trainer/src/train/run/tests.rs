@@ -152,6 +152,7 @@ fn an_averaging_run_evaluates_and_exports_its_averages() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = TrainConfig {
         ema: Some(0.9),
+        swa_from: None,
         ..tiny_config(2)
     };
     let out = run_cpu(cfg, &train_set, &test_set, dir.path(), false, None).unwrap();
@@ -245,10 +246,17 @@ fn resume_may_change_the_epoch_count_and_nothing_else() {
         format!("{err:#}").contains("only --epochs may change"),
         "{err:#}"
     );
-    // A longer run: the linear decay now ends at epoch 3.
+    // A longer run: the decay now ends at epoch 3, and the average of the
+    // last quarter, not begun yet, moves from epoch 2 to 3.
+    assert_eq!(tiny_config(2).swa_from, Some(2));
     let r = run_cpu(tiny_config(3), &train_set, &test_set, d.path(), true, None).unwrap();
     assert_eq!(r.history.len(), 3);
     assert!(r.history[2].lr < r.history[1].lr);
+    assert_eq!(r.history[1].raw_test_acc, None);
+    assert!(r.history[2].raw_test_acc.is_some());
+    // Once begun, the average cannot move (8 epochs would start it at 7).
+    let err = run_cpu(tiny_config(8), &train_set, &test_set, d.path(), true, None).unwrap_err();
+    assert!(format!("{err:#}").contains("pass --swa-from 3"), "{err:#}");
 }
 
 #[test]
@@ -650,14 +658,24 @@ fn recipes() {
         (f.epochs, f.batch_size, f.freeze_epochs, f.schedule.base_lr),
         (15, 32, 2, 0.01)
     );
-    // The default: step decay, 390 steps per epoch, 100 epochs.
+    // The default: step decay, 390 steps per epoch, 200 epochs, the mean of
+    // epochs 151-200 (the lr-0.001 phase, which starts at iteration 58,500).
     let d = TrainConfig::from_recipe(Recipe::Default, 50_000, None, None, None).unwrap();
-    assert_eq!((d.epochs, d.batch_size), (100, 128));
+    assert_eq!((d.epochs, d.batch_size, d.swa_from), (200, 128, Some(151)));
     let lr = |it: usize| d.schedule.lr(it);
     assert!((lr(0) - 0.1 / 780.0).abs() < 1e-12, "2-epoch warm-up");
-    assert_eq!([lr(779), lr(19_499)], [0.1, 0.1]);
-    assert!((lr(19_500) - 0.01).abs() < 1e-12 && (lr(29_249) - 0.01).abs() < 1e-12);
-    assert!((lr(29_250) - 0.001).abs() < 1e-12 && (lr(38_999) - 0.001).abs() < 1e-12);
+    assert_eq!([lr(779), lr(38_999)], [0.1, 0.1]);
+    assert!((lr(39_000) - 0.01).abs() < 1e-12 && (lr(58_499) - 0.01).abs() < 1e-12);
+    assert!((lr(58_500) - 0.001).abs() < 1e-12 && (lr(77_999) - 0.001).abs() < 1e-12);
+    let short = |e| TrainConfig::from_recipe(Recipe::Default, 50_000, Some(e), None, None).unwrap();
+    assert_eq!(
+        [1, 3, 5, 100].map(|e| short(e).swa_from),
+        [Some(1), Some(3), Some(5), Some(76)]
+    );
+    assert_eq!(
+        short(100).averaging().unwrap(),
+        Some(crate::ema::Rule::SwaFrom(76))
+    );
     assert_eq!(d.camera, Some(CameraAug::standard()));
     let l = TrainConfig::from_recipe(Recipe::Linear, 50_000, None, None, None).unwrap();
     assert_eq!((l.epochs, l.camera.clone()), (30, None));
