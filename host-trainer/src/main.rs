@@ -40,8 +40,8 @@ fn main() -> Result<()> {
 }
 
 fn run_average(a: AverageArgs) -> Result<()> {
-    let (ck, what) =
-        train::average::average_checkpoints(&a.checkpoints, &candle_core::Device::Cpu)?;
+    let ck = train::average::average_checkpoints(&a.checkpoints, &candle_core::Device::Cpu)?;
+    let what = ck.provenance.as_deref().unwrap_or("average");
     let line = format!("{what}, by {}", host_trainer::ship::trainer_revision());
     train::checkpoint::save_weights(&a.out, &ck, &line)?;
     println!("{line}\nwritten to {} (weights only)", a.out.display());

@@ -16,7 +16,7 @@ use candle_core::Device;
 
 use crate::blob::OwnedModel;
 use crate::checkpoint::{
-    load_checkpoint, model_from_checkpoint, read_provenance, save_weights, write_atomic, Checkpoint,
+    load_checkpoint, model_from_checkpoint, save_weights, write_atomic, Checkpoint,
 };
 use crate::data::Dataset;
 use crate::export::{
@@ -64,9 +64,6 @@ pub struct ExportJob<'a> {
 pub fn export_checkpoint(job: &ExportJob<'_>, device: &Device) -> Result<()> {
     let path = resolve_checkpoint(job.checkpoint);
     let ck = load_checkpoint(&path, device)?;
-    // A weights-only checkpoint (such as the shipped one) keeps the line
-    // that says where its weights came from.
-    let source = read_provenance(&path)?;
     let t = model_from_checkpoint(&ck, device)?;
     let (blob, cmp) = export(
         &t.model,
@@ -84,7 +81,9 @@ pub fn export_checkpoint(job: &ExportJob<'_>, device: &Device) -> Result<()> {
                 blob: &blob,
                 int8_accuracy: cmp.int8_accuracy,
                 checkpoint: &ck,
-                provenance: source.clone(),
+                // A weights-only checkpoint (such as the shipped one)
+                // keeps the line that says where its weights came from.
+                provenance: ck.provenance.clone(),
                 model: &t.model,
                 test_set: job.test_set,
                 force: job.force,
@@ -216,20 +215,11 @@ pub fn ship(s: &Shipment<'_>, dir: &Path, device: &Device) -> Result<()> {
 /// `host-trainer <version> at git <revision>`: the trainer that wrote a
 /// checkpoint, for its provenance.
 pub fn trainer_revision() -> String {
-    let rev = std::process::Command::new("git")
-        .args([
-            "-C",
-            env!("CARGO_MANIFEST_DIR"),
-            "describe",
-            "--always",
-            "--dirty",
-        ])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into());
-    format!("host-trainer {} at git {rev}", env!("CARGO_PKG_VERSION"))
+    format!(
+        "host-trainer {} at git {}",
+        env!("CARGO_PKG_VERSION"),
+        crate::export::git_revision()
+    )
 }
 
 #[cfg(test)]

@@ -20,8 +20,8 @@ use crate::checkpoint::{load_checkpoint, model_from_checkpoint, Checkpoint};
 
 /// The mean of the model weights of the checkpoints at `paths` (their
 /// averages for runs with `--ema`), as a weights-only checkpoint with the
-/// last one's metadata, and a provenance text naming what was averaged.
-pub fn average_checkpoints(paths: &[PathBuf], device: &Device) -> Result<(Checkpoint, String)> {
+/// last one's metadata and a provenance text naming what was averaged.
+pub fn average_checkpoints(paths: &[PathBuf], device: &Device) -> Result<Checkpoint> {
     ensure!(
         paths.len() >= 2,
         "average: give at least two checkpoints (got {})",
@@ -57,16 +57,11 @@ pub fn average_checkpoints(paths: &[PathBuf], device: &Device) -> Result<(Checkp
         .into_iter()
         .map(|(name, sum)| Ok((format!("model.{name}"), (sum / n)?.to_dtype(DType::F32)?)))
         .collect::<Result<_>>()?;
-    let what = describe(paths, &epochs);
-    Ok((
-        Checkpoint {
-            meta: last.meta,
-            tensors,
-            weights_only: true,
-            provenance: Some(what.clone()),
-        },
-        what,
-    ))
+    Ok(Checkpoint {
+        meta: last.meta,
+        tensors,
+        provenance: Some(describe(paths, &epochs)),
+    })
 }
 
 /// Checkpoints of different architectures cannot be averaged.
@@ -153,7 +148,8 @@ mod tests {
             std::fs::copy(run.join("checkpoint.safetensors"), &p).unwrap();
             paths.push(p);
         }
-        let (avg, what) = average_checkpoints(&paths, &Device::Cpu).unwrap();
+        let avg = average_checkpoints(&paths, &Device::Cpu).unwrap();
+        let what = avg.provenance.clone().unwrap();
         assert!(what.ends_with("(epochs 1-2)"), "{what}");
         let cks: Vec<Checkpoint> = paths
             .iter()
@@ -174,7 +170,7 @@ mod tests {
         let out = dir.path().join("avg.safetensors");
         save_weights(&out, &avg, &what).unwrap();
         let back = load_checkpoint(&out, &Device::Cpu).unwrap();
-        assert!(back.weights_only);
+        assert!(back.weights_only());
         assert_eq!(read_provenance(&out).unwrap().as_deref(), Some(&*what));
         assert_eq!(back.meta.epoch, 2);
 

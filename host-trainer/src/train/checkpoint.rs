@@ -267,14 +267,18 @@ pub struct Checkpoint {
     pub meta: CheckpointMeta,
     /// `model.*`, `momentum.*` and (with `--ema`/`--swa-from`) `avg.*` tensors.
     pub tensors: HashMap<String, Tensor>,
-    /// Written by [`save_weights`]: no optimizer state, cannot be resumed.
-    pub weights_only: bool,
-    /// The provenance line of a weights-only checkpoint: where its weights
-    /// came from.
+    /// The provenance line of a weights-only checkpoint (written by
+    /// [`save_weights`]): where its weights came from.
     pub provenance: Option<String>,
 }
 
 impl Checkpoint {
+    /// Written by [`save_weights`] (it has a provenance line): no optimizer
+    /// state, cannot be resumed.
+    pub fn weights_only(&self) -> bool {
+        self.provenance.is_some()
+    }
+
     /// The prefix of the weights a model built from this checkpoint uses:
     /// `avg.` (the averages) for a run with `--ema`, or with `--swa-from` once
     /// its average has begun; else `model.`.
@@ -331,7 +335,6 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<Checkpoint> {
     Ok(Checkpoint {
         meta,
         tensors,
-        weights_only: info.contains_key("provenance"),
         provenance: info.get("provenance").cloned(),
     })
 }
@@ -352,17 +355,29 @@ pub fn raw_model_from_checkpoint(ck: &Checkpoint, device: &Device) -> Result<Tra
 fn model_with_prefix(ck: &Checkpoint, prefix: &str, device: &Device) -> Result<Trainee> {
     let t = Trainee::new(&ck.meta.config.arch, ck.meta.config.seed, device)?;
     for (name, var) in t.named_vars() {
-        let saved = ck
-            .tensors
-            .get(&format!("{prefix}{name}"))
-            .with_context(|| format!("checkpoint lacks tensor `{prefix}{name}`"))?;
-        ensure!(
-            saved.dims() == var.dims(),
-            "checkpoint tensor `{prefix}{name}` has shape {:?}, the model needs {:?}",
-            saved.dims(),
-            var.dims()
-        );
-        var.set(saved)?;
+        var.set(saved_tensor(
+            &ck.tensors,
+            &format!("{prefix}{name}"),
+            var.dims(),
+        )?)?;
     }
     Ok(t)
+}
+
+/// The saved tensor `key`, which must have the shape `dims` of the variable
+/// it is for.
+pub fn saved_tensor<'a>(
+    tensors: &'a HashMap<String, Tensor>,
+    key: &str,
+    dims: &[usize],
+) -> Result<&'a Tensor> {
+    let saved = tensors
+        .get(key)
+        .with_context(|| format!("checkpoint lacks tensor `{key}`"))?;
+    ensure!(
+        saved.dims() == dims,
+        "checkpoint tensor `{key}` has shape {:?}, the model needs {dims:?}",
+        saved.dims()
+    );
+    Ok(saved)
 }

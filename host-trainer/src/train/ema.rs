@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use anyhow::{ensure, Context, Result};
 use candle_core::Tensor;
 
+use crate::checkpoint::saved_tensor;
 use crate::train::Trainee;
 
 /// Prefix of the averaged variables in a checkpoint.
@@ -95,16 +96,7 @@ impl RunningAverage {
             .named_vars()
             .into_iter()
             .map(|(n, v)| {
-                let key = format!("{AVG_PREFIX}{n}");
-                let s = saved
-                    .get(&key)
-                    .with_context(|| format!("the checkpoint lacks the average `{key}`"))?;
-                ensure!(
-                    s.dims() == v.dims(),
-                    "the average `{key}` has shape {:?}, the variable has {:?}",
-                    s.dims(),
-                    v.dims()
-                );
+                let s = saved_tensor(saved, &format!("{AVG_PREFIX}{n}"), v.dims())?;
                 Ok((n, s.detach().copy()?))
             })
             .collect::<Result<_>>()?;

@@ -289,7 +289,7 @@ fn open_run(
     })?;
     check_resume_config(&ck.meta.config, cfg, ck.meta.epoch)?;
     ensure!(
-        !ck.weights_only,
+        !ck.weights_only(),
         "--resume: {} holds weights only (no momentum buffers), so the run cannot continue \
          bit-exactly; start a new --run-dir",
         ckpt_path.display()

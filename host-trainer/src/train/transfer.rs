@@ -13,7 +13,7 @@ use std::path::Path;
 use anyhow::{ensure, Context, Result};
 use candle_core::Device;
 
-use crate::checkpoint::load_checkpoint;
+use crate::checkpoint::{load_checkpoint, saved_tensor};
 use crate::train::{TrainConfig, Trainee};
 
 /// Prefix of the FC head's variables.
@@ -54,17 +54,8 @@ pub fn init_from(t: &Trainee, cfg: &TrainConfig, path: &Path, device: &Device) -
         if is_head(&name) {
             continue;
         }
-        let saved = ck
-            .tensors
-            .get(&format!("{prefix}{name}"))
-            .with_context(|| format!("--init: {} lacks tensor `{prefix}{name}`", path.display()))?;
-        ensure!(
-            saved.dims() == var.dims(),
-            "--init: tensor `{prefix}{name}` of {} has shape {:?}, the model needs {:?}",
-            path.display(),
-            saved.dims(),
-            var.dims()
-        );
+        let saved = saved_tensor(&ck.tensors, &format!("{prefix}{name}"), var.dims())
+            .with_context(|| format!("--init: {}", path.display()))?;
         var.set(saved)?;
         copied += 1;
     }

@@ -463,11 +463,11 @@ fn init_copies_the_backbone_and_freezing_trains_only_the_head() {
 fn a_weights_only_checkpoint_evaluates_the_same_and_cannot_be_resumed() {
     let (dir, p, train_set, test_set) = interrupted_run();
     let full = load_checkpoint(&p, &Device::Cpu).unwrap();
-    assert!(!full.weights_only);
+    assert!(!full.weights_only());
     let w = dir.path().join("weights.safetensors");
     crate::checkpoint::save_weights(&w, &full, "test rev").unwrap();
     let slim = load_checkpoint(&w, &Device::Cpu).unwrap();
-    assert!(slim.weights_only);
+    assert!(slim.weights_only());
     assert!(slim.tensors.keys().all(|n| n.starts_with("model.")));
     assert!(full.tensors.keys().any(|n| n.starts_with("momentum.")));
     assert_eq!(
