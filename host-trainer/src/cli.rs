@@ -52,6 +52,16 @@ pub(crate) struct AverageArgs {
     /// The checkpoints to average (at least two).
     #[arg(required = true, num_args = 2..)]
     pub(crate) checkpoints: Vec<PathBuf>,
+    /// Recompute the BN running statistics of the averaged weights on
+    /// training images (no augmentation) instead of averaging the
+    /// checkpoints' own (SWA's BN update).
+    #[arg(long)]
+    pub(crate) refresh_bn: bool,
+    /// Training images for --refresh-bn (spread evenly over the set).
+    #[arg(long, default_value_t = 50_000, requires = "refresh_bn")]
+    pub(crate) bn_images: usize,
+    #[command(flatten)]
+    pub(crate) data: DataArgs,
 }
 
 #[derive(Debug, Args)]
@@ -202,6 +212,23 @@ pub(crate) enum DecayArg {
     Step,
     /// Linear to 0.
     Linear,
+    /// The peak rate throughout, after the warm-up (a phase to average
+    /// with --swa-from).
+    Constant,
+}
+
+/// `train --augment`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum AugmentArg {
+    /// Random crop + flip and the camera augmentations (zoom, exposure,
+    /// blur, noise, RGB565 rounding, cutout).
+    Camera,
+    /// The same at half the probabilities, without cutout.
+    CameraLight,
+    /// Random crop + flip only.
+    CropFlip,
+    /// None.
+    None,
 }
 
 /// Where `train` puts the int8 model when it finishes.
@@ -255,9 +282,14 @@ pub(crate) struct TrainArgs {
     #[arg(long)]
     pub(crate) lr: Option<f64>,
     /// Replace the recipe's learning-rate decay (for a like-for-like
-    /// comparison): `step` (×0.1 at 50% and 75%) or `linear` (to 0).
+    /// comparison): `step` (×0.1 at 50% and 75%), `linear` (to 0) or
+    /// `constant`.
     #[arg(long, value_enum)]
     pub(crate) decay: Option<DecayArg>,
+    /// Replace the recipe's augmentations (`default` and `finetune`:
+    /// camera; the others: crop-flip).
+    #[arg(long, value_enum)]
+    pub(crate) augment: Option<AugmentArg>,
     /// Keep an exponential moving average of the weights with this decay
     /// per step (e.g. 0.999) and evaluate, export and ship the average; the
     /// log shows the raw weights' test accuracy beside it.
@@ -287,6 +319,11 @@ pub(crate) struct TrainArgs {
     /// classes.
     #[arg(long)]
     pub(crate) init: Option<PathBuf>,
+    /// With --init: keep the checkpoint's FC head as well, to continue
+    /// training it on the same classes (e.g. a lower-rate phase whose
+    /// weights are averaged, from the shipped checkpoint).
+    #[arg(long, requires = "init")]
+    pub(crate) keep_head: bool,
     /// Epochs at the start that train only the new head (default: the
     /// recipe's; `finetune` uses 2).
     #[arg(long)]

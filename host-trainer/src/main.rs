@@ -40,8 +40,14 @@ fn main() -> Result<()> {
 }
 
 fn run_average(a: AverageArgs) -> Result<()> {
-    let ck = train::average::average_checkpoints(&a.checkpoints, &candle_core::Device::Cpu)?;
-    let what = ck.provenance.as_deref().unwrap_or("average");
+    let device = train::device(&a.data.device)?;
+    let mut ck = train::average::average_checkpoints(&a.checkpoints, &device)?;
+    let mut what = ck.provenance.clone().unwrap_or_else(|| "average".into());
+    if a.refresh_bn {
+        let train_set = data::load(&data_source(&a.data)?, data::Split::Train)?;
+        let n = train::bn_refresh::refresh_checkpoint(&mut ck, &train_set, a.bn_images, &device)?;
+        what = format!("{what}, BN statistics recomputed on {n} training images");
+    }
     let line = format!("{what}, by {}", host_trainer::ship::trainer_revision());
     train::checkpoint::save_weights(&a.out, &ck, &line)?;
     println!("{line}\nwritten to {} (weights only)", a.out.display());
@@ -143,13 +149,26 @@ fn run_train(a: TrainArgs) -> Result<()> {
         let shape = match d {
             DecayArg::Step => train::DecayShape::Step,
             DecayArg::Linear => train::DecayShape::Linear,
+            DecayArg::Constant => train::DecayShape::Constant,
         };
         cfg.set_decay(shape, train_set.len());
+    }
+    match a.augment {
+        Some(AugmentArg::Camera) => {
+            (cfg.augment, cfg.camera) = (true, Some(train::CameraAug::standard()))
+        }
+        Some(AugmentArg::CameraLight) => {
+            (cfg.augment, cfg.camera) = (true, Some(train::CameraAug::light()))
+        }
+        Some(AugmentArg::CropFlip) => (cfg.augment, cfg.camera) = (true, None),
+        Some(AugmentArg::None) => (cfg.augment, cfg.camera) = (false, None),
+        None => {}
     }
     cfg.init = a
         .init
         .as_deref()
         .map(host_trainer::ship::resolve_checkpoint);
+    cfg.keep_head = a.keep_head;
     if let Some(k) = a.freeze_epochs {
         cfg.freeze_epochs = k;
     }

@@ -290,9 +290,8 @@ pub fn export(
         ),
         ("epochs", ck.meta.epoch.to_string()),
     ];
-    // A weights-only checkpoint says where its weights came from (e.g. an
-    // average of checkpoints).
-    base.extend(ck.provenance.clone().map(|p| ("weights", p)));
+    // Where the weights came from (e.g. an average of checkpoints).
+    base.push(("weights", ck.origin()));
     base.extend([
         ("dataset", opts.dataset.clone()),
         (

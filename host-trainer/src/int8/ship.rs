@@ -82,8 +82,11 @@ pub fn export_checkpoint(job: &ExportJob<'_>, device: &Device) -> Result<()> {
                 int8_accuracy: cmp.int8_accuracy,
                 checkpoint: &ck,
                 // A weights-only checkpoint (such as the shipped one)
-                // keeps the line that says where its weights came from.
-                provenance: ck.provenance.clone(),
+                // keeps the line that says where its weights came from; a
+                // run's says what the run was.
+                provenance: Some(ck.provenance.clone().unwrap_or_else(|| {
+                    format!("{}; exported by {}", ck.origin(), trainer_revision())
+                })),
                 model: &t.model,
                 test_set: job.test_set,
                 force: job.force,

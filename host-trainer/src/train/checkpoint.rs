@@ -289,6 +289,53 @@ impl Checkpoint {
             "model."
         }
     }
+
+    /// Where the weights come from: a weights-only checkpoint's provenance
+    /// line, or else what its run's configuration says (recipe, epochs,
+    /// batch, peak rate, augmentations, averaging, starting point).
+    pub fn origin(&self) -> String {
+        if let Some(p) = &self.provenance {
+            return p.clone();
+        }
+        let c = &self.meta.config;
+        let recipe = serde_json::to_value(c.recipe)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        use crate::camera_aug::CameraAug;
+        let aug = match (c.augment, &c.camera) {
+            (false, _) => "no augmentation",
+            (true, None) => "crop + flip",
+            (true, Some(a)) if *a == CameraAug::standard() => "camera augmentations",
+            (true, Some(a)) if *a == CameraAug::light() => "light camera augmentations",
+            (true, Some(_)) => "camera augmentations (own strengths)",
+        };
+        let decay = serde_json::to_value(&c.schedule.decay)
+            .ok()
+            .and_then(|v| v.get("kind").and_then(|k| k.as_str().map(String::from)))
+            .unwrap_or_default();
+        let mut s = format!(
+            "recipe {recipe} run, epoch {} of {}, batch {}, lr {} ({decay}), {aug}",
+            self.meta.epoch, c.epochs, c.batch_size, c.schedule.base_lr
+        );
+        let averaged = self.weights_prefix() == AVG_PREFIX;
+        match (averaged, c.ema, c.swa_from) {
+            (true, Some(d), _) => s += &format!(", EMA of the weights (decay {d})"),
+            (true, None, Some(e)) => {
+                s += &format!(", mean of the weights after epochs {e}-{}", self.meta.epoch)
+            }
+            _ => {}
+        }
+        if let Some(init) = &c.init {
+            let head = if c.keep_head {
+                "its head kept"
+            } else {
+                "a new head"
+            };
+            s += &format!(", started from {} ({head})", init.display());
+        }
+        s
+    }
 }
 
 /// Reads a checkpoint written by [`save_checkpoint`].

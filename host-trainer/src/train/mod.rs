@@ -7,6 +7,7 @@
 pub mod agreement;
 pub mod augment;
 pub mod average;
+pub mod bn_refresh;
 pub mod camera_aug;
 pub mod checkpoint;
 pub mod data;

@@ -388,7 +388,7 @@ impl Backend {
 }
 
 /// Running-average momentum of BatchNorm statistics (candle-nn's default).
-const BN_MOMENTUM: f64 = 0.1;
+pub const BN_MOMENTUM: f64 = 0.1;
 
 /// The network.
 #[derive(Debug, Clone)]
@@ -445,6 +445,17 @@ impl MiniResNet {
             fc,
             backend: Backend::for_device(vb.device()),
         })
+    }
+
+    /// Every conv+BN pair, in forward order (stem, then each block's
+    /// `conv1`, `conv2` and shortcut).
+    pub fn conv_bns(&self) -> Vec<&ConvBn> {
+        let mut v = vec![&self.stem];
+        for block in self.stages.iter().flatten() {
+            v.extend([&block.c1, &block.c2]);
+            v.extend(&block.shortcut);
+        }
+        v
     }
 
     /// Logits `(N, classes)` for a batch `(N, 3, H, W)`.

@@ -63,6 +63,10 @@ pub struct TrainConfig {
     /// Checkpoint whose backbone the run starts from (`--init`).
     #[serde(default)]
     pub init: Option<PathBuf>,
+    /// With `init`: keep its FC head too (the same classes in the same
+    /// order: a continuation of its training, `--keep-head`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_head: bool,
     /// Epochs at the start that train only the FC head.
     #[serde(default)]
     pub freeze_epochs: usize,
@@ -87,6 +91,9 @@ pub enum DecayShape {
     Step,
     /// Linear to 0 at the last iteration (the `linear` recipe's).
     Linear,
+    /// The peak rate throughout (after the warm-up): for a phase whose
+    /// weights are averaged (`--swa-from`).
+    Constant,
 }
 
 impl TrainConfig {
@@ -122,6 +129,7 @@ impl TrainConfig {
                 gamma: 0.1,
             },
             DecayShape::Linear => Decay::Linear { total },
+            DecayShape::Constant => Decay::Constant,
         };
     }
 
@@ -236,6 +244,7 @@ impl TrainConfig {
             augment: true,
             camera: matches!(recipe, Recipe::Default | Recipe::Finetune).then(CameraAug::standard),
             init: None,
+            keep_head: false,
             freeze_epochs: if recipe == Recipe::Finetune { 2 } else { 0 },
             ema: None,
             // The mean of the last quarter of the epochs: the last

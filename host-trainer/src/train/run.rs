@@ -258,9 +258,13 @@ fn open_run(
         if let Some(init) = &cfg.init {
             let n = crate::transfer::init_from(&trainee, cfg, init, device)?;
             eprintln!(
-                "init: {n} backbone tensors from {}, a new head for {} classes{}",
+                "init: {n} tensors from {}, {}{}",
                 init.display(),
-                cfg.arch.classes,
+                if cfg.keep_head {
+                    "its head kept".to_string()
+                } else {
+                    format!("a new head for {} classes", cfg.arch.classes)
+                },
                 match cfg.freeze_epochs {
                     0 => String::new(),
                     k => format!("; epochs 1-{k} train only the head"),

@@ -7,6 +7,10 @@
 //! `--freeze-epochs N` then trains only the head for the first `N` epochs
 //! (the backbone's weights stay as loaded; its batch-norm statistics adapt
 //! to the new images), after which everything trains.
+//!
+//! `--keep-head` copies the head too: the run continues the checkpoint's
+//! training on the same classes (e.g. a constant-rate phase whose weights
+//! are averaged). The head's shape must then match the data set's classes.
 
 use std::path::Path;
 
@@ -30,7 +34,8 @@ pub fn trains(cfg: &TrainConfig, epoch: usize, name: &str) -> bool {
 }
 
 /// Copies the backbone of the checkpoint at `path` into `t` (whose arch is
-/// `cfg.arch`). Returns the number of tensors copied.
+/// `cfg.arch`), and its head too with `cfg.keep_head`. Returns the number
+/// of tensors copied.
 pub fn init_from(t: &Trainee, cfg: &TrainConfig, path: &Path, device: &Device) -> Result<usize> {
     let ck = load_checkpoint(path, device)
         .with_context(|| format!("--init: cannot start from {}", path.display()))?;
@@ -51,7 +56,7 @@ pub fn init_from(t: &Trainee, cfg: &TrainConfig, path: &Path, device: &Device) -
     let prefix = ck.weights_prefix();
     let mut copied = 0;
     for (name, var) in t.named_vars() {
-        if is_head(&name) {
+        if is_head(&name) && !cfg.keep_head {
             continue;
         }
         let saved = saved_tensor(&ck.tensors, &format!("{prefix}{name}"), var.dims())

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::schedule::Decay;
+use crate::train::DecayShape;
 
 #[test]
 fn device_names() {
@@ -680,4 +681,82 @@ fn recipes() {
     let l = TrainConfig::from_recipe(Recipe::Linear, 50_000, None, None, None).unwrap();
     assert_eq!((l.epochs, l.camera.clone()), (30, None));
     assert!((l.schedule.lr(390 * 15) - 0.05).abs() < 1e-3);
+}
+
+/// `--keep-head`: the head is copied too (a continuation on the same
+/// classes), and a data set with other classes is refused, naming the
+/// file and the tensor.
+#[test]
+fn keep_head_copies_the_head_and_needs_the_same_classes() {
+    let (_src, init, _, _) = interrupted_run();
+    let source =
+        model_from_checkpoint(&load_checkpoint(&init, &Device::Cpu).unwrap(), &Device::Cpu)
+            .unwrap();
+    let mut cfg = tiny_config(1);
+    cfg.init = Some(init.clone());
+    cfg.keep_head = true;
+    let t = Trainee::new(&cfg.arch, 99, &Device::Cpu).unwrap();
+    let n = crate::transfer::init_from(&t, &cfg, &init, &Device::Cpu).unwrap();
+    assert_eq!(n, t.named_vars().len());
+    assert_eq!(weights(&t), weights(&source));
+    cfg.keep_head = false;
+    let fresh = Trainee::new(&cfg.arch, 99, &Device::Cpu).unwrap();
+    crate::transfer::init_from(&fresh, &cfg, &init, &Device::Cpu).unwrap();
+    let fc = |t: &Trainee| {
+        weights(t)
+            .into_iter()
+            .find(|(k, _)| k == "fc.weight")
+            .unwrap()
+            .1
+    };
+    assert_ne!(fc(&fresh), fc(&source));
+
+    cfg.keep_head = true;
+    cfg.arch.classes = 3;
+    let other = Trainee::new(&cfg.arch, 99, &Device::Cpu).unwrap();
+    let e = format!(
+        "{:#}",
+        crate::transfer::init_from(&other, &cfg, &init, &Device::Cpu).unwrap_err()
+    );
+    assert!(
+        e.contains(&init.display().to_string()) && e.contains("fc."),
+        "{e}"
+    );
+}
+
+/// A run checkpoint describes where its weights come from (the line that
+/// export writes into the blob and the shipped checkpoint); a weights-only
+/// checkpoint keeps its provenance line.
+#[test]
+fn a_checkpoint_says_where_its_weights_come_from() {
+    let (_dir, p, _, _) = interrupted_run();
+    let mut ck = load_checkpoint(&p, &Device::Cpu).unwrap();
+    let o = ck.origin();
+    assert!(
+        o.starts_with("recipe default run, epoch 1 of 3, batch 16, lr 0.05 (milestones), camera augmentations"),
+        "{o}"
+    );
+    assert!(
+        !o.contains("mean of the weights") && !o.contains("started from"),
+        "{o}"
+    );
+    ck.meta.config.init = Some(PathBuf::from("a/b.safetensors"));
+    ck.meta.config.keep_head = true;
+    assert!(ck
+        .origin()
+        .ends_with(", started from a/b.safetensors (its head kept)"));
+    ck.provenance = Some("average of 2 checkpoints".into());
+    assert_eq!(ck.origin(), "average of 2 checkpoints");
+}
+
+/// `--decay constant`: the peak rate after the warm-up, to the last step.
+#[test]
+fn constant_decay_keeps_the_peak_rate_after_the_warm_up() {
+    let mut cfg =
+        TrainConfig::from_recipe(Recipe::Default, 640, Some(10), Some(64), Some(0.04)).unwrap();
+    cfg.set_decay(DecayShape::Constant, 640);
+    let s = &cfg.schedule;
+    assert_eq!(s.decay, Decay::Constant);
+    assert_eq!(s.warmup, 20);
+    assert!(s.lr(0) < 0.04 && s.lr(19) == 0.04 && s.lr(99) == 0.04);
 }
