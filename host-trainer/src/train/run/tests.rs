@@ -745,6 +745,15 @@ fn a_checkpoint_says_where_its_weights_come_from() {
     assert!(ck
         .origin()
         .ends_with(", started from a/b.safetensors (its head kept)"));
+    // Once the run keeps an average, that is what the weights are.
+    ck.meta.config.swa_from = Some(1);
+    let any = ck.tensors.values().next().unwrap().clone();
+    ck.tensors.insert("avg.stem.conv.weight".into(), any);
+    let o = ck.origin();
+    assert!(
+        o.contains(", mean of the weights after epochs 1-1, started from"),
+        "{o}"
+    );
     ck.provenance = Some("average of 2 checkpoints".into());
     assert_eq!(ck.origin(), "average of 2 checkpoints");
 }
