@@ -186,14 +186,9 @@ fn run_train(a: TrainArgs) -> Result<()> {
         eprint!("{table}");
     }
     cfg.seed = a.seed;
-    let run_dir = a.run_dir.unwrap_or_else(|| {
-        PathBuf::from("runs").join(
-            serde_json::to_value(a.recipe)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default(),
-        )
-    });
+    let run_dir = a
+        .run_dir
+        .unwrap_or_else(|| PathBuf::from("runs").join(a.recipe.name()));
     eprintln!("run folder: {}", run_dir.display());
     let opts = RunOptions {
         run_dir: run_dir.clone(),

@@ -281,13 +281,7 @@ pub fn export(
     let mut base: Vec<(&str, String)> = vec![
         ("model", "mini-resnet".into()),
         ("arch", serde_json::to_string(&cfg.arch)?),
-        (
-            "recipe",
-            serde_json::to_value(cfg.recipe)?
-                .as_str()
-                .unwrap_or("?")
-                .to_string(),
-        ),
+        ("recipe", cfg.recipe.name()),
         ("epochs", ck.meta.epoch.to_string()),
     ];
     // Where the weights came from (e.g. an average of checkpoints).

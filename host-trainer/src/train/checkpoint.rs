@@ -298,10 +298,7 @@ impl Checkpoint {
             return p.clone();
         }
         let c = &self.meta.config;
-        let recipe = serde_json::to_value(c.recipe)
-            .ok()
-            .and_then(|v| v.as_str().map(String::from))
-            .unwrap_or_default();
+        let recipe = c.recipe.name();
         use crate::camera_aug::CameraAug;
         let aug = match (c.augment, &c.camera) {
             (false, _) => "no augmentation",

@@ -311,14 +311,19 @@ impl BasicBlock {
         }
     }
 
+    /// Its conv+BN pairs: `conv1`, `conv2` and the shortcut's, if any.
+    pub fn conv_bns(&self) -> Vec<&ConvBn> {
+        [Some(&self.c1), Some(&self.c2), self.shortcut.as_ref()]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
     /// Training with the fast ops: the whole block as one op
     /// ([`ops::block_train`]), when it has the shape that op takes (3x3
     /// convs with padding 1, a 1x1 unpadded projection, one BN epsilon).
     fn fused_train(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let convs: Vec<&ConvBn> = [Some(&self.c1), Some(&self.c2), self.shortcut.as_ref()]
-            .into_iter()
-            .flatten()
-            .collect();
+        let convs = self.conv_bns();
         let eps = self.c1.bn.eps();
         let fits = |c: &ConvBn, k: usize| {
             let (cfg, w) = (c.conv.config(), c.conv.weight());
@@ -451,10 +456,7 @@ impl MiniResNet {
     /// `conv1`, `conv2` and shortcut).
     pub fn conv_bns(&self) -> Vec<&ConvBn> {
         let mut v = vec![&self.stem];
-        for block in self.stages.iter().flatten() {
-            v.extend([&block.c1, &block.c2]);
-            v.extend(&block.shortcut);
-        }
+        v.extend(self.stages.iter().flatten().flat_map(BasicBlock::conv_bns));
         v
     }
 

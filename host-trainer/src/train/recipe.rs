@@ -38,6 +38,17 @@ pub enum Recipe {
     SeedSgdStep,
 }
 
+impl Recipe {
+    /// Its name on the command line and in files (`default`,
+    /// `seed-momentum`, …).
+    pub fn name(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default()
+    }
+}
+
 /// Everything that defines a training run (stored in every checkpoint).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
