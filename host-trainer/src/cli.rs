@@ -324,6 +324,19 @@ pub(crate) struct TrainArgs {
     /// weights are averaged, from the shipped checkpoint).
     #[arg(long, requires = "init")]
     pub(crate) keep_head: bool,
+    /// Distil from these teacher checkpoints (`default`: the shipped
+    /// model's): the loss adds the KL divergence to the teachers' mean
+    /// softened prediction, which with camera augmentations the teachers
+    /// make on the clean view of each image.
+    #[arg(long, num_args = 1..)]
+    pub(crate) distill: Vec<PathBuf>,
+    /// With --distill: the weight of the distillation term (the label term
+    /// gets 1 minus it).
+    #[arg(long, default_value_t = 0.9, requires = "distill")]
+    pub(crate) distill_weight: f64,
+    /// With --distill: the softening temperature of both distributions.
+    #[arg(long, default_value_t = 4.0, requires = "distill")]
+    pub(crate) distill_temperature: f64,
     /// Epochs at the start that train only the new head (default: the
     /// recipe's; `finetune` uses 2).
     #[arg(long)]

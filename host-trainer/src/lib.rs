@@ -26,6 +26,6 @@ pub mod train;
 pub use bench::peer;
 pub use int8::{blob, camera, classify, export, quantize, ship, tflite};
 pub use train::{
-    agreement, augment, average, bn_refresh, camera_aug, checkpoint, data, ema, model, ops, optim,
-    resident, schedule, transfer,
+    agreement, augment, average, bn_refresh, camera_aug, checkpoint, data, distill, ema, model,
+    ops, optim, resident, schedule, transfer,
 };

@@ -169,6 +169,19 @@ fn run_train(a: TrainArgs) -> Result<()> {
         .as_deref()
         .map(host_trainer::ship::resolve_checkpoint);
     cfg.keep_head = a.keep_head;
+    if !a.distill.is_empty() {
+        let d = train::distill::DistillConfig {
+            teachers: a
+                .distill
+                .iter()
+                .map(|p| host_trainer::ship::resolve_checkpoint(p))
+                .collect(),
+            weight: a.distill_weight,
+            temperature: a.distill_temperature,
+        };
+        d.validate()?;
+        cfg.distill = Some(d);
+    }
     if let Some(k) = a.freeze_epochs {
         cfg.freeze_epochs = k;
     }

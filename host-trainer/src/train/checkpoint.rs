@@ -331,6 +331,15 @@ impl Checkpoint {
             };
             s += &format!(", started from {} ({head})", init.display());
         }
+        if let Some(d) = &c.distill {
+            let names: Vec<_> = d.teachers.iter().map(|p| p.display().to_string()).collect();
+            s += &format!(
+                ", distilled from {} (weight {}, temperature {})",
+                names.join(" + "),
+                d.weight,
+                d.temperature
+            );
+        }
         s
     }
 }

@@ -11,6 +11,7 @@ pub mod bn_refresh;
 pub mod camera_aug;
 pub mod checkpoint;
 pub mod data;
+pub mod distill;
 pub mod ema;
 pub mod model;
 pub mod ops;

@@ -6,6 +6,7 @@ use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::camera_aug::CameraAug;
+use crate::distill::DistillConfig;
 use crate::model::ArchConfig;
 use crate::optim::SgdConfig;
 use crate::schedule::{Decay, Schedule};
@@ -90,6 +91,9 @@ pub struct TrainConfig {
     /// average.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub swa_from: Option<usize>,
+    /// Knowledge distillation from teacher checkpoints (`--distill`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillConfig>,
     /// Seed for initialization, shuffling and augmentation.
     pub seed: u64,
 }
@@ -261,6 +265,7 @@ impl TrainConfig {
             // The mean of the last quarter of the epochs: the last
             // learning-rate phase (model card: +0.5 points at 200 epochs).
             swa_from: (recipe == Recipe::Default).then_some(epochs - (epochs / 4).max(1) + 1),
+            distill: None,
             seed: 0,
         })
     }

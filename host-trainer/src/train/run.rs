@@ -18,6 +18,7 @@ pub use crate::checkpoint::{
     write_atomic, Checkpoint, CheckpointMeta, DataFingerprint,
 };
 use crate::data::Dataset;
+use crate::distill::{distill_loss, mixed_loss, Teachers};
 use crate::ema::RunningAverage;
 use crate::model::{ArchConfig, MiniResNet};
 use crate::optim::Sgd;
@@ -405,8 +406,21 @@ pub fn train(
         None => cfg.epochs,
     };
     let batches = Batches::new(train_set, device)?;
+    let teachers = cfg
+        .distill
+        .as_ref()
+        .map(|d| Teachers::load(d, cfg.arch.classes, device))
+        .transpose()?;
     while run.epoch < last_epoch {
-        let m = train_epoch(&cfg, &mut run, &batches, train_set.len(), opts, device)?;
+        let m = train_epoch(
+            &cfg,
+            &mut run,
+            teachers.as_ref(),
+            &batches,
+            train_set.len(),
+            opts,
+            device,
+        )?;
         if let Some(avg) = run.avg.as_mut() {
             avg.after_epoch(&run.trainee, run.epoch + 1)?;
         }
@@ -475,6 +489,7 @@ fn evaluate_run(
 fn train_epoch(
     cfg: &TrainConfig,
     run: &mut RunState,
+    teachers: Option<&Teachers>,
     batches: &Batches,
     train_len: usize,
     opts: &RunOptions,
@@ -500,12 +515,7 @@ fn train_epoch(
     for step in 0..steps {
         let idx = &order[step * cfg.batch_size..(step + 1) * cfg.batch_size];
         lr = cfg.schedule.lr(run.iteration);
-        let (x, y) = match (&cfg.camera, cfg.augment) {
-            (Some(cam), true) => batches.camera_batch(idx, cam, cfg.seed, epoch)?,
-            _ => batches.batch(idx, cfg.augment.then_some((cfg.seed, epoch)))?,
-        };
-        let logits = run.trainee.model.forward_t(&x, true)?;
-        let loss = smoothed_cross_entropy(&logits, &y, cfg.label_smoothing)?;
+        let (loss, logits, y) = step_loss(cfg, &run.trainee, teachers, batches, idx, epoch)?;
         sums.add(&loss, &logits, &y)?;
         let grads = loss.backward()?;
         run.opt
@@ -559,6 +569,35 @@ fn train_epoch(
         images_per_sec: seen as f64 / seconds,
         raw_test_acc: None,
     })
+}
+
+/// The training loss of the batch `idx` (label smoothing, and with
+/// `teachers` the distillation term on the clean view, see
+/// [`crate::distill`]), with the student's logits and the labels.
+fn step_loss(
+    cfg: &TrainConfig,
+    student: &Trainee,
+    teachers: Option<&Teachers>,
+    batches: &Batches,
+    idx: &[usize],
+    epoch: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let clean_view = || batches.batch(idx, cfg.augment.then_some((cfg.seed, epoch)));
+    let (x, y) = match (&cfg.camera, cfg.augment) {
+        (Some(cam), true) => batches.camera_batch(idx, cam, cfg.seed, epoch)?,
+        _ => clean_view()?,
+    };
+    let logits = student.model.forward_t(&x, true)?;
+    let loss = smoothed_cross_entropy(&logits, &y, cfg.label_smoothing)?;
+    let (Some(teachers), Some(d)) = (teachers, &cfg.distill) else {
+        return Ok((loss, logits, y));
+    };
+    let targets = match (&cfg.camera, cfg.augment) {
+        (Some(_), true) => teachers.soft_targets(&clean_view()?.0)?,
+        _ => teachers.soft_targets(&x)?,
+    };
+    let kd = distill_loss(&logits, &targets, d.temperature)?;
+    Ok((mixed_loss(&loss, &kd, d.weight)?, logits, y))
 }
 
 /// Steps between reads of the running loss on a GPU (a divergence is

@@ -4,6 +4,8 @@ use super::*;
 use crate::schedule::Decay;
 use crate::train::DecayShape;
 
+mod distill;
+
 #[test]
 fn device_names() {
     assert!(device("cpu").unwrap().is_cpu());
