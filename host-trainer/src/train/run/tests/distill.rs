@@ -68,7 +68,8 @@ fn distillation_pulls_the_student_towards_its_teacher() {
     );
 }
 
-/// A teacher of other classes, or a missing one, is refused by name.
+/// A teacher of other classes, a missing one or one with a NaN weight is
+/// refused by name.
 #[test]
 fn a_wrong_teacher_is_refused_by_name() {
     let (_dir, teacher, _, _) = interrupted_run();
@@ -86,6 +87,23 @@ fn a_wrong_teacher_is_refused_by_name() {
         Teachers::load(&distill_from(&missing, 0.9, 4.0).unwrap(), 4, &Device::Cpu).unwrap_err()
     );
     assert!(e.contains("gone.safetensors"), "{e}");
+    // A checkpoint whose weights hold a NaN (intact file, bad values).
+    let mut ck = load_checkpoint(&teacher, &Device::Cpu).unwrap();
+    let t = model_from_checkpoint(&ck, &Device::Cpu).unwrap();
+    let (name, var) = t.named_vars().into_iter().next().unwrap();
+    let nan = Tensor::full(f32::NAN, var.dims(), &Device::Cpu).unwrap();
+    ck.tensors
+        .insert(format!("{}{name}", ck.weights_prefix()), nan);
+    let bad = teacher.with_file_name("nan.safetensors");
+    crate::checkpoint::save_weights(&bad, &ck, "test").unwrap();
+    let e = format!(
+        "{:#}",
+        Teachers::load(&distill_from(&bad, 0.9, 4.0).unwrap(), 4, &Device::Cpu).unwrap_err()
+    );
+    assert!(
+        e.contains("nan.safetensors") && e.contains("NaN") && e.contains(&name),
+        "{e}"
+    );
 }
 
 /// The provenance line names the teachers and the settings.
