@@ -582,19 +582,20 @@ fn step_loss(
     idx: &[usize],
     epoch: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let camera = cfg.camera.as_ref().filter(|_| cfg.augment);
     let clean_view = || batches.batch(idx, cfg.augment.then_some((cfg.seed, epoch)));
-    let (x, y) = match (&cfg.camera, cfg.augment) {
-        (Some(cam), true) => batches.camera_batch(idx, cam, cfg.seed, epoch)?,
-        _ => clean_view()?,
+    let (x, y) = match camera {
+        Some(cam) => batches.camera_batch(idx, cam, cfg.seed, epoch)?,
+        None => clean_view()?,
     };
     let logits = student.model.forward_t(&x, true)?;
     let loss = smoothed_cross_entropy(&logits, &y, cfg.label_smoothing)?;
     let (Some(teachers), Some(d)) = (teachers, &cfg.distill) else {
         return Ok((loss, logits, y));
     };
-    let targets = match (&cfg.camera, cfg.augment) {
-        (Some(_), true) => teachers.soft_targets(&clean_view()?.0)?,
-        _ => teachers.soft_targets(&x)?,
+    let targets = match camera {
+        Some(_) => teachers.soft_targets(&clean_view()?.0)?,
+        None => teachers.soft_targets(&x)?,
     };
     let kd = distill_loss(&logits, &targets, d.temperature)?;
     Ok((mixed_loss(&loss, &kd, d.weight)?, logits, y))
